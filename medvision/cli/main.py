@@ -1,0 +1,3 @@
+"""Entry point of the ``medvision`` command."""
+def main(argv=None):
+    return 0

@@ -1,0 +1,86 @@
+"""The whole medvision error hierarchy.
+
+Every error the library raises on purpose derives from :class:`MedvisionError`, so a caller can
+catch "any medvision error" in one place. Messages say what was expected, what was found, how to
+fix it, and name the file concerned. They never carry patient identity.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuditError",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "ExplainError",
+    "GeometryError",
+    "InvalidDicomError",
+    "MedvisionError",
+    "MissingDependencyError",
+    "ModelError",
+    "PacsError",
+    "ReportError",
+    "SeriesAssemblyError",
+    "UnreadableFileError",
+    "UnsupportedFormatError",
+]
+
+
+class MedvisionError(Exception):
+    """Root of every error medvision raises on purpose."""
+
+
+class ConfigError(MedvisionError):
+    """A pipeline or settings file is missing, malformed or inconsistent."""
+
+
+class DataError(MedvisionError):
+    """An input file or folder cannot be turned into a valid image."""
+
+
+class UnsupportedFormatError(DataError):
+    """The file is not in a format medvision reads (or holds no image)."""
+
+
+class UnreadableFileError(DataError):
+    """A file of a format we read (NIfTI, PNG, NRRD ...) is truncated, corrupt or unreadable."""
+
+
+class InvalidDicomError(DataError):
+    """A DICOM file is unreadable, truncated or violates the standard in a way we cannot repair."""
+
+
+class SeriesAssemblyError(DataError):
+    """DICOM instances cannot be assembled into one consistent series."""
+
+
+class GeometryError(DataError):
+    """The image geometry is missing, degenerate or cannot be represented correctly."""
+
+
+class ModelError(MedvisionError):
+    """A model cannot be built, loaded or run."""
+
+
+class CheckpointError(ModelError):
+    """A checkpoint or weights file is missing, corrupt or does not match the model."""
+
+
+class ExplainError(MedvisionError):
+    """An attribution (saliency) method failed or was misconfigured."""
+
+
+class ReportError(MedvisionError):
+    """A report or DICOM result object cannot be written."""
+
+
+class PacsError(MedvisionError):
+    """A DICOM network operation failed."""
+
+
+class AuditError(MedvisionError):
+    """The audit log cannot be written or fails verification."""
+
+
+class MissingDependencyError(MedvisionError, ImportError):
+    """An optional dependency needed for this operation is not installed."""

@@ -1,0 +1,122 @@
+"""Decoding DICOM pixel data into real-world values, one instance at a time.
+
+pydicom's pixel plugins (pylibjpeg, OpenJPEG, RLE, and its own for uncompressed data) decode
+every common transfer syntax. On top of that we apply the modality LUT (Rescale
+Slope/Intercept, per frame for enhanced objects, or a Modality LUT Sequence), invert
+MONOCHROME1 so bright always means dense, and turn palette and YBR colour into RGB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from medvision.errors import InvalidDicomError, UnsupportedFormatError
+from medvision.io.dicom_files import DicomFrame
+
+__all__ = ["decode_instance", "frame_pixels", "stack_frames"]
+
+_COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR"}
+
+
+def decode_instance(ds: Any, path: str) -> np.ndarray:
+    """All frames of one instance as ``(frames, rows, columns, samples)``, stored values.
+
+    Colour data comes back as RGB. The modality LUT is *not* applied here (it may vary per
+    frame); :func:`frame_pixels` does that.
+
+    Raises:
+        InvalidDicomError: the pixel data cannot be decoded (truncated, corrupt, or a codec
+            that no installed plugin handles); the message names the file.
+    """
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    try:
+        array = np.asarray(ds.pixel_array)
+        if photometric == "PALETTE COLOR":
+            from pydicom.pixels import apply_color_lut
+
+            array = apply_color_lut(array, ds)
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except NotImplementedError as e:
+        raise UnsupportedFormatError(f"{path}: cannot decode pixel data ({e})") from e
+    except Exception as e:  # noqa: BLE001 - plugins raise many types; all mean "bad pixels"
+        raise InvalidDicomError(
+            f"{path}: cannot decode pixel data ({type(e).__name__}: {e}); the file may be "
+            "truncated or corrupt"
+        ) from e
+    samples = 3 if photometric in _COLOUR else int(ds.get("SamplesPerPixel") or 1)
+    n_frames = int(ds.get("NumberOfFrames") or 1)
+    expected_ndim = 2 + (n_frames > 1) + (samples > 1)
+    if array.ndim != expected_ndim:
+        raise InvalidDicomError(
+            f"{path}: decoded pixel array has shape {array.shape}, expected {expected_ndim} "
+            f"dimensions for {n_frames} frame(s) of {samples} sample(s)"
+        )
+    if n_frames == 1:
+        array = array[np.newaxis]
+    if samples == 1:
+        array = array[..., np.newaxis]
+    return array
+
+
+def _stored_range(ds: Any) -> tuple[float, float]:
+    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
+    if int(ds.get("PixelRepresentation") or 0) == 1:
+        return -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
+    return 0.0, 2.0**bits - 1
+
+
+def _modality(values: np.ndarray, ds: Any, rescale: tuple[float, float] | None) -> np.ndarray:
+    if rescale is not None:
+        slope, intercept = rescale
+        return values.astype(np.float64) * slope + intercept
+    if "ModalityLUTSequence" in ds or "RescaleSlope" in ds or "RescaleIntercept" in ds:
+        from pydicom.pixels import apply_modality_lut
+
+        return np.asarray(apply_modality_lut(values, ds), dtype=np.float64)
+    return values.astype(np.float64)
+
+
+def frame_pixels(decoded: np.ndarray, frame: DicomFrame) -> np.ndarray:
+    """One frame's real-world values, channel first: ``(channels, columns, rows)``.
+
+    Args:
+        decoded: the instance's :func:`decode_instance` output.
+        frame: which frame (or mosaic tile) to take.
+    """
+    ds = frame.dataset
+    image = decoded[frame.frame or 0]
+    if frame.tile is not None:
+        grid = int(image.shape[0]) // frame.rows
+        row0, col0 = (frame.tile // grid) * frame.rows, (frame.tile % grid) * frame.columns
+        image = image[row0:row0 + frame.rows, col0:col0 + frame.columns]
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    if image.shape[-1] == 1:
+        values = _modality(image, ds, frame.rescale)
+        if photometric == "MONOCHROME1":
+            lo, hi = _modality(np.array(_stored_range(ds)), ds, frame.rescale)
+            values = (lo + hi) - values
+    else:
+        values = image.astype(np.float64)
+    return np.ascontiguousarray(np.transpose(values, (2, 1, 0)), dtype=np.float32)
+
+
+def stack_frames(frames: Sequence[DicomFrame]) -> np.ndarray:
+    """Decode ``frames`` (each file once) and stack them: ``(channels, I, J, len(frames))``."""
+    cache: dict[str, np.ndarray] = {}
+    planes = []
+    for frame in frames:
+        decoded = cache.get(frame.path)
+        if decoded is None:
+            decoded = decode_instance(frame.dataset, frame.path)
+            cache[frame.path] = decoded
+        planes.append(frame_pixels(decoded, frame))
+    channels = {p.shape[0] for p in planes}
+    if len(channels) != 1:
+        raise InvalidDicomError(
+            f"{frames[0].path}: frames of one series mix grey and colour ({sorted(channels)})"
+        )
+    return np.stack(planes, axis=-1)

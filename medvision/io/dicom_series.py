@@ -1,0 +1,312 @@
+"""Assembling DICOM frames into series and series into correctly placed volumes.
+
+Frames are grouped by Series Instance UID, then split where orientation or matrix size differ
+(a three-plane localiser becomes three series) and, when frames share a position, by echo,
+time or stack. Each series is sorted along its slice normal. The slice positions are checked:
+gantry tilt (positions that drift in-plane), uneven spacing and missing slices are detected and,
+by default, the volume is resampled onto a regular orthogonal grid in the right physical place
+(see :mod:`medvision.io.regrid`), with a warning saying so. A wrong affine is never returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from medvision.errors import DataError, GeometryError, SeriesAssemblyError
+from medvision.io.dicom_files import (
+    DicomFrame,
+    dicomdir_files,
+    frames_of,
+    header_summary,
+    iter_candidate_files,
+    read_header,
+)
+from medvision.io.dicom_pixels import stack_frames
+from medvision.io.regrid import SliceGeometry, analyse_slices, regrid_slices
+from medvision.io.volume import LPS_TO_RAS, Volume, orientation_code
+
+__all__ = ["DicomScan", "DicomSeries", "scan_dicom"]
+
+log = logging.getLogger(__name__)
+
+Irregular = Literal["resample", "error"]
+
+
+@dataclass(frozen=True, eq=False)
+class DicomSeries:
+    """One assembled series: frames in slice order plus what their headers say about geometry.
+
+    Attributes:
+        key: Series Instance UID, with ``.N`` appended when one UID was split.
+        frames: the frames in slice order.
+        header: technical summary of the first instance (no patient identity).
+        geometry: slice analysis (tilt, spacing, gaps), or ``None`` for a single frame or
+            frames without position information.
+        warnings: notes on anything unusual found while assembling.
+        error: why this series cannot be loaded, found from its headers alone, or ``None``.
+    """
+
+    key: str
+    frames: tuple[DicomFrame, ...]
+    header: dict[str, Any]
+    geometry: SliceGeometry | None
+    warnings: tuple[str, ...]
+    error: str | None = None
+
+    @property
+    def modality(self) -> str:
+        """DICOM modality code, ``OT`` when missing."""
+        return str(self.header.get("Modality") or "OT")
+
+    @property
+    def matrix(self) -> tuple[int, int]:
+        """(columns, rows) of one frame."""
+        return self.frames[0].columns, self.frames[0].rows
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The files this series comes from, without repeats, in slice order."""
+        return tuple(dict.fromkeys(f.path for f in self.frames))
+
+    def describe(self) -> dict[str, Any]:
+        """What ``medvision info`` shows about this series, from headers only."""
+        affine, shape = self._planned_grid()
+        return {
+            "series_uid": self.key,
+            "series_number": self.header.get("SeriesNumber"),
+            "description": self.header.get("SeriesDescription", ""),
+            "modality": self.modality,
+            "matrix": list(self.matrix),
+            "shape": list(shape),
+            "spacing": [round(float(s), 6) for s in np.linalg.norm(affine[:3, :3], axis=0)][
+                : len(shape)],
+            "orientation": orientation_code(affine),
+            "slices": len(self.frames),
+            "transfer_syntax": self.header.get("TransferSyntax", ""),
+            "files": len(self.paths),
+            "warnings": list(self.warnings),
+            "error": self.error,
+        }
+
+    def _planned_grid(self) -> tuple[np.ndarray, tuple[int, ...]]:
+        if self.geometry is not None:
+            return self.geometry.affine_ras, self.geometry.output_shape
+        return _flat_affine(self.frames), _flat_shape(self.frames)
+
+    def load(self, *, irregular: Irregular = "resample") -> Volume:
+        """Decode the pixels and return the volume on a regular grid.
+
+        Args:
+            irregular: what to do with gantry tilt, uneven spacing or missing slices:
+                ``"resample"`` onto a regular grid (default) or ``"error"``.
+
+        Raises:
+            GeometryError: irregular geometry and ``irregular="error"``.
+            InvalidDicomError: pixel data cannot be decoded.
+        """
+        if self.error is not None:
+            raise SeriesAssemblyError(self.error)
+        stacked = stack_frames(self.frames)  # (C, I, J, K)
+        warnings = list(self.warnings)
+        if self.geometry is None:
+            affine = _flat_affine(self.frames)
+            array = stacked[..., 0] if stacked.shape[-1] == 1 else stacked
+        elif self.geometry.regular:
+            affine = self.geometry.affine_ras
+            array = stacked
+        elif irregular == "error":
+            raise GeometryError(
+                f"{self.frames[0].path}: series {self.key} is not on a regular grid "
+                f"({'; '.join(self.geometry.problems)}); pass irregular='resample' "
+                "(CLI: --irregular resample) to resample it"
+            )
+        else:
+            array = regrid_slices(stacked, self.geometry)
+            affine = self.geometry.affine_ras
+        return Volume(
+            array=array,
+            affine=affine,
+            modality=self.modality,
+            source_uids=tuple(dict.fromkeys(f.sop_instance_uid for f in self.frames)),
+            header=self.header,
+            warnings=tuple(warnings),
+            source=os.path.commonpath(self.paths) if len(self.paths) > 1 else self.paths[0],
+        )
+
+
+def _flat_affine(frames: Sequence[DicomFrame]) -> np.ndarray:
+    """Affine for a single frame, or a frame stack without per-frame positions (RAS)."""
+    first = frames[0]
+    row_sp, col_sp = first.pixel_spacing or (1.0, 1.0)
+    if first.orientation is not None:
+        r, c = np.array(first.orientation[:3]), np.array(first.orientation[3:])
+    else:
+        r, c = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+    normal = np.cross(r, c)
+    step = float(first.dataset.get("SpacingBetweenSlices") or first.slice_thickness or 1.0)
+    affine = np.eye(4)
+    affine[:3, 0] = r * col_sp
+    affine[:3, 1] = c * row_sp
+    affine[:3, 2] = normal * step
+    affine[:3, 3] = first.position if first.position is not None else (0.0, 0.0, 0.0)
+    return LPS_TO_RAS @ affine
+
+
+def _flat_shape(frames: Sequence[DicomFrame]) -> tuple[int, ...]:
+    first = frames[0]
+    if len(frames) == 1:
+        return (first.columns, first.rows)
+    return (first.columns, first.rows, len(frames))
+
+
+@dataclass(frozen=True)
+class DicomScan:
+    """Result of scanning files and folders: the series found and the files that were not."""
+
+    series: tuple[DicomSeries, ...]
+    rejected: tuple[tuple[str, str], ...]
+
+
+def scan_dicom(paths: Iterable[str | os.PathLike[str]]) -> DicomScan:
+    """Read the headers of every DICOM file under ``paths`` and assemble series.
+
+    A DICOMDIR contributes the files it references. Files that are not DICOM images (or are
+    unreadable) are listed in ``rejected`` with the reason; they do not stop the scan.
+    """
+    frames: list[DicomFrame] = []
+    rejected: list[tuple[str, str]] = []
+    seen: set[Path] = set()
+    queue = list(iter_candidate_files(paths))
+    while queue:
+        path = queue.pop(0)
+        resolved = path.resolve()
+        if resolved in seen:
+            continue
+        seen.add(resolved)
+        try:
+            ds = read_header(path)
+            if "DirectoryRecordSequence" in ds:
+                queue.extend(dicomdir_files(ds, path))
+                continue
+            frames.extend(frames_of(ds, path))
+        except DataError as e:
+            log.debug("skipping %s", e)
+            rejected.append((str(path), str(e)))
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as e:
+            # pydicom converts values lazily: a malformed element raises on first access.
+            reason = f"{path}: malformed DICOM attribute ({type(e).__name__}: {e})"
+            log.debug("skipping %s", reason)
+            rejected.append((str(path), reason))
+    return DicomScan(series=tuple(assemble(frames)), rejected=tuple(rejected))
+
+
+def assemble(frames: Sequence[DicomFrame]) -> list[DicomSeries]:
+    """Group frames into series, split inconsistent groups and sort each along its normal."""
+    unique: dict[tuple[str, int, int], DicomFrame] = {}
+    for frame in frames:
+        unique.setdefault(frame.key, frame)
+    groups: dict[tuple[Any, ...], list[DicomFrame]] = defaultdict(list)
+    for frame in unique.values():
+        series_uid = str(frame.dataset.get("SeriesInstanceUID") or "unknown-series")
+        orientation = (None if frame.orientation is None
+                       else tuple(round(v, 3) for v in frame.orientation))
+        has_geometry = frame.orientation is not None and frame.position is not None
+        # Images without a position are separate 2D images, except frames of one file.
+        loose = None if has_geometry else frame.path
+        groups[(series_uid, orientation, frame.rows, frame.columns, loose)].append(frame)
+
+    by_uid: dict[str, list[list[DicomFrame]]] = defaultdict(list)
+    for key, members in groups.items():
+        for part in _split_duplicates(members):
+            by_uid[key[0]].append(part)
+
+    out: list[DicomSeries] = []
+    for uid, parts in by_uid.items():
+        parts.sort(key=lambda p: (p[0].path, p[0].frame or 0))
+        for n, part in enumerate(parts):
+            key = uid if len(parts) == 1 else f"{uid}.{n + 1}"
+            out.append(_make_series(key, part, split=len(parts) > 1))
+    out.sort(key=lambda s: (str(s.header.get("StudyInstanceUID", "")),
+                            _series_number(s.header), s.key))
+    return out
+
+
+def _series_number(header: dict[str, Any]) -> int:
+    try:
+        return int(header.get("SeriesNumber") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _position_key(frame: DicomFrame) -> tuple[float, ...]:
+    return tuple(round(v, 2) for v in frame.position) if frame.position else (frame.frame or 0,)
+
+
+def _split_duplicates(frames: list[DicomFrame]) -> list[list[DicomFrame]]:
+    """Split frames that share positions by the first distinguishing key (echo, time...)."""
+    positions = [_position_key(f) for f in frames]
+    if len(set(positions)) == len(positions) or frames[0].position is None:
+        return [frames]
+    names = [name for name, _ in frames[0].split_keys]
+    for name in names:
+        parts: dict[str, list[DicomFrame]] = defaultdict(list)
+        for frame in frames:
+            parts[dict(frame.split_keys).get(name, "")].append(frame)
+        if len(parts) > 1 and all(
+            len({_position_key(f) for f in p}) == len(p) for p in parts.values()
+        ):
+            return [parts[k] for k in sorted(parts)]
+    return [frames]
+
+
+def _make_series(key: str, frames: list[DicomFrame], *, split: bool) -> DicomSeries:
+    first = frames[0]
+    header = header_summary(first.dataset)
+    header["SeriesKey"] = key
+    warnings: list[str] = []
+    if split:
+        warnings.append("one Series Instance UID held several stacks; split by orientation, "
+                        "size, echo or time")
+    has_geometry = all(f.orientation is not None and f.position is not None for f in frames)
+    if len(frames) == 1 or not has_geometry:
+        ordered = sorted(frames, key=lambda f: (f.frame or 0, f.tile or 0))
+        if len(frames) > 1:
+            warnings.append("frames have no positions: stacked in file order; the slice "
+                            "spacing comes from SpacingBetweenSlices/SliceThickness or is 1 mm")
+        if first.pixel_spacing is None:
+            warnings.append("no pixel spacing in the header: 1 mm assumed")
+        elif "PixelSpacing" not in first.dataset and "ImagerPixelSpacing" in first.dataset:
+            warnings.append("spacing from ImagerPixelSpacing (at the detector, not the patient)")
+        return DicomSeries(key=key, frames=tuple(ordered), header=header, geometry=None,
+                           warnings=tuple(warnings))
+    if first.pixel_spacing is None:
+        raise SeriesAssemblyError(f"{first.path}: series {key} has positions but no spacing")
+    normal = np.array(first.normal) if first.normal is not None else np.cross(
+        first.orientation[:3], first.orientation[3:])  # type: ignore[index]
+    ordered = sorted(frames, key=lambda f: float(np.dot(f.position, normal)))  # type: ignore[arg-type]
+    try:
+        geometry = analyse_slices(
+            positions=np.array([f.position for f in ordered], dtype=float),
+            orientation=np.array(first.orientation, dtype=float),
+            pixel_spacing=first.pixel_spacing,
+            matrix=(first.columns, first.rows),
+            normal=normal,
+            where=f"{first.path}: series {key}",
+        )
+    except DataError as e:
+        return DicomSeries(key=key, frames=tuple(ordered), header=header, geometry=None,
+                           warnings=tuple(warnings), error=str(e))
+    warnings.extend(geometry.problems)
+    if not geometry.regular:
+        warnings.append(f"loads resampled onto a regular grid of {geometry.output_shape} voxels, "
+                        f"slice spacing {geometry.slice_spacing:.3f} mm")
+    return DicomSeries(key=key, frames=tuple(ordered), header=header, geometry=geometry,
+                       warnings=tuple(warnings))

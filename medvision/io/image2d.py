@@ -1,0 +1,42 @@
+"""2D images (PNG, JPEG, BMP, TIFF) through Pillow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from medvision.errors import UnreadableFileError
+from medvision.io.volume import Volume
+
+__all__ = ["read_image2d"]
+
+
+def read_image2d(path: Path) -> Volume:
+    """Read a 2D image as ``(C, I, J)``: C is 1 for grey and 3 for colour (alpha dropped).
+
+    Pixel spacing is unknown in these formats, so the affine is the identity (1 mm pixels) and
+    the volume carries a warning saying so. Axis ``I`` runs along a row (left to right), ``J``
+    down the rows, as MONAI's PIL reader lays them out.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            mode = image.mode
+            if mode in ("RGBA", "P", "PA", "LA", "CMYK", "YCbCr", "HSV", "LAB"):
+                image = image.convert("L" if mode in ("LA",) else "RGB")
+            elif mode == "1":
+                image = image.convert("L")
+            array = np.asarray(image, dtype=np.float32)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UnreadableFileError(f"{path}: not a readable image ({e})") from e
+    if array.ndim == 2:
+        array = array[np.newaxis]
+    else:
+        array = np.moveaxis(array, -1, 0)
+    array = np.transpose(array, (0, 2, 1))
+    return Volume(array=array, affine=np.eye(4), modality="OT",
+                  header={"format": path.suffix.lstrip(".").upper(), "mode": mode},
+                  warnings=("pixel spacing unknown: 1 mm assumed",), source=str(path))

@@ -1,0 +1,137 @@
+"""The :class:`Volume` passed from ``io`` to every later stage, and its geometry helpers.
+
+Layout, everywhere in medvision: the array is channels first, ``(C, I, J)`` for 2D images and
+``(C, I, J, K)`` for volumes, where ``I`` runs along an image row (DICOM column index), ``J``
+down the rows and ``K`` across slices. The 4x4 ``affine`` maps a voxel index ``(i, j, k, 1)`` to
+world coordinates in millimetres, RAS+ (nibabel's and MONAI's convention). 2D images carry a
+4x4 affine too; their third column is the slice normal scaled by the slice thickness (1 mm when
+unknown).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from medvision.errors import GeometryError
+
+__all__ = ["LPS_TO_RAS", "Volume", "orientation_code"]
+
+#: Multiplying a DICOM (LPS+) world point or affine by this gives RAS+.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def orientation_code(affine: np.ndarray) -> str:
+    """The direction each voxel axis points to, as three letters (for example ``"LPS"``).
+
+    Args:
+        affine: 4x4 voxel-to-RAS+ affine.
+
+    Returns:
+        One of R/L, A/P, S/I per voxel axis, nibabel's ``aff2axcodes`` convention.
+    """
+    from nibabel.orientations import aff2axcodes
+
+    return "".join(str(c) for c in aff2axcodes(affine))
+
+
+def _readonly(array: np.ndarray) -> np.ndarray:
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """An image with its geometry, as read from disk.
+
+    Attributes:
+        array: float32 voxels, channels first: ``(C, I, J)`` or ``(C, I, J, K)``. Read-only.
+        affine: 4x4 voxel index to RAS+ millimetres. Read-only.
+        modality: DICOM modality code (``CT``, ``MR``, ``CR`` ...) or ``OT`` when unknown.
+        source_uids: SOP Instance UIDs of the DICOM instances the voxels came from, in slice
+            order (empty for non-DICOM files).
+        header: a summary of the source header with no patient identity (an allowlist of
+            technical attributes such as series UID, manufacturer, transfer syntax).
+        warnings: human-readable notes about the geometry or data (tilt, gaps, resampling).
+        source: the path the volume was read from.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    modality: str = "OT"
+    source_uids: tuple[str, ...] = ()
+    header: Mapping[str, Any] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        array = np.asarray(self.array, dtype=np.float32)
+        affine = np.asarray(self.affine, dtype=np.float64)
+        if array.ndim not in (3, 4):
+            raise GeometryError(
+                f"{self.source or 'volume'}: expected a channel-first array with 2 or 3 spatial "
+                f"dimensions, got shape {array.shape}"
+            )
+        if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+            raise GeometryError(f"{self.source or 'volume'}: affine must be a finite 4x4 matrix")
+        if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+            raise GeometryError(f"{self.source or 'volume'}: affine is singular")
+        object.__setattr__(self, "array", _readonly(array))
+        object.__setattr__(self, "affine", _readonly(affine))
+        object.__setattr__(self, "header", MappingProxyType(dict(self.header)))
+        object.__setattr__(self, "source_uids", tuple(self.source_uids))
+        object.__setattr__(self, "warnings", tuple(self.warnings))
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for an image, 3 for a volume."""
+        return self.array.ndim - 1
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        """The array's shape without the channel axis."""
+        return tuple(int(s) for s in self.array.shape[1:])
+
+    @property
+    def channels(self) -> int:
+        """Number of channels (1 for grey, 3 for colour)."""
+        return int(self.array.shape[0])
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """Voxel size in mm along each spatial axis, from the affine's column norms."""
+        norms = np.linalg.norm(self.affine[:3, :3], axis=0)
+        return tuple(float(v) for v in norms[: self.spatial_dims])
+
+    @property
+    def orientation(self) -> str:
+        """Three-letter orientation code of the voxel axes, for example ``"LPS"``."""
+        return orientation_code(self.affine)
+
+    def with_array(self, array: np.ndarray, *, warnings: tuple[str, ...] = ()) -> Volume:
+        """A copy with new voxels on the same grid (same spatial shape and affine).
+
+        Args:
+            array: channel-first array whose spatial shape equals this volume's.
+            warnings: extra warnings appended to this volume's.
+        """
+        array = np.asarray(array)
+        if tuple(array.shape[1:]) != self.spatial_shape:
+            raise GeometryError(
+                f"{self.source or 'volume'}: new array has spatial shape {array.shape[1:]}, "
+                f"expected {self.spatial_shape}"
+            )
+        return Volume(
+            array=array,
+            affine=self.affine,
+            modality=self.modality,
+            source_uids=self.source_uids,
+            header=self.header,
+            warnings=self.warnings + tuple(warnings),
+            source=self.source,
+        )
