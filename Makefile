@@ -1,0 +1,41 @@
+# One-command set-up, demo and tests. Both `make demo` and `make test` create .venv when needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.medvision-installed
+DEMO_OUT ?= demo_out
+
+.PHONY: setup demo test test-all bench sample-data clean
+
+setup: $(STAMP)
+
+# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/medvision info sample_data
+	$(BIN)/medvision convert sample_data/ct_phantom -o $(DEMO_OUT)/ct_phantom.nii.gz --force
+	$(BIN)/medvision info "$$($(BIN)/python -c 'from pydicom.data import get_testdata_file as g; print(g("RG1_UNCR.dcm", download=False))')"
+	@echo "demo outputs are in $(DEMO_OUT)/"
+
+# Default suite: everything but `slow`. Exit code 5 (every test deselected) is not a failure.
+test: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no tests selected"; exit 0; fi; exit $$rc
+
+test-all: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python bench/bench_io.py
+
+sample-data: setup
+	$(BIN)/python sample_data/make_sample_data.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -1,0 +1,110 @@
+"""Shared fixtures: real data locations and a small synthetic DICOM writer."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip when ``condition`` is false, except in CI, where it is a failure."""
+    if not condition:
+        if IN_CI:
+            pytest.fail(f"required in CI: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (real public scans); skipped outside CI when absent."""
+    require(SHARED_DATA.is_dir(), f"real data folder {SHARED_DATA} not found")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def dcm2niix() -> str:
+    """Path to the dcm2niix program (Debian package ``dcm2niix``)."""
+    path = shutil.which("dcm2niix")
+    require(path is not None, "dcm2niix is not installed (apt-get install dcm2niix)")
+    return str(path)
+
+
+def pydicom_test_files() -> list[Path]:
+    """Every file shipped by pydicom's test data and the pydicom-data package (no downloads)."""
+    import pydicom
+
+    roots = [Path(pydicom.__file__).parent / "data" / "test_files"]
+    spec = importlib.util.find_spec("data_store")
+    if spec is not None and spec.origin is not None:
+        roots.append(Path(spec.origin).parent / "data")
+    skip = {".py", ".pyc", ".txt", ".md", ".json", ".dump", ".icc"}
+    files = []
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and path.suffix.lower() not in skip and path.name != "README" \
+                    and "__pycache__" not in path.parts:
+                files.append(path)
+    return files
+
+
+SliceWriter = Callable[..., Path]
+
+
+@pytest.fixture
+def write_slice(tmp_path: Path) -> SliceWriter:
+    """Write one synthetic single-frame DICOM image and return its path.
+
+    Keyword arguments override geometry and header values; ``pixels`` is ``(rows, columns)``.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    counter = iter(range(1_000_000))
+
+    def write(*, pixels: np.ndarray | None = None, series_uid: str = "1.2.3.4.5",
+              position: tuple[float, float, float] = (0.0, 0.0, 0.0),
+              orientation: tuple[float, ...] = (1, 0, 0, 0, 1, 0),
+              spacing: tuple[float, float] = (1.0, 1.0), folder: Path | None = None,
+              **attributes: Any) -> Path:
+        n = next(counter)
+        pixels = np.arange(12, dtype=np.uint16).reshape(3, 4) + n if pixels is None else pixels
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3.4", series_uid
+        ds.Modality = "MR"
+        ds.ImagePositionPatient = list(position)
+        ds.ImageOrientationPatient = list(orientation)
+        ds.PixelSpacing = list(spacing)
+        ds.SliceThickness = 1.0
+        ds.Rows, ds.Columns = pixels.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        for key, value in attributes.items():
+            if value is None:
+                delattr(ds, key)
+            else:
+                setattr(ds, key, value)
+        ds.PixelData = pixels.astype(np.uint16).tobytes()
+        target = folder or tmp_path / "dicom"
+        target.mkdir(parents=True, exist_ok=True)
+        path = target / f"slice{n:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        return path
+
+    return write
