@@ -69,54 +69,79 @@ def _stored_range(ds: Any) -> tuple[float, float]:
     return 0.0, 2.0**bits - 1
 
 
-def _modality(values: np.ndarray, ds: Any, rescale: tuple[float, float] | None) -> np.ndarray:
+def _rescale(ds: Any, rescale: tuple[float, float] | None) -> tuple[float, float] | None:
+    """(slope, intercept) of a linear modality LUT, or ``None`` for a LUT table."""
     if rescale is not None:
-        slope, intercept = rescale
-        return values.astype(np.float64) * slope + intercept
-    if "ModalityLUTSequence" in ds or "RescaleSlope" in ds or "RescaleIntercept" in ds:
+        return rescale
+    if "ModalityLUTSequence" in ds and "RescaleSlope" not in ds:
+        return None
+    slope = float(ds.get("RescaleSlope") or 1.0)
+    intercept = float(ds.get("RescaleIntercept") or 0.0)
+    return slope, intercept
+
+
+def _modality(values: np.ndarray, ds: Any, rescale: tuple[float, float] | None,
+              out: np.ndarray) -> None:
+    """Write the modality-LUT output of ``values`` into ``out`` (float32)."""
+    linear = _rescale(ds, rescale)
+    if linear is None:
         from pydicom.pixels import apply_modality_lut
 
-        return np.asarray(apply_modality_lut(values, ds), dtype=np.float64)
-    return values.astype(np.float64)
+        out[...] = apply_modality_lut(values, ds)
+        return
+    out[...] = values
+    slope, intercept = linear
+    if slope != 1.0:
+        out *= np.float32(slope)
+    if intercept != 0.0:
+        out += np.float32(intercept)
 
 
-def frame_pixels(decoded: np.ndarray, frame: DicomFrame) -> np.ndarray:
-    """One frame's real-world values, channel first: ``(channels, columns, rows)``.
+def frame_pixels(decoded: np.ndarray, frame: DicomFrame, out: np.ndarray) -> None:
+    """Write one frame's real-world values into ``out``, shaped ``(channels, rows, columns)``.
 
     Args:
         decoded: the instance's :func:`decode_instance` output.
         frame: which frame (or mosaic tile) to take.
+        out: float32 destination.
     """
     ds = frame.dataset
     image = decoded[frame.frame or 0]
     if frame.tile is not None:
-        grid = int(image.shape[0]) // frame.rows
+        grid = int(image.shape[1]) // frame.columns
         row0, col0 = (frame.tile // grid) * frame.rows, (frame.tile % grid) * frame.columns
         image = image[row0:row0 + frame.rows, col0:col0 + frame.columns]
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    if image.shape[-1] == 1:
-        values = _modality(image, ds, frame.rescale)
-        if photometric == "MONOCHROME1":
-            lo, hi = _modality(np.array(_stored_range(ds)), ds, frame.rescale)
-            values = (lo + hi) - values
-    else:
-        values = image.astype(np.float64)
-    return np.ascontiguousarray(np.transpose(values, (2, 1, 0)), dtype=np.float32)
+    if image.shape[-1] != 1:
+        out[...] = np.moveaxis(image, -1, 0)
+        return
+    _modality(image[..., 0], ds, frame.rescale, out[0])
+    if photometric == "MONOCHROME1":
+        ends = np.empty(2, dtype=np.float32)
+        _modality(np.array(_stored_range(ds)), ds, frame.rescale, ends)
+        np.subtract(ends[0] + ends[1], out[0], out=out[0])
 
 
 def stack_frames(frames: Sequence[DicomFrame]) -> np.ndarray:
-    """Decode ``frames`` (each file once) and stack them: ``(channels, I, J, len(frames))``."""
+    """Decode ``frames`` and stack them: ``(channels, I, J, len(frames))``.
+
+    Files holding several frames (multi-frame, mosaic) are decoded once. The result is a
+    transposed view of a ``(channels, K, rows, columns)`` buffer, so each plane is written
+    contiguously and no copy is made (the memory order nibabel uses).
+    """
     cache: dict[str, np.ndarray] = {}
-    planes = []
-    for frame in frames:
+    buffer: np.ndarray | None = None
+    for k, frame in enumerate(frames):
         decoded = cache.get(frame.path)
         if decoded is None:
             decoded = decode_instance(frame.dataset, frame.path)
-            cache[frame.path] = decoded
-        planes.append(frame_pixels(decoded, frame))
-    channels = {p.shape[0] for p in planes}
-    if len(channels) != 1:
-        raise InvalidDicomError(
-            f"{frames[0].path}: frames of one series mix grey and colour ({sorted(channels)})"
-        )
-    return np.stack(planes, axis=-1)
+            if frame.frame is not None or frame.tile is not None:
+                cache[frame.path] = decoded
+        if buffer is None:
+            buffer = np.empty((decoded.shape[-1], len(frames), frame.rows, frame.columns),
+                              dtype=np.float32)
+        elif decoded.shape[-1] != buffer.shape[0]:
+            raise InvalidDicomError(f"{frame.path}: frames of one series mix grey and colour")
+        frame_pixels(decoded, frame, buffer[:, k])
+    assert buffer is not None, "stack_frames needs at least one frame"
+    return buffer.transpose(0, 3, 2, 1)
