@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from medvision import __version__
-from medvision.cli import convert, info
+from medvision.cli import convert, info, train
 from medvision.errors import MedvisionError
 
 __all__ = ["main"]
 
-SUBCOMMANDS: tuple[ModuleType, ...] = (info, convert)
+SUBCOMMANDS: tuple[ModuleType, ...] = (info, convert, train)
 
 log = logging.getLogger("medvision")
 

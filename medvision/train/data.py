@@ -1,0 +1,123 @@
+"""Finding labelled items in a data folder and splitting them reproducibly, by patient."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medvision.config import Pipeline
+from medvision.errors import DataError
+
+__all__ = ["DataSplit", "discover_items", "split_items"]
+
+Item = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DataSplit:
+    """Training and validation items; each item has ``image``, ``label`` and ``group``."""
+
+    train: tuple[Item, ...]
+    val: tuple[Item, ...]
+
+
+def _group(name: str, pattern: str | None) -> str:
+    if pattern:
+        match = re.search(pattern, name)
+        if match:
+            return match.group(1) if match.groups() else match.group(0)
+    return name
+
+
+def discover_items(pipeline: Pipeline, data: str | os.PathLike[str], *,
+                   split: str = "train") -> list[Item]:
+    """Every labelled item under ``data`` for the pipeline's layout.
+
+    Args:
+        pipeline: the pipeline (classes, layout, grouping rule).
+        data: a folder (class folders, or ``images``/``labels``) or a ``.npz`` file.
+        split: for ``.npz`` files, which official split to read (``train``, ``val``, ``test``).
+
+    Raises:
+        DataError: missing folders, unknown classes, unpaired images, or no items.
+    """
+    root = Path(data)
+    cfg = pipeline.data
+    items: list[Item] = []
+    if cfg.layout == "npz":
+        try:
+            archive = np.load(root)
+            images, labels = archive[f"{split}_images"], archive[f"{split}_labels"]
+        except (OSError, KeyError, ValueError) as e:
+            raise DataError(f"{root}: cannot read split '{split}' from the .npz ({e})") from e
+        for index, (image, label) in enumerate(zip(images, np.asarray(labels).reshape(-1),
+                                                   strict=True)):
+            items.append({"image": image, "label": int(label), "group": f"{split}-{index}"})
+    elif cfg.layout == "class_folders":
+        if not root.is_dir():
+            raise DataError(f"{root}: data folder not found")
+        present = sorted(p.name for p in root.iterdir() if p.is_dir())
+        unknown = set(present) - set(pipeline.classes)
+        if unknown:
+            raise DataError(f"{root}: folders {sorted(unknown)} are not classes of the pipeline "
+                            f"({', '.join(pipeline.classes)})")
+        for label, name in enumerate(pipeline.classes):
+            folder = root / name
+            if not folder.is_dir():
+                continue
+            for path in sorted(folder.iterdir()):
+                if path.is_file() and path.name.lower().endswith(cfg.extensions):
+                    items.append({"image": str(path), "label": label,
+                                  "group": _group(path.name, cfg.group_pattern)})
+    else:
+        images, labels = root / "images", root / "labels"
+        if not images.is_dir() or not labels.is_dir():
+            raise DataError(f"{root}: expected 'images/' and 'labels/' folders")
+        for path in sorted(images.iterdir()):
+            if not path.name.lower().endswith(cfg.extensions) or path.name.startswith("."):
+                continue
+            label = labels / path.name
+            if not label.is_file():
+                raise DataError(f"{path}: no label file {label}")
+            items.append({"image": str(path), "label": str(label),
+                          "group": _group(path.name, cfg.group_pattern)})
+    if not items:
+        raise DataError(f"{root}: no items found for layout '{cfg.layout}'")
+    return items
+
+
+def split_items(pipeline: Pipeline, items: list[Item]) -> DataSplit:
+    """Split by group (patient), stratified by class for classification; reproducible.
+
+    Every item of one group lands on the same side. The validation side gets about
+    ``data.val_fraction`` of each class's groups (at least one when a class has two or more).
+    """
+    by_class: dict[Any, list[str]] = defaultdict(list)
+    group_class: dict[str, Any] = {}
+    for item in items:
+        key = item["label"] if pipeline.task == "classification" else 0
+        if item["group"] not in group_class:
+            group_class[item["group"]] = key
+            by_class[key].append(item["group"])
+    rng = random.Random(pipeline.data.split_seed)
+    val_groups: set[str] = set()
+    for key in sorted(by_class, key=str):
+        groups = sorted(by_class[key])
+        rng.shuffle(groups)
+        count = round(len(groups) * pipeline.data.val_fraction)
+        if len(groups) >= 2:
+            count = min(max(count, 1), len(groups) - 1)
+        val_groups.update(groups[:count])
+    train = tuple(i for i in items if i["group"] not in val_groups)
+    val = tuple(i for i in items if i["group"] in val_groups)
+    if not train or not val:
+        raise DataError(f"cannot split {len(items)} items into training and validation; "
+                        "add data or change data.val_fraction")
+    return DataSplit(train=train, val=val)

@@ -1,0 +1,324 @@
+"""The training loop: cached MONAI datasets, per-epoch checkpoints, resume, best-model choice.
+
+Outputs in the run folder:
+
+* ``last.safetensors``, ``optimizer.safetensors``, ``state.json``: resumable state, written
+  atomically after every epoch;
+* ``best.safetensors``: weights of the best epoch by the validation metric;
+* ``metrics.csv``: one row per epoch;
+* ``pipeline.yaml``: the resolved pipeline, and ``split.json``: which items validated.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medvision.config import Pipeline, config_hash
+from medvision.errors import CheckpointError, ConfigError
+from medvision.models import build_model, load_weights, save_weights
+from medvision.train.checkpoint_state import load_training_state, save_training_state
+from medvision.train.data import DataSplit
+from medvision.transforms import build_transforms
+
+__all__ = ["TrainResult", "train"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run produced."""
+
+    run_dir: Path
+    epochs_run: int
+    best_epoch: int
+    best_metric: float
+    history: tuple[dict[str, float], ...]
+    seconds: float
+
+
+def _loss(pipeline: Pipeline) -> Any:
+    import torch
+    from monai import losses
+
+    cfg = pipeline.loss
+    weight = torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights else None
+    if pipeline.task == "classification":
+        if cfg.name == "focal":
+            return losses.FocalLoss(to_onehot_y=True, use_softmax=True, weight=weight)
+        return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    if cfg.name == "dice_focal":
+        return losses.DiceFocalLoss(to_onehot_y=True, softmax=True)
+    return losses.DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)
+
+
+def _optimizer(pipeline: Pipeline, params: Any) -> Any:
+    import torch
+
+    cfg = pipeline.optimizer
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, nesterov=True)
+    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _scheduler(pipeline: Pipeline, optimizer: Any) -> Any:
+    import torch
+
+    epochs, warmup = pipeline.training.epochs, pipeline.schedule.warmup_epochs
+    name = pipeline.schedule.name
+
+    def factor(epoch: int) -> float:
+        if epoch < warmup:
+            return (epoch + 1) / (warmup + 1)
+        if name == "constant":
+            return 1.0
+        progress = (epoch - warmup) / max(1, epochs - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _dataset(pipeline: Pipeline, items: Sequence[dict[str, Any]], *, train: bool,
+             run_dir: Path) -> Any:
+    from monai.data import CacheDataset, Dataset, PersistentDataset
+
+    transform = build_transforms(pipeline, train=train)
+    data = [{k: v for k, v in item.items() if k != "group"} for item in items]
+    if pipeline.training.cache == "memory":
+        return CacheDataset(data, transform=transform, cache_rate=1.0, num_workers=None,
+                            progress=sys.stderr.isatty())
+    if pipeline.training.cache == "disk" and all(isinstance(i["image"], str) for i in data):
+        return PersistentDataset(data, transform=transform, cache_dir=run_dir / "cache")
+    return Dataset(data, transform=transform)
+
+
+def _loader(pipeline: Pipeline, dataset: Any, *, train: bool, labels: Sequence[int]) -> Any:
+    import torch
+    from monai.data import DataLoader
+
+    sampler = None
+    if train and pipeline.training.balanced_sampling and pipeline.task == "classification":
+        counts = np.bincount(np.asarray(labels), minlength=len(pipeline.classes))
+        weights = [1.0 / counts[label] for label in labels]
+        generator = torch.Generator().manual_seed(pipeline.training.seed)
+        sampler = torch.utils.data.WeightedRandomSampler(weights, len(weights),
+                                                         generator=generator)
+    return DataLoader(dataset, batch_size=pipeline.training.batch_size,
+                      shuffle=train and sampler is None, sampler=sampler,
+                      num_workers=pipeline.training.num_workers, drop_last=False)
+
+
+def evaluate_batches(pipeline: Pipeline, model: Any, loader: Any,
+                     loss_fn: Any | None = None) -> dict[str, float]:
+    """Validation metrics over a loader: loss, and AUC/accuracy or mean Dice."""
+    import torch
+    from monai.metrics import DiceMetric, compute_roc_auc
+    from monai.networks.utils import one_hot
+
+    model.eval()
+    losses: list[float] = []
+    probs, targets = [], []
+    dice = DiceMetric(include_background=False, reduction="mean_batch")
+    classes = len(pipeline.classes)
+    with torch.no_grad():
+        for batch in loader:
+            image = batch["image"]
+            logits = model(image)
+            if pipeline.task == "classification":
+                label = torch.as_tensor(batch["label"]).long().view(-1)
+                if loss_fn is not None:
+                    losses.append(float(loss_fn(logits, label)))
+                probs.append(torch.softmax(logits, dim=1))
+                targets.append(label)
+            else:
+                label = batch["label"]
+                if loss_fn is not None:
+                    losses.append(float(loss_fn(logits, label)))
+                pred = one_hot(logits.argmax(dim=1, keepdim=True), classes)
+                dice(pred, one_hot(label.long(), classes))
+    out: dict[str, float] = {"loss": float(np.mean(losses)) if losses else float("nan")}
+    if pipeline.task == "classification":
+        p = torch.cat(probs)
+        y = torch.cat(targets)
+        out["accuracy"] = float((p.argmax(dim=1) == y).float().mean())
+        if len(torch.unique(y)) > 1:
+            if classes == 2:
+                out["auc"] = float(compute_roc_auc(p[:, 1], y))
+            else:
+                out["auc"] = float(compute_roc_auc(p, one_hot(y.view(-1, 1), classes),
+                                                   average="macro"))
+        else:
+            out["auc"] = float("nan")
+    else:
+        per_class = dice.aggregate()
+        out["dice"] = float(torch.nanmean(per_class))
+        for name, value in zip(pipeline.classes[1:], per_class.tolist(), strict=True):
+            out[f"dice_{name}"] = float(value)
+    return out
+
+
+def _better(metric: str, value: float, best: float | None) -> bool:
+    if math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value < best if metric == "loss" else value > best
+
+
+def train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str], *,
+          resume: bool = False, init_from: str | os.PathLike[str] | None = None,
+          freeze: Sequence[str] = (), progress: bool | None = None) -> TrainResult:
+    """Train ``pipeline`` on ``split``, writing checkpoints into ``run_dir``.
+
+    Args:
+        pipeline: validated pipeline.
+        split: training and validation items.
+        run_dir: output folder; must be empty or absent unless ``resume``.
+        resume: continue from the folder's last checkpoint.
+        init_from: safetensors weights to start from (transfer learning); tensors whose shape
+            does not fit (a different head) are left at their fresh values.
+        freeze: parameter-name prefixes to keep fixed.
+        progress: show a progress bar (default: when stderr is a terminal).
+
+    Raises:
+        ConfigError: a non-empty run folder without ``resume``.
+        CheckpointError: nothing to resume from, or unusable ``init_from`` weights.
+    """
+    import torch
+    from monai.utils import set_determinism
+    from tqdm import tqdm
+
+    run = Path(run_dir)
+    if run.exists() and any(run.iterdir()) and not resume:
+        raise ConfigError(f"{run}: run folder is not empty; pass --resume to continue it or "
+                          "choose a new folder")
+    run.mkdir(parents=True, exist_ok=True)
+    cfg = pipeline.training
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    set_determinism(seed=cfg.seed)
+    show = sys.stderr.isatty() if progress is None else progress
+
+    model = build_model(pipeline)
+    if init_from is not None:
+        _init_from(model, Path(init_from))
+    for name, param in model.named_parameters():
+        if any(name.startswith(prefix) for prefix in freeze):
+            param.requires_grad_(False)
+    loss_fn = _loss(pipeline)
+    optimizer = _optimizer(pipeline, [p for p in model.parameters() if p.requires_grad])
+    scheduler = _scheduler(pipeline, optimizer)
+    metric = pipeline.validation_metric
+    state: dict[str, Any] = {"epoch": 0, "best_metric": None, "best_epoch": 0, "history": [],
+                             "stale_epochs": 0, "seconds": 0.0}
+    if resume and (run / "state.json").is_file():
+        state = load_training_state(run, model=model, optimizer=optimizer, scheduler=scheduler)
+        if state.get("config_hash") != config_hash(pipeline):
+            log.warning("resuming with a pipeline that differs from the checkpoint's")
+        log.info("resuming after epoch %d", state["epoch"])
+    elif resume:
+        raise CheckpointError(f"{run}: nothing to resume (no state.json)")
+    else:
+        (run / "pipeline.yaml").write_text(_yaml(pipeline))
+        (run / "split.json").write_text(json.dumps(
+            {"train_groups": sorted({str(i["group"]) for i in split.train}),
+             "val_groups": sorted({str(i["group"]) for i in split.val})}, indent=1))
+
+    train_ds = _dataset(pipeline, split.train, train=True, run_dir=run)
+    val_ds = _dataset(pipeline, split.val, train=False, run_dir=run)
+    labels = [int(i["label"]) for i in split.train] if pipeline.task == "classification" else []
+    train_loader = _loader(pipeline, train_ds, train=True, labels=labels)
+    val_loader = _loader(pipeline, val_ds, train=False, labels=[])
+
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        running, seen = 0.0, 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=not show,
+                   leave=False)
+        for batch in bar:
+            image = batch["image"]
+            label = batch["label"]
+            if pipeline.task == "classification":
+                label = torch.as_tensor(label).long().view(-1)
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(image), label)
+            loss.backward()
+            optimizer.step()
+            running += loss.item() * image.shape[0]
+            seen += image.shape[0]
+            bar.set_postfix(loss=f"{running / seen:.4f}")
+        scheduler.step()
+        train_seconds = time.perf_counter() - t0
+        val = evaluate_batches(pipeline, model, val_loader, loss_fn)
+        row = {"epoch": epoch, "train_loss": running / max(seen, 1),
+               "lr": optimizer.param_groups[0]["lr"], "train_seconds": round(train_seconds, 2),
+               "samples_per_second": round(seen / train_seconds, 2) if train_seconds else 0.0,
+               **{f"val_{k}": v for k, v in val.items()}}
+        state["history"].append(row)
+        _append_csv(run / "metrics.csv", row)
+        if _better(metric, val[metric], state["best_metric"]):
+            state.update(best_metric=val[metric], best_epoch=epoch, stale_epochs=0)
+            save_weights(model, run / "best.safetensors",
+                         metadata={"pipeline": pipeline.name, "epoch": str(epoch)})
+        else:
+            state["stale_epochs"] += 1
+        state["epoch"] = epoch
+        state["seconds"] = state.get("seconds", 0.0) + train_seconds
+        state["config_hash"] = config_hash(pipeline)
+        save_training_state(run, model=model, optimizer=optimizer, scheduler=scheduler,
+                            state=state)
+        log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
+        if cfg.early_stopping_patience and state["stale_epochs"] >= cfg.early_stopping_patience:
+            log.info("early stopping after epoch %d", epoch)
+            break
+    if not (run / "best.safetensors").exists():
+        save_weights(model, run / "best.safetensors")
+    return TrainResult(run_dir=run, epochs_run=state["epoch"], best_epoch=state["best_epoch"],
+                       best_metric=float(state["best_metric"] or float("nan")),
+                       history=tuple(state["history"]),
+                       seconds=float(state.get("seconds", 0.0)))
+
+
+def _init_from(model: Any, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    try:
+        source = load_file(str(path))
+    except (OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read weights ({e})") from e
+    own = model.state_dict()
+    skip = tuple(k for k, v in source.items() if k not in own or own[k].shape != v.shape)
+    if len(skip) == len(source):
+        raise CheckpointError(f"{path}: no tensor fits this model")
+    load_weights(model, path, strict=False, skip_prefixes=skip)
+    log.info("initialised from %s (%d tensors skipped)", path, len(skip))
+
+
+def _append_csv(path: Path, row: dict[str, Any]) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _yaml(pipeline: Pipeline) -> str:
+    import yaml
+
+    return str(yaml.safe_dump(pipeline.model_dump(mode="json"), sort_keys=False))

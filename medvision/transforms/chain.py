@@ -1,0 +1,154 @@
+"""Preprocessing and augmentation chains, from config, out of MONAI's dictionary transforms.
+
+Training and inference share the deterministic part (load, orientation, spacing, intensity,
+size) so a model always sees images prepared the same way; augmentation is appended only for
+training. The deterministic part comes first, so MONAI's CacheDataset caches exactly it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from medvision.config import Pipeline
+from medvision.io import Volume, read_volume
+
+__all__ = ["LoadVolumed", "build_transforms", "volume_to_tensor"]
+
+
+def volume_to_tensor(volume: Volume, *, channels: int) -> Any:
+    """A MONAI MetaTensor of ``volume`` with its affine, adapted to ``channels`` channels.
+
+    Colour given to a grey model is averaged; grey given to a colour model is repeated.
+    """
+    from monai.data import MetaTensor
+
+    array = np.asarray(volume.array)
+    if array.shape[0] != channels:
+        if channels == 1:
+            array = array.mean(axis=0, keepdims=True)
+        elif array.shape[0] == 1:
+            array = np.repeat(array, channels, axis=0)
+        else:
+            from medvision.errors import DataError
+
+            raise DataError(f"{volume.source}: {array.shape[0]} channels, model expects {channels}")
+    return MetaTensor(np.ascontiguousarray(array), affine=np.asarray(volume.affine),
+                      meta={"filename_or_obj": volume.source})
+
+
+class LoadVolumed:
+    """Dictionary transform: replace paths (or arrays) under ``keys`` by MetaTensors.
+
+    Reading goes through :func:`medvision.io.read_volume`, so training sees DICOM, NIfTI and
+    PNG/JPEG exactly as analysis will. Arrays (MedMNIST ``.npz`` items) are wrapped as they are
+    with an identity affine.
+    """
+
+    def __init__(self, keys: Sequence[Hashable], *, channels: Sequence[int]) -> None:
+        self.keys = tuple(keys)
+        self.channels = tuple(channels)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        out = dict(data)
+        for key, channels in zip(self.keys, self.channels, strict=True):
+            value = out[key]
+            if isinstance(value, np.ndarray):
+                array = value.astype(np.float32)
+                if array.ndim == 3 or array.ndim == 2:
+                    array = array[np.newaxis]
+                value = Volume(array=array, affine=np.eye(4))
+            else:
+                value = read_volume(value)
+            out[key] = volume_to_tensor(value, channels=channels)
+        return out
+
+
+def _intensity(pipeline: Pipeline) -> Any:
+    from monai import transforms as mt
+
+    cfg = pipeline.preprocess.intensity
+    if cfg.kind == "scale_range" or cfg.kind == "window":
+        return mt.ScaleIntensityRanged("image", a_min=cfg.a_min, a_max=cfg.a_max, b_min=0.0,
+                                       b_max=1.0, clip=cfg.kind == "window")
+    if cfg.kind == "zscore":
+        return mt.NormalizeIntensityd("image", nonzero=cfg.nonzero)
+    return mt.ScaleIntensityRangePercentilesd("image", lower=cfg.lower, upper=cfg.upper,
+                                              b_min=0.0, b_max=1.0, clip=True)
+
+
+def preprocess_transforms(pipeline: Pipeline) -> list[Any]:
+    """The deterministic transforms (after loading), as a list."""
+    from monai import transforms as mt
+
+    seg = pipeline.task == "segmentation"
+    keys = ["image", "label"] if seg else ["image"]
+    nearest = ["bilinear", "nearest"] if seg else ["bilinear"]
+    pre = pipeline.preprocess
+    chain: list[Any] = []
+    if pre.orientation:
+        chain.append(mt.Orientationd(keys, axcodes=pre.orientation[: pipeline.spatial_dims]))
+    if pre.spacing:
+        chain.append(mt.Spacingd(keys, pixdim=pre.spacing, mode=nearest))
+    chain.append(_intensity(pipeline))
+    if pre.crop_foreground:
+        chain.append(mt.CropForegroundd(keys, source_key="image", allow_smaller=True))
+    if pre.size:
+        if seg:
+            chain.append(mt.ResizeWithPadOrCropd(keys, spatial_size=pre.size))
+        else:
+            chain.append(mt.Resized(keys, spatial_size=pre.size, mode="area"))
+    return chain
+
+
+def augment_transforms(pipeline: Pipeline) -> list[Any]:
+    """The random transforms (training only), as a list."""
+    from monai import transforms as mt
+
+    seg = pipeline.task == "segmentation"
+    keys = ["image", "label"] if seg else ["image"]
+    modes = ["bilinear", "nearest"] if seg else ["bilinear"]
+    aug = pipeline.augment
+    dims = pipeline.spatial_dims
+    chain: list[Any] = []
+    if aug.rotate_degrees or aug.scale or aug.translate_fraction:
+        angle = np.deg2rad(aug.rotate_degrees)
+        size = pipeline.preprocess.size or (0,) * dims
+        chain.append(mt.RandAffined(
+            keys, prob=aug.prob, mode=modes, padding_mode="zeros",
+            rotate_range=(angle,) if dims == 2 else (angle,) * 3,
+            scale_range=(aug.scale,) * dims,
+            translate_range=tuple(aug.translate_fraction * s for s in size),
+        ))
+    if aug.elastic:
+        if dims == 2:
+            chain.append(mt.Rand2DElasticd(keys, spacing=(20, 20), magnitude_range=(1, 2),
+                                           prob=aug.prob / 2, mode=modes))
+        else:
+            chain.append(mt.Rand3DElasticd(keys, sigma_range=(5, 7), magnitude_range=(50, 100),
+                                           prob=aug.prob / 2, mode=modes))
+    for axis in aug.flip_axes:
+        chain.append(mt.RandFlipd(keys, prob=0.5, spatial_axis=axis))
+    if aug.gamma:
+        chain.append(mt.RandAdjustContrastd("image", prob=aug.prob, gamma=aug.gamma))
+    if aug.intensity_shift:
+        chain.append(mt.RandShiftIntensityd("image", offsets=aug.intensity_shift, prob=aug.prob))
+    if aug.noise_std:
+        chain.append(mt.RandGaussianNoised("image", prob=aug.prob, std=aug.noise_std))
+    return chain
+
+
+def build_transforms(pipeline: Pipeline, *, train: bool) -> Any:
+    """The whole chain: load, preprocess, and (for training) augment; a MONAI ``Compose``."""
+    from monai import transforms as mt
+
+    seg = pipeline.task == "segmentation"
+    load = LoadVolumed(["image", "label"] if seg else ["image"],
+                       channels=[pipeline.in_channels, 1] if seg else [pipeline.in_channels])
+    chain = [load, *preprocess_transforms(pipeline)]
+    if train:
+        chain += augment_transforms(pipeline)
+    chain.append(mt.EnsureTyped(["image", "label"] if seg else ["image"], track_meta=False))
+    return mt.Compose(chain)

@@ -1,0 +1,79 @@
+"""Training end to end on real files: tiny subsets, one or two epochs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from medvision.cli.main import main
+from medvision.config import load_pipeline
+from medvision.errors import ConfigError
+from medvision.train import discover_items, split_items
+
+
+def _tiny_chest(shared_data: Path, tmp_path: Path, per_class: int = 8) -> Path:
+    root = tmp_path / "chest"
+    for name in ("NORMAL", "PNEUMONIA"):
+        (root / name).mkdir(parents=True)
+        for path in sorted((shared_data / "chest_xray" / "train" / name).glob("*.jpeg"))[:per_class]:
+            (root / name / path.name).symlink_to(path)
+    return root
+
+
+def test_chest_split_is_grouped_by_patient(shared_data: Path) -> None:
+    pipeline = load_pipeline("chest-xray-pneumonia")
+    items = discover_items(pipeline, shared_data / "chest_xray" / "train")
+    assert len(items) == 5216
+    split = split_items(pipeline, items)
+    train_groups = {i["group"] for i in split.train}
+    val_groups = {i["group"] for i in split.val}
+    assert not train_groups & val_groups
+    assert 0.1 < len(split.val) / len(items) < 0.2
+    assert {i["label"] for i in split.val} == {0, 1}
+    again = split_items(pipeline, items)
+    assert [i["image"] for i in again.val] == [i["image"] for i in split.val]
+
+
+def test_train_one_epoch_then_resume(shared_data: Path, tmp_path: Path, capsys) -> None:
+    data = _tiny_chest(shared_data, tmp_path)
+    run = tmp_path / "run"
+    args = ["train", "chest-xray-pneumonia", "--data", str(data), "-o", str(run)]
+    assert main([*args, "--epochs", "1"]) == 0
+    assert "best epoch 1" in capsys.readouterr().out
+    for name in ("best.safetensors", "last.safetensors", "optimizer.safetensors", "state.json",
+                 "metrics.csv", "pipeline.yaml", "split.json"):
+        assert (run / name).is_file(), name
+    with pytest.raises(ConfigError, match="not empty"):
+        main(["--debug", *args, "--epochs", "1"])
+    assert main([*args, "--epochs", "2", "--resume"]) == 0
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert 0.0 <= float(rows[-1]["val_auc"]) <= 1.0
+    state = json.loads((run / "state.json").read_text())
+    assert state["epoch"] == 2 and state["optimizer_param_groups"][0]["lr"] >= 0
+
+
+def test_segmentation_one_epoch_on_hippocampus(shared_data: Path, tmp_path: Path) -> None:
+    data = tmp_path / "hippo"
+    for sub in ("images", "labels"):
+        (data / sub).mkdir(parents=True)
+        for path in sorted((shared_data / "hippocampus" / sub).glob("*.nii.gz"))[:5]:
+            (data / sub / path.name).symlink_to(path)
+    run = tmp_path / "run"
+    assert main(["train", "hippocampus-seg", "--data", str(data), "-o", str(run),
+                 "--epochs", "1"]) == 0
+    row = next(csv.DictReader((run / "metrics.csv").open()))
+    assert 0.0 <= float(row["val_dice"]) <= 1.0
+    assert "val_dice_anterior" in row and "val_dice_posterior" in row
+
+
+def test_npz_official_splits(shared_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "adrenal-3d", "--data",
+                 str(shared_data / "adrenalmnist3d" / "adrenalmnist3d_64.npz"), "-o", str(run),
+                 "--epochs", "1", "--limit", "24"]) == 0
+    row = next(csv.DictReader((run / "metrics.csv").open()))
+    assert 0.0 <= float(row["val_accuracy"]) <= 1.0
