@@ -22,6 +22,7 @@ from medvision.errors import ConfigError
 __all__ = [
     "AugmentConfig",
     "DataConfig",
+    "InferenceConfig",
     "ModelConfig",
     "OptimizerConfig",
     "Pipeline",
@@ -127,6 +128,14 @@ class TrainingConfig(_Strict):
     balanced_sampling: bool = False
 
 
+class InferenceConfig(_Strict):
+    """How predictions are made from a trained model."""
+
+    threshold: float = Field(default=0.5, gt=0, lt=1,
+                             description="binary: predict the last class at or above this")
+    tta_flips: tuple[int, ...] = Field(default=(), description="spatial axes to flip for TTA")
+
+
 class Pipeline(_Strict):
     """A whole pipeline file."""
 
@@ -145,6 +154,7 @@ class Pipeline(_Strict):
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     training: TrainingConfig = TrainingConfig()
+    inference: InferenceConfig = InferenceConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> Pipeline:

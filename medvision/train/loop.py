@@ -28,6 +28,7 @@ import numpy as np
 from medvision.config import Pipeline, config_hash
 from medvision.errors import CheckpointError, ConfigError
 from medvision.models import build_model, load_weights, save_weights
+from medvision.train.calibration import fit_temperature, write_temperature
 from medvision.train.checkpoint_state import load_training_state, save_training_state
 from medvision.train.data import DataSplit
 from medvision.transforms import build_transforms
@@ -288,10 +289,28 @@ def train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str],
             break
     if not (run / "best.safetensors").exists():
         save_weights(model, run / "best.safetensors")
+    if pipeline.task == "classification":
+        _calibrate(model, run, val_loader)
     return TrainResult(run_dir=run, epochs_run=state["epoch"], best_epoch=state["best_epoch"],
                        best_metric=float(state["best_metric"] or float("nan")),
                        history=tuple(state["history"]),
                        seconds=float(state.get("seconds", 0.0)))
+
+
+def _calibrate(model: Any, run: Path, val_loader: Any) -> None:
+    """Fit a temperature on the validation split for the best weights; store it beside them."""
+    import torch
+
+    load_weights(model, run / "best.safetensors")
+    model.eval()
+    logits, labels = [], []
+    with torch.no_grad():
+        for batch in val_loader:
+            logits.append(model(batch["image"]))
+            labels.append(torch.as_tensor(batch["label"]).long().view(-1))
+    temperature = fit_temperature(torch.cat(logits).numpy(), torch.cat(labels).numpy())
+    write_temperature(run, temperature, fitted_on="validation split (split.json)")
+    log.info("calibration temperature %.3f", temperature)
 
 
 def _init_from(model: Any, path: Path) -> None:

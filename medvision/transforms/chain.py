@@ -140,8 +140,15 @@ def augment_transforms(pipeline: Pipeline) -> list[Any]:
     return chain
 
 
-def build_transforms(pipeline: Pipeline, *, train: bool) -> Any:
-    """The whole chain: load, preprocess, and (for training) augment; a MONAI ``Compose``."""
+def build_transforms(pipeline: Pipeline, *, train: bool, keep_meta: bool = False) -> Any:
+    """The whole chain: load, preprocess, and (for training) augment; a MONAI ``Compose``.
+
+    Args:
+        pipeline: the pipeline.
+        train: append the augmentation.
+        keep_meta: keep MONAI MetaTensors (affine, applied operations) in the output, for
+            callers that need the geometry or to invert the chain.
+    """
     from monai import transforms as mt
 
     seg = pipeline.task == "segmentation"
@@ -150,5 +157,5 @@ def build_transforms(pipeline: Pipeline, *, train: bool) -> Any:
     chain = [load, *preprocess_transforms(pipeline)]
     if train:
         chain += augment_transforms(pipeline)
-    chain.append(mt.EnsureTyped(["image", "label"] if seg else ["image"], track_meta=False))
+    chain.append(mt.EnsureTyped(["image", "label"] if seg else ["image"], track_meta=keep_meta))
     return mt.Compose(chain)

@@ -56,7 +56,42 @@ def test_train_one_epoch_then_resume(shared_data: Path, tmp_path: Path, capsys) 
     assert state["epoch"] == 2 and state["optimizer_param_groups"][0]["lr"] >= 0
 
 
-def test_segmentation_one_epoch_on_hippocampus(shared_data: Path, tmp_path: Path) -> None:
+def test_npz_official_splits(shared_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "adrenal-3d", "--data",
+                 str(shared_data / "adrenalmnist3d" / "adrenalmnist3d_64.npz"), "-o", str(run),
+                 "--epochs", "1", "--limit", "24"]) == 0
+    row = next(csv.DictReader((run / "metrics.csv").open()))
+    assert 0.0 <= float(row["val_accuracy"]) <= 1.0
+
+
+def test_train_then_evaluate_classification(shared_data: Path, tmp_path: Path, capsys) -> None:
+    data = _tiny_chest(shared_data, tmp_path, per_class=10)
+    run = tmp_path / "run"
+    assert main(["train", "chest-xray-pneumonia", "--data", str(data), "-o", str(run),
+                 "--epochs", "1"]) == 0
+    calibration = json.loads((run / "calibration.json").read_text())
+    assert 0.05 <= calibration["temperature"] <= 20
+    out = tmp_path / "eval"
+    assert main(["evaluate", "chest-xray-pneumonia", "--data", str(data), "-o", str(out),
+                 "--weights", str(run / "best.safetensors")]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("accuracy", "precision", "recall", "specificity", "f1", "auc", "ece"):
+        value = metrics[key]
+        assert set(value) == {"value", "ci95"}, key
+        if value["value"] == value["value"]:  # not NaN
+            assert value["ci95"][0] <= value["value"] + 1e-9 <= value["ci95"][1] + 2e-9, key
+    matrix = metrics["confusion_matrix"]["rows_true_columns_predicted"]
+    assert sum(map(sum, matrix)) == metrics["n"] == 20
+    assert set(metrics["per_class"]) == {"NORMAL", "PNEUMONIA"}
+    for png in ("roc.png", "pr.png", "confusion_matrix.png", "reliability.png"):
+        assert (out / png).stat().st_size > 1000
+    assert "summary.html" in capsys.readouterr().out
+    page = (out / "summary.html").read_text()
+    assert "roc.png" in page and "not for diagnostic use" in page
+
+
+def test_train_then_evaluate_segmentation(shared_data: Path, tmp_path: Path) -> None:
     data = tmp_path / "hippo"
     for sub in ("images", "labels"):
         (data / sub).mkdir(parents=True)
@@ -65,15 +100,10 @@ def test_segmentation_one_epoch_on_hippocampus(shared_data: Path, tmp_path: Path
     run = tmp_path / "run"
     assert main(["train", "hippocampus-seg", "--data", str(data), "-o", str(run),
                  "--epochs", "1"]) == 0
-    row = next(csv.DictReader((run / "metrics.csv").open()))
-    assert 0.0 <= float(row["val_dice"]) <= 1.0
-    assert "val_dice_anterior" in row and "val_dice_posterior" in row
-
-
-def test_npz_official_splits(shared_data: Path, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    assert main(["train", "adrenal-3d", "--data",
-                 str(shared_data / "adrenalmnist3d" / "adrenalmnist3d_64.npz"), "-o", str(run),
-                 "--epochs", "1", "--limit", "24"]) == 0
-    row = next(csv.DictReader((run / "metrics.csv").open()))
-    assert 0.0 <= float(row["val_accuracy"]) <= 1.0
+    out = tmp_path / "eval"
+    assert main(["evaluate", "hippocampus-seg", "--data", str(data), "-o", str(out),
+                 "--weights", str(run / "best.safetensors")]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 5 and set(metrics["dice_per_class"]) == {"anterior", "posterior"}
+    assert set(metrics["hd95_per_class"]) == {"anterior", "posterior"}
+    assert (out / "dice_boxplot.png").is_file()

@@ -1,0 +1,41 @@
+"""``medvision evaluate PIPELINE --data DIR -o EVAL_DIR``: metrics with CIs, plots, HTML."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``evaluate``."""
+    parser = subparsers.add_parser(
+        "evaluate", help="score a trained pipeline on labelled data",
+        description="Write metrics.json (every scalar with a bootstrap 95%% CI), plots and "
+                    "summary.html. Uses the pipeline's shipped weights unless --weights is "
+                    "given.")
+    parser.add_argument("pipeline", help="pipeline name (under pipelines/) or path")
+    parser.add_argument("--data", required=True, help="labelled data folder or .npz file")
+    parser.add_argument("-o", "--output", required=True, help="evaluation folder")
+    parser.add_argument("--weights", help="safetensors weights (default: the pipeline's)")
+    parser.add_argument("--split", default="test", help="split of an .npz file (default test)")
+    parser.add_argument("--force", action="store_true", help="overwrite an evaluation")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate and print the headline metrics."""
+    from medvision.infer import Predictor
+    from medvision.train import discover_items
+    from medvision.train.evaluate import evaluate
+
+    predictor = Predictor.from_pipeline(args.pipeline, weights=args.weights)
+    items = discover_items(predictor.pipeline, args.data, split=args.split)
+    metrics = evaluate(predictor, items, args.output, force=args.force)
+    keys = ("accuracy", "auc", "f1", "ece") if predictor.pipeline.task == "classification" \
+        else ("dice",)
+    parts = [f"{k} {metrics[k]['value']:.4f} [{metrics[k]['ci95'][0]:.4f}, "
+             f"{metrics[k]['ci95'][1]:.4f}]" for k in keys]
+    print(f"{metrics['n']} cases: " + "; ".join(parts) + f"; see {args.output}/summary.html")
+    return 0
