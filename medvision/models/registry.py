@@ -40,6 +40,7 @@ _SEG = ("segmentation",)
 
 #: Every network a pipeline may name.
 NETWORKS: dict[str, NetworkSpec] = {
+    "resnet": NetworkSpec("ResNet", _CLS, in_arg="n_input_channels", out_arg="num_classes"),
     "resnet10": NetworkSpec("resnet10", _CLS, in_arg="n_input_channels", out_arg="num_classes"),
     "resnet18": NetworkSpec("resnet18", _CLS, in_arg="n_input_channels", out_arg="num_classes"),
     "resnet34": NetworkSpec("resnet34", _CLS, in_arg="n_input_channels", out_arg="num_classes"),

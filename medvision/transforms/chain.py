@@ -35,7 +35,9 @@ def volume_to_tensor(volume: Volume, *, channels: int) -> Any:
             from medvision.errors import DataError
 
             raise DataError(f"{volume.source}: {array.shape[0]} channels, model expects {channels}")
-    return MetaTensor(np.ascontiguousarray(array), affine=np.asarray(volume.affine),
+    if not array.flags.writeable or not array.flags.c_contiguous:
+        array = np.array(array, order="C")  # torch wants writable, contiguous memory
+    return MetaTensor(array, affine=np.asarray(volume.affine),
                       meta={"filename_or_obj": volume.source})
 
 
