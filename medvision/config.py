@@ -22,11 +22,14 @@ from medvision.errors import ConfigError
 __all__ = [
     "AugmentConfig",
     "DataConfig",
+    "ExplanationConfig",
     "InferenceConfig",
+    "InputRules",
     "ModelConfig",
     "OptimizerConfig",
     "Pipeline",
     "PreprocessConfig",
+    "QCConfig",
     "TrainingConfig",
     "config_hash",
     "load_pipeline",
@@ -136,6 +139,36 @@ class InferenceConfig(_Strict):
     tta_flips: tuple[int, ...] = Field(default=(), description="spatial axes to flip for TTA")
 
 
+class InputRules(_Strict):
+    """Which inputs a pipeline accepts; anything else is rejected with the reason."""
+
+    modalities: tuple[str, ...] = Field(
+        default=(), description="allowed modality codes (OT = non-DICOM files); empty: any")
+    body_parts: tuple[str, ...] = Field(
+        default=(), description="allowed BodyPartExamined values, checked when present")
+    min_slices: int = Field(default=1, ge=1, description="3D: fewest slices accepted")
+    spacing_mm: tuple[float, float] | None = Field(
+        default=None, description="plausible voxel size range; outside it is flagged")
+
+
+class ExplanationConfig(_Strict):
+    """The Captum attribution written next to every prediction."""
+
+    method: Literal["gradcam", "integrated_gradients", "saliency", "occlusion"] = "gradcam"
+    layer: str | None = Field(default=None, description="GradCAM: module name, e.g. layer4")
+    steps: int = Field(default=32, ge=2, description="Integrated Gradients: path steps")
+    internal_batch_size: int = Field(default=8, ge=1)
+    window: tuple[int, ...] | None = Field(default=None, description="occlusion window")
+    stride: tuple[int, ...] | None = Field(default=None, description="occlusion stride")
+
+
+class QCConfig(_Strict):
+    """Out-of-distribution guard: Mahalanobis distance of pooled features of one layer."""
+
+    feature_layer: str | None = Field(default=None, description="module name to pool, e.g. layer4")
+    quantile: float = Field(default=0.995, gt=0.5, lt=1)
+
+
 class Pipeline(_Strict):
     """A whole pipeline file."""
 
@@ -155,6 +188,9 @@ class Pipeline(_Strict):
     schedule: ScheduleConfig = ScheduleConfig()
     training: TrainingConfig = TrainingConfig()
     inference: InferenceConfig = InferenceConfig()
+    input: InputRules = InputRules()
+    explanation: ExplanationConfig = ExplanationConfig()
+    qc: QCConfig = QCConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> Pipeline:

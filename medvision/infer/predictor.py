@@ -3,46 +3,98 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from medvision.config import Pipeline, load_pipeline, pipeline_dir
-from medvision.errors import CheckpointError
+from medvision.errors import CheckpointError, ModelError
+from medvision.infer.qc import FeatureGuard
+from medvision.io import Volume
 from medvision.models import build_model, load_weights, weights_sha256
 from medvision.train.calibration import read_temperature
 from medvision.transforms import build_transforms
+from medvision.transforms.chain import preprocess_transforms, volume_to_tensor
 
-__all__ = ["Predictor", "WEIGHTS_FILE"]
+__all__ = ["Prediction", "Prepared", "Predictor", "WEIGHTS_FILE"]
 
 #: A shipped pipeline's weights, inside ``pipelines/<name>/``.
 WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclass(frozen=True, eq=False)
+class Prepared:
+    """A volume after preprocessing: the model-space batch and how to map back."""
+
+    volume: Volume
+    image: Any
+    data: Mapping[str, Any]
+    transform: Any
+
+
+@dataclass(frozen=True, eq=False)
+class Prediction:
+    """What the model says about one input.
+
+    Attributes:
+        task: ``classification`` or ``segmentation``.
+        classes: class names.
+        label: predicted class (classification) or the foreground classes found.
+        probabilities: calibrated class probabilities (classification).
+        threshold: decision threshold on the last class (binary classification).
+        mask: label map in the input's geometry (segmentation).
+        volumes_ml: volume of each foreground class in millilitres (segmentation).
+        ood_distance: Mahalanobis distance of the input's features, when a guard exists.
+        ood_threshold: the guard's threshold.
+    """
+
+    task: str
+    classes: tuple[str, ...]
+    label: str
+    probabilities: tuple[float, ...] | None = None
+    threshold: float | None = None
+    mask: Volume | None = None
+    volumes_ml: Mapping[str, float] = field(default_factory=dict)
+    ood_distance: float | None = None
+    ood_threshold: float | None = None
+    model_output: Any = None
+
+    @property
+    def target_index(self) -> int:
+        """The class an explanation should target (the predicted class)."""
+        return self.classes.index(self.label) if self.label in self.classes else 1
+
+
+@dataclass(frozen=True, eq=False)
 class Predictor:
-    """A pipeline with its trained network (in eval mode) and its calibration temperature."""
+    """A pipeline with its trained network (in eval mode), calibration and OOD guard."""
 
     pipeline: Pipeline
     model: Any
     weights: Path
     weights_sha256: str
     temperature: float
+    guard: FeatureGuard | None = None
+    folder: Path | None = None
 
     @classmethod
     def from_pipeline(cls, name_or_path: str | os.PathLike[str], *,
                       weights: str | os.PathLike[str] | None = None) -> Predictor:
         """Load a pipeline and its weights (default: ``model.safetensors`` beside it).
 
-        The calibration temperature is read from ``calibration.json`` beside the weights.
+        The calibration temperature (``calibration.json``) and the OOD guard
+        (``ood.safetensors``) are read from beside the weights when present.
 
         Raises:
             ConfigError: invalid pipeline.
             CheckpointError: no weights, or weights that do not fit the network.
         """
         pipeline = load_pipeline(name_or_path)
-        path = Path(weights) if weights is not None else pipeline_dir(name_or_path) / WEIGHTS_FILE
+        folder = pipeline_dir(name_or_path)
+        path = Path(weights) if weights is not None else folder / WEIGHTS_FILE
         if not path.is_file():
             raise CheckpointError(
                 f"{path}: no trained weights for pipeline '{pipeline.name}'; train it with "
@@ -51,25 +103,109 @@ class Predictor:
         load_weights(model, path)
         model.eval()
         return cls(pipeline=pipeline, model=model, weights=path,
-                   weights_sha256=weights_sha256(path), temperature=read_temperature(path))
+                   weights_sha256=weights_sha256(path), temperature=read_temperature(path),
+                   guard=FeatureGuard.load(path), folder=folder)
 
     def logits(self, image: Any) -> Any:
-        """Network output for a preprocessed batch, averaged over flip test-time augmentation."""
+        """Network output for a preprocessed batch: sliding window for volumes larger than
+        the training patch, averaged over flip test-time augmentation when configured."""
         import torch
 
+        def forward(x: Any) -> Any:
+            size = self.pipeline.preprocess.size
+            if self.pipeline.task == "segmentation" and size and any(
+                    s > p for s, p in zip(x.shape[2:], size, strict=True)):
+                from monai.inferers import sliding_window_inference
+
+                return sliding_window_inference(x, roi_size=size, sw_batch_size=2,
+                                                predictor=self.model, overlap=0.25,
+                                                mode="gaussian")
+            return self.model(x)
+
         with torch.no_grad():
-            out = self.model(image)
+            out = forward(image)
             flips = self.pipeline.inference.tta_flips
             for axis in flips:
-                flipped = self.model(torch.flip(image, dims=(axis + 2,)))
+                flipped = forward(torch.flip(image, dims=(axis + 2,)))
                 if self.pipeline.task == "segmentation":
                     flipped = torch.flip(flipped, dims=(axis + 2,))
                 out = out + flipped
-        return out / (1 + len(flips))
+        out = out / (1 + len(flips))
+        return out.as_tensor() if hasattr(out, "as_tensor") else out
+
+    def prepare(self, volume: Volume) -> Prepared:
+        """Preprocess one volume as at inference (no augmentation), keeping the inverse."""
+        from monai import transforms as mt
+
+        if self.pipeline.spatial_dims == 2 and volume.spatial_dims == 3:
+            if volume.spatial_shape[2] != 1:
+                raise ModelError(f"{volume.source}: 3D input for a 2D pipeline")
+            volume = Volume(
+                array=volume.array[..., 0], affine=volume.affine, modality=volume.modality,
+                source_uids=volume.source_uids, header=volume.header, warnings=volume.warnings,
+                source=volume.source)
+        transform = mt.Compose(preprocess_transforms(self.pipeline, train=False,
+                                                     with_label=False))
+        out = transform({"image": volume_to_tensor(volume, channels=self.pipeline.in_channels)})
+        return Prepared(volume=volume, image=out["image"].unsqueeze(0), data=out,
+                        transform=transform)
+
+    def to_input_space(self, prepared: Prepared, array: Any, *, nearest: bool) -> Volume:
+        """Map a model-space map ``(C, ...)`` back onto the input's grid, as a Volume."""
+        import torch
+        from monai import transforms as mt
+        from monai.data import MetaTensor
+
+        reference = prepared.data["image"]
+        tensor = MetaTensor(torch.as_tensor(np.asarray(array), dtype=torch.float32),
+                            affine=reference.affine)
+        tensor.applied_operations = list(reference.applied_operations)
+        inverse = mt.Invertd(keys="map", transform=prepared.transform, orig_keys="image",
+                             nearest_interp=nearest)
+        mapped = inverse({"map": tensor, "image": reference})["map"]
+        values = mapped.detach().cpu().numpy().astype(np.float32)
+        source = prepared.volume
+        if values.shape[1:] != source.spatial_shape:
+            raise ModelError(f"{source.source}: map came back as {values.shape[1:]}, "
+                             f"expected the input's {source.spatial_shape}")
+        return Volume(array=values, affine=source.affine, modality=source.modality,
+                      header={"derived_from": source.header.get("SeriesKey", source.source)},
+                      source=source.source)
+
+    def predict(self, prepared: Prepared) -> Prediction:
+        """Classify or segment a prepared volume."""
+        import torch
+
+        logits = self.logits(prepared.image)
+        classes = self.pipeline.classes
+        distance = None
+        if self.guard is not None:
+            features = FeatureGuard.features(self.model, self.guard.layer, [prepared.image])
+            distance = float(self.guard.distance(features)[0])
+        common = {"task": self.pipeline.task, "classes": classes, "ood_distance": distance,
+                  "ood_threshold": self.guard.threshold if self.guard else None,
+                  "model_output": logits}
+        if self.pipeline.task == "classification":
+            probs = torch.softmax(logits / self.temperature, dim=1)[0].numpy()
+            if len(classes) == 2:
+                index = int(probs[1] >= self.pipeline.inference.threshold)
+                threshold = self.pipeline.inference.threshold
+            else:
+                index, threshold = int(probs.argmax()), None
+            return Prediction(label=classes[index], probabilities=tuple(float(p) for p in probs),
+                              threshold=threshold, **common)
+        labels = logits.argmax(dim=1)[0].numpy().astype(np.float32)
+        mask = self.to_input_space(prepared, labels[np.newaxis], nearest=True)
+        voxel_ml = float(np.prod(mask.spacing)) / 1000.0
+        counts = {name: int((np.asarray(mask.array[0]) == k).sum())
+                  for k, name in enumerate(classes) if k > 0}
+        found = [name for name, count in counts.items() if count > 0]
+        return Prediction(label="+".join(found) if found else classes[0], mask=mask,
+                          volumes_ml={n: c * voxel_ml for n, c in counts.items()}, **common)
 
     def run_items(self, items: Sequence[dict[str, Any]], *,
                   batch_size: int | None = None) -> Iterator[tuple[dict[str, Any], Any, Any]]:
-        """Yield ``(batch, logits, labels)`` over labelled items, preprocessed as in training.
+        """Yield ``(batch, logits, labels)`` over labelled items, preprocessed for inference.
 
         The batch's image is a MetaTensor (its ``affine`` is the model-space geometry).
         """

@@ -55,9 +55,6 @@ SUMMARY_KEYWORDS = (
     "GantryDetectorTilt",
 )
 
-#: File names that never hold DICOM and are skipped when walking a folder.
-_SKIP_SUFFIXES = (".txt", ".md", ".json", ".py", ".pyc", ".csv", ".html", ".xml", ".log")
-
 
 @dataclass(frozen=True)
 class DicomFrame:
@@ -108,8 +105,8 @@ class DicomFrame:
 def iter_candidate_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
     """Yield files under ``paths`` (files as given, folders walked recursively, sorted).
 
-    Hidden files and obvious non-DICOM names (``.txt``, ``.json`` ...) inside folders are
-    skipped; a file named explicitly is always yielded.
+    Hidden files and folders (names starting with ``.``) are skipped; every other file is
+    yielded, so a file that is not an image is reported rather than silently ignored.
     """
     for raw in paths:
         path = Path(raw)
@@ -117,7 +114,7 @@ def iter_candidate_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Pa
             for root, dirs, files in os.walk(path):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 for name in sorted(files):
-                    if name.startswith(".") or name.lower().endswith(_SKIP_SUFFIXES):
+                    if name.startswith("."):
                         continue
                     yield Path(root) / name
         elif path.exists():

@@ -81,13 +81,20 @@ def _intensity(pipeline: Pipeline) -> Any:
                                               b_min=0.0, b_max=1.0, clip=True)
 
 
-def preprocess_transforms(pipeline: Pipeline) -> list[Any]:
-    """The deterministic transforms (after loading), as a list."""
+def preprocess_transforms(pipeline: Pipeline, *, train: bool = True,
+                          with_label: bool | None = None) -> list[Any]:
+    """The deterministic transforms (after loading), as a list.
+
+    For segmentation, training crops or pads to ``preprocess.size``; inference only pads (to
+    at least that size), so nothing is cut away and larger inputs go through a sliding
+    window. ``with_label`` (default: for segmentation) also moves a ``label`` map along.
+    """
     from monai import transforms as mt
 
     seg = pipeline.task == "segmentation"
-    keys = ["image", "label"] if seg else ["image"]
-    nearest = ["bilinear", "nearest"] if seg else ["bilinear"]
+    labelled = seg if with_label is None else with_label
+    keys = ["image", "label"] if labelled else ["image"]
+    nearest = ["bilinear", "nearest"] if labelled else ["bilinear"]
     pre = pipeline.preprocess
     chain: list[Any] = []
     if pre.orientation:
@@ -98,8 +105,10 @@ def preprocess_transforms(pipeline: Pipeline) -> list[Any]:
     if pre.crop_foreground:
         chain.append(mt.CropForegroundd(keys, source_key="image", allow_smaller=True))
     if pre.size:
-        if seg:
+        if seg and train:
             chain.append(mt.ResizeWithPadOrCropd(keys, spatial_size=pre.size))
+        elif seg:
+            chain.append(mt.SpatialPadd(keys, spatial_size=pre.size))
         else:
             chain.append(mt.Resized(keys, spatial_size=pre.size, mode="area"))
     return chain
@@ -156,7 +165,7 @@ def build_transforms(pipeline: Pipeline, *, train: bool, keep_meta: bool = False
     seg = pipeline.task == "segmentation"
     load = LoadVolumed(["image", "label"] if seg else ["image"],
                        channels=[pipeline.in_channels, 1] if seg else [pipeline.in_channels])
-    chain = [load, *preprocess_transforms(pipeline)]
+    chain = [load, *preprocess_transforms(pipeline, train=train)]
     if train:
         chain += augment_transforms(pipeline)
     chain.append(mt.EnsureTyped(["image", "label"] if seg else ["image"], track_meta=keep_meta))

@@ -1,0 +1,113 @@
+"""Turning input paths into studies, and choosing the series a pipeline should see.
+
+A DICOM study (one Study Instance UID) is one study; its series are candidates and the
+pipeline's input rules pick one. Every other image file is a study of its own. Files that are
+not images become rejected studies, so they are reported rather than lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from medvision.config import Pipeline
+from medvision.io import SourceEntry, inventory
+
+__all__ = ["Study", "collect_studies", "study_key"]
+
+
+@dataclass(frozen=True, eq=False)
+class Study:
+    """One unit of analysis.
+
+    Attributes:
+        key: folder name under the output directory; pseudonymous for DICOM
+            (``study-`` + 12 hex of SHA-256 of the Study Instance UID).
+        candidates: image entries of the study (DICOM series or one file).
+        source_name: a display name without patient identity (file name, or the key).
+        reason: why the study cannot be analysed at all (unreadable input), or ``None``.
+    """
+
+    key: str
+    candidates: tuple[SourceEntry, ...]
+    source_name: str
+    reason: str | None = None
+
+
+def study_key(uid: str) -> str:
+    """Pseudonymous folder name for a Study Instance UID."""
+    return "study-" + hashlib.sha256(uid.encode()).hexdigest()[:12]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "study"
+
+
+def collect_studies(paths: Iterable[str | os.PathLike[str]]) -> list[Study]:
+    """Every study under ``paths`` (recursively), including rejected files as studies."""
+    found = inventory(paths)
+    dicom: dict[str, list[SourceEntry]] = defaultdict(list)
+    studies: list[Study] = []
+    used: set[str] = set()
+
+    def unique(key: str) -> str:
+        candidate, n = key, 2
+        while candidate in used:
+            candidate, n = f"{key}-{n}", n + 1
+        used.add(candidate)
+        return candidate
+
+    for entry in found.entries:
+        if entry.series is not None:
+            uid = str(entry.series.header.get("StudyInstanceUID") or entry.series.key)
+            dicom[uid].append(entry)
+        else:
+            name = Path(entry.source).name
+            stem = name.split(".")[0]
+            studies.append(Study(key=unique(_slug(stem)), candidates=(entry,), source_name=name))
+    for uid, entries in dicom.items():
+        key = unique(study_key(uid))
+        studies.append(Study(key=key, candidates=tuple(entries), source_name=key))
+    for path, reason in found.rejected:
+        name = Path(path).name
+        studies.append(Study(key=unique(_slug(name)), candidates=(), source_name=name,
+                             reason=reason))
+    studies.sort(key=lambda s: s.key)
+    return studies
+
+
+def choose_series(study: Study, pipeline: Pipeline) -> tuple[SourceEntry | None, str]:
+    """The candidate the pipeline's rules prefer, or ``None`` and why none fits."""
+    rules = pipeline.input
+    allowed = {m.upper() for m in rules.modalities}
+    fitting, seen = [], []
+    for entry in study.candidates:
+        if entry.series is None:
+            return entry, ""
+        series = entry.series
+        slices = len(series.frames)
+        seen.append(f"{series.modality} with {slices} frame(s)")
+        if allowed and series.modality.upper() not in allowed:
+            continue
+        if pipeline.spatial_dims == 2 and slices != 1:
+            continue
+        if pipeline.spatial_dims == 3 and slices < rules.min_slices:
+            continue
+        fitting.append(entry)
+    if not fitting:
+        return None, (f"no series fits pipeline '{pipeline.name}' (needs "
+                      f"{'/'.join(rules.modalities) or 'any modality'}, {pipeline.spatial_dims}D"
+                      f"; found {', '.join(seen) or 'nothing'})")
+
+    def preference(entry: SourceEntry) -> tuple[int, int]:
+        series = entry.series
+        assert series is not None
+        view = str(series.header.get("ViewPosition", "")).upper()
+        return (0 if view in ("PA", "AP") else 1, -len(series.frames))
+
+    return sorted(fitting, key=preference)[0], ""

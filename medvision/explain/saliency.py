@@ -1,0 +1,160 @@
+"""Saliency maps with Captum: Integrated Gradients, Saliency, GradCAM, Occlusion.
+
+The attribution is computed in model space (after preprocessing), reduced over channels,
+scaled to [0, 1] and mapped back through the inverse of the preprocessing, so the map has
+exactly the input's shape and affine. For segmentation the target is a region: the predicted
+classes' logits summed inside their predicted masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from medvision.config import ExplanationConfig
+from medvision.errors import ExplainError
+from medvision.infer.predictor import Prediction, Predictor, Prepared
+from medvision.io import Volume
+
+__all__ = ["METHODS", "RegionScore", "SaliencyMap", "attribute", "explain", "explained_model"]
+
+METHODS = ("gradcam", "integrated_gradients", "saliency", "occlusion")
+
+
+@dataclass(frozen=True, eq=False)
+class SaliencyMap:
+    """An attribution map on the input's grid.
+
+    Attributes:
+        volume: ``(1, ...)`` values in [0, 1], same shape and affine as the input.
+        method: the Captum method.
+        params: its parameters, as used.
+        target: what was explained (a class, or a segmentation region).
+        model_space: the map before mapping back (for faithfulness checks).
+    """
+
+    volume: Volume
+    method: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    target: str = ""
+    model_space: Any = None
+
+
+class RegionScore(torch.nn.Module):
+    """A segmentation network seen as a scorer: target logits summed inside a mask."""
+
+    def __init__(self, model: torch.nn.Module, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mask", mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, 1)``: the masked logit sum of each input."""
+        return (self.model(x) * self.mask).flatten(1).sum(dim=1, keepdim=True)
+
+
+def explained_model(predictor: Predictor, prediction: Prediction) -> tuple[Any, int, str]:
+    """The module, output index and description an attribution targets."""
+    if predictor.pipeline.task == "classification":
+        return predictor.model, prediction.target_index, f"class {prediction.label}"
+    logits = prediction.model_output
+    labels = logits.argmax(dim=1, keepdim=True)
+    onehot = torch.zeros_like(logits).scatter_(1, labels, 1.0)
+    onehot[:, 0] = 0  # explain the foreground regions, not the background
+    if onehot.sum() == 0:  # nothing found: explain every foreground class everywhere
+        onehot[:, 1:] = 1.0
+    return (RegionScore(predictor.model, onehot), 0,
+            f"logits of {prediction.label} summed inside the predicted mask")
+
+
+def _module(model: Any, name: str | None) -> Any:
+    modules = dict(model.named_modules())
+    if not name or name not in modules:
+        raise ExplainError(f"GradCAM needs explanation.layer naming a module of the network "
+                           f"(got {name!r}); for example one of "
+                           f"{[n for n in modules if n.count('.') == 0 and n][:8]}")
+    return modules[name]
+
+
+def attribute(model: Any, image: Any, target: int, cfg: ExplanationConfig,
+              method: str) -> tuple[Any, dict[str, Any]]:
+    """Raw Captum attribution ``(1, ...)`` in model space, and the parameters used."""
+    from captum import attr
+
+    image = image.as_tensor() if hasattr(image, "as_tensor") else image
+    image = image.detach().clone().requires_grad_(True)
+    spatial = image.shape[2:]
+    params: dict[str, Any]
+    if method == "gradcam":
+        layer = _module(model, cfg.layer)
+        maps = attr.LayerGradCam(model, layer).attribute(image, target=target, relu_attributions=True)
+        maps = attr.LayerAttribution.interpolate(
+            maps, tuple(spatial), interpolate_mode="bilinear" if len(spatial) == 2 else "trilinear")
+        params = {"layer": cfg.layer, "upsampled": "bilinear" if len(spatial) == 2 else "trilinear"}
+        result = maps.sum(dim=1)
+    elif method == "integrated_gradients":
+        baseline = torch.zeros_like(image)
+        maps = attr.IntegratedGradients(model).attribute(
+            image, baselines=baseline, target=target, n_steps=cfg.steps,
+            internal_batch_size=cfg.internal_batch_size)
+        params = {"steps": cfg.steps, "baseline": "zeros", "internal_batch_size":
+                  cfg.internal_batch_size}
+        result = maps.abs().sum(dim=1)
+    elif method == "saliency":
+        maps = attr.Saliency(model).attribute(image, target=target, abs=True)
+        params = {"abs": True}
+        result = maps.sum(dim=1)
+    elif method == "occlusion":
+        window = cfg.window or tuple(max(2, s // 8) for s in spatial)
+        stride = cfg.stride or tuple(max(1, w // 2) for w in window)
+        maps = attr.Occlusion(model).attribute(
+            image, target=target, sliding_window_shapes=(image.shape[1], *window),
+            strides=(image.shape[1], *stride), baselines=0.0)
+        params = {"window": list(window), "stride": list(stride), "baseline": 0.0}
+        result = maps.clamp(min=0).sum(dim=1)
+    else:
+        raise ExplainError(f"unknown explanation method '{method}'; use one of {METHODS}")
+    return result.detach(), params
+
+
+def _normalise(values: np.ndarray) -> np.ndarray:
+    values = np.nan_to_num(np.asarray(values, dtype=np.float32))
+    top = float(np.percentile(values, 99.5)) if values.size else 0.0
+    if top <= 0:
+        top = float(values.max()) if values.size and values.max() > 0 else 1.0
+    return np.clip(values / top, 0.0, 1.0)
+
+
+def explain(predictor: Predictor, prepared: Prepared, prediction: Prediction, *,
+            method: str | None = None) -> SaliencyMap:
+    """Attribute ``prediction`` to the input and map the result onto the input's grid.
+
+    Args:
+        predictor: the model.
+        prepared: the preprocessed input.
+        prediction: what to explain (its predicted class, or its predicted regions).
+        method: override the pipeline's ``explanation.method``.
+
+    Raises:
+        ExplainError: misconfiguration, or Captum failing on this network.
+    """
+    cfg = predictor.pipeline.explanation
+    method = method or cfg.method
+    model, target, described = explained_model(predictor, prediction)
+    try:
+        raw, params = attribute(model, prepared.image, target, cfg, method)
+    except ExplainError:
+        raise
+    except (RuntimeError, ValueError, AssertionError, IndexError) as e:
+        raise ExplainError(f"{method} failed on {predictor.pipeline.model.name}: {e}") from e
+    model_space = _normalise(raw[0].numpy())
+    volume = predictor.to_input_space(prepared, model_space[np.newaxis], nearest=False)
+    volume = Volume(array=np.clip(np.asarray(volume.array), 0.0, 1.0), affine=volume.affine,
+                    modality=volume.modality, header={"saliency_method": method},
+                    source=volume.source)
+    return SaliencyMap(volume=volume, method=method, params=params, target=described,
+                       model_space=model_space)
