@@ -18,10 +18,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/medvision info sample_data
-	$(BIN)/medvision convert sample_data/ct_phantom -o $(DEMO_OUT)/ct_phantom.nii.gz --force
-	$(BIN)/medvision info "$$($(BIN)/python -c 'from pydicom.data import get_testdata_file as g; print(g("RG1_UNCR.dcm", download=False))')"
-	@echo "demo outputs are in $(DEMO_OUT)/"
+	$(BIN)/medvision info sample_data/ct_phantom sample_data/mr_phantom.nii.gz
+	$(BIN)/medvision analyze sample_data/mr_phantom.nii.gz --pipeline hippocampus-seg \
+		-o $(DEMO_OUT)/hippocampus --force
+	$(BIN)/medvision analyze "$$($(BIN)/python -c 'from pydicom.data import get_testdata_file as g; print(g("RG1_UNCR.dcm", download=False))')" \
+		--pipeline chest-xray-pneumonia -o $(DEMO_OUT)/chest --force
+	@echo "open $(DEMO_OUT)/hippocampus/summary.html and $(DEMO_OUT)/chest/summary.html"
 
 # Default suite: everything but `slow`. Exit code 5 (every test deselected) is not a failure.
 test: setup

@@ -142,6 +142,8 @@ def _process(study: Study, predictor: Predictor, folder: Path, options: AnalyzeO
         if rejects:
             raise _Rejected("; ".join(f.message for f in rejects), flags)
     except _Rejected as e:
+        if entry is None and study.candidates:
+            report["input"] = _input_section(study, study.candidates[0], None)
         report["qc"] = {"flags": [f.as_dict() for f in e.flags]}
         report["status"], report["reason"] = "rejected", str(e)
         return report, []

@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from medvision import __version__
-from medvision.cli import analyze, convert, evaluate, info, train
+from medvision.cli import analyze, convert, evaluate, info, publish, train
 from medvision.errors import MedvisionError
 
 __all__ = ["main"]
 
-SUBCOMMANDS: tuple[ModuleType, ...] = (info, convert, train, evaluate, analyze)
+SUBCOMMANDS: tuple[ModuleType, ...] = (info, convert, train, evaluate, publish, analyze)
 
 log = logging.getLogger("medvision")
 

@@ -14,7 +14,7 @@ import logging
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -211,8 +211,11 @@ def scan_dicom(paths: Iterable[str | os.PathLike[str]]) -> DicomScan:
 def assemble(frames: Sequence[DicomFrame]) -> list[DicomSeries]:
     """Group frames into series, split inconsistent groups and sort each along its normal."""
     unique: dict[tuple[str, int, int], DicomFrame] = {}
+    duplicates: dict[str, int] = defaultdict(int)
     for frame in frames:
-        unique.setdefault(frame.key, frame)
+        kept = unique.setdefault(frame.key, frame)
+        if kept is not frame:
+            duplicates[str(kept.dataset.get("SeriesInstanceUID") or "unknown-series")] += 1
     groups: dict[tuple[Any, ...], list[DicomFrame]] = defaultdict(list)
     for frame in unique.values():
         series_uid = str(frame.dataset.get("SeriesInstanceUID") or "unknown-series")
@@ -233,7 +236,12 @@ def assemble(frames: Sequence[DicomFrame]) -> list[DicomSeries]:
         parts.sort(key=lambda p: (p[0].path, p[0].frame or 0))
         for n, part in enumerate(parts):
             key = uid if len(parts) == 1 else f"{uid}.{n + 1}"
-            out.append(_make_series(key, part, split=len(parts) > 1))
+            series = _make_series(key, part, split=len(parts) > 1)
+            if duplicates.get(uid):
+                note = (f"{duplicates[uid]} file(s) repeat an instance already read (same SOP "
+                        "Instance UID); the first file read was kept")
+                series = replace(series, warnings=(*series.warnings, note))
+            out.append(series)
     out.sort(key=lambda s: (str(s.header.get("StudyInstanceUID", "")),
                             _series_number(s.header), s.key))
     return out

@@ -37,7 +37,7 @@ def volume_to_tensor(volume: Volume, *, channels: int) -> Any:
             raise DataError(f"{volume.source}: {array.shape[0]} channels, model expects {channels}")
     if not array.flags.writeable or not array.flags.c_contiguous:
         array = np.array(array, order="C")  # torch wants writable, contiguous memory
-    return MetaTensor(array, affine=np.asarray(volume.affine),
+    return MetaTensor(array, affine=np.array(volume.affine),
                       meta={"filename_or_obj": volume.source})
 
 
@@ -98,7 +98,8 @@ def preprocess_transforms(pipeline: Pipeline, *, train: bool = True,
     pre = pipeline.preprocess
     chain: list[Any] = []
     if pre.orientation:
-        chain.append(mt.Orientationd(keys, axcodes=pre.orientation[: pipeline.spatial_dims]))
+        chain.append(mt.Orientationd(keys, axcodes=pre.orientation[: pipeline.spatial_dims],
+                                     labels=(("L", "R"), ("P", "A"), ("I", "S"))))
     if pre.spacing:
         chain.append(mt.Spacingd(keys, pixdim=pre.spacing, mode=nearest))
     chain.append(_intensity(pipeline))
