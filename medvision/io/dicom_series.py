@@ -227,9 +227,9 @@ def assemble(frames: Sequence[DicomFrame]) -> list[DicomSeries]:
         groups[(series_uid, orientation, frame.rows, frame.columns, loose)].append(frame)
 
     by_uid: dict[str, list[list[DicomFrame]]] = defaultdict(list)
-    for key, members in groups.items():
+    for group, members in groups.items():
         for part in _split_duplicates(members):
-            by_uid[key[0]].append(part)
+            by_uid[group[0]].append(part)
 
     out: list[DicomSeries] = []
     for uid, parts in by_uid.items():

@@ -22,13 +22,14 @@ def read_image2d(path: Path) -> Volume:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            image.load()
-            mode = image.mode
+        with Image.open(path) as opened:
+            opened.load()
+            mode = opened.mode
+            image: Image.Image = opened
             if mode in ("RGBA", "P", "PA", "LA", "CMYK", "YCbCr", "HSV", "LAB"):
-                image = image.convert("L" if mode in ("LA",) else "RGB")
+                image = opened.convert("L" if mode == "LA" else "RGB")
             elif mode == "1":
-                image = image.convert("L")
+                image = opened.convert("L")
             array = np.asarray(image, dtype=np.float32)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise UnreadableFileError(f"{path}: not a readable image ({e})") from e

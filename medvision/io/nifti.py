@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +22,7 @@ def read_nifti(path: Path) -> Volume:
     """
     import nibabel as nib
 
+    image: Any
     try:
         image = nib.load(str(path))
         data = np.asarray(image.dataobj, dtype=np.float32)

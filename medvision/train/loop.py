@@ -158,14 +158,15 @@ def evaluate_batches(pipeline: Pipeline, model: Any, loader: Any,
         out["accuracy"] = float((p.argmax(dim=1) == y).float().mean())
         if len(torch.unique(y)) > 1:
             if classes == 2:
-                out["auc"] = float(compute_roc_auc(p[:, 1], y))
+                auc: Any = compute_roc_auc(p[:, 1], y)
             else:
-                out["auc"] = float(compute_roc_auc(p, one_hot(y.view(-1, 1), classes),
-                                                   average="macro"))
+                auc = compute_roc_auc(p, one_hot(y.view(-1, 1), classes), average="macro")
+            out["auc"] = float(auc)
         else:
             out["auc"] = float("nan")
     else:
         per_class = dice.aggregate()
+        assert isinstance(per_class, torch.Tensor)
         out["dice"] = float(torch.nanmean(per_class))
         for name, value in zip(pipeline.classes[1:], per_class.tolist(), strict=True):
             out[f"dice_{name}"] = float(value)

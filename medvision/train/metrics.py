@@ -140,6 +140,13 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, classes: Seque
     return out
 
 
+def _column_mean(values: np.ndarray, column: int) -> Callable[[np.ndarray], float]:
+    def mean(index: np.ndarray) -> float:
+        return float(np.nanmean(values[index, column]))
+
+    return mean
+
+
 def segmentation_metrics(dice: np.ndarray, hd95: np.ndarray, classes: Sequence[str], *,
                          seed: int = 0) -> dict[str, Any]:
     """Mean Dice over foreground classes and per-class Dice / HD95, with CIs over cases.
@@ -157,6 +164,6 @@ def segmentation_metrics(dice: np.ndarray, hd95: np.ndarray, classes: Sequence[s
         "hd95_per_class": {},
     }
     for c, name in enumerate(classes):
-        out["dice_per_class"][name] = _with_ci(lambda i, c=c: float(np.nanmean(dice[i, c])), n, seed)
-        out["hd95_per_class"][name] = _with_ci(lambda i, c=c: float(np.nanmean(hd95[i, c])), n, seed)
+        out["dice_per_class"][name] = _with_ci(_column_mean(dice, c), n, seed)
+        out["hd95_per_class"][name] = _with_ci(_column_mean(hd95, c), n, seed)
     return out

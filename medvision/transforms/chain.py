@@ -37,7 +37,9 @@ def volume_to_tensor(volume: Volume, *, channels: int) -> Any:
             raise DataError(f"{volume.source}: {array.shape[0]} channels, model expects {channels}")
     if not array.flags.writeable or not array.flags.c_contiguous:
         array = np.array(array, order="C")  # torch wants writable, contiguous memory
-    return MetaTensor(array, affine=np.array(volume.affine),
+    import torch
+
+    return MetaTensor(array, affine=torch.as_tensor(np.array(volume.affine)),
                       meta={"filename_or_obj": volume.source})
 
 
