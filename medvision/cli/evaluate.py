@@ -19,7 +19,10 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--data", required=True, help="labelled data folder or .npz file")
     parser.add_argument("-o", "--output", required=True, help="evaluation folder")
     parser.add_argument("--weights", help="safetensors weights (default: the pipeline's)")
-    parser.add_argument("--split", default="test", help="split of an .npz file (default test)")
+    parser.add_argument("--split", choices=["all", "train", "val", "test"],
+                        help="which items: for an .npz file its official split (default test); "
+                             "for a folder 'all' (default) or 'val', the pipeline's "
+                             "patient-grouped validation split of that folder")
     parser.add_argument("--force", action="store_true", help="overwrite an evaluation")
     parser.set_defaults(run=run)
 
@@ -27,13 +30,20 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the headline metrics."""
     from medvision.infer import Predictor
-    from medvision.train import discover_items
+    from medvision.train import discover_items, split_items
     from medvision.train.evaluate import evaluate
 
     predictor = Predictor.from_pipeline(args.pipeline, weights=args.weights)
-    items = discover_items(predictor.pipeline, args.data, split=args.split)
+    pipeline = predictor.pipeline
+    if pipeline.data.layout == "npz":
+        items = discover_items(pipeline, args.data, split=args.split or "test")
+    else:
+        items = discover_items(pipeline, args.data)
+        if args.split in ("train", "val"):
+            split = split_items(pipeline, items)
+            items = list(split.val if args.split == "val" else split.train)
     metrics = evaluate(predictor, items, args.output, force=args.force)
-    keys = ("accuracy", "auc", "f1", "ece") if predictor.pipeline.task == "classification" \
+    keys = ("accuracy", "auc", "f1", "ece") if pipeline.task == "classification" \
         else ("dice",)
     parts = [f"{k} {metrics[k]['value']:.4f} [{metrics[k]['ci95'][0]:.4f}, "
              f"{metrics[k]['ci95'][1]:.4f}]" for k in keys]

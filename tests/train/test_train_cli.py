@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from medvision.cli.main import main
 from medvision.config import load_pipeline
@@ -107,3 +108,20 @@ def test_train_then_evaluate_segmentation(shared_data: Path, tmp_path: Path) -> 
     assert metrics["n"] == 5 and set(metrics["dice_per_class"]) == {"anterior", "posterior"}
     assert set(metrics["hd95_per_class"]) == {"anterior", "posterior"}
     assert (out / "dice_boxplot.png").is_file()
+
+
+def test_transfer_learning_with_frozen_layers(shared_data: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    data = _tiny_chest(shared_data, tmp_path, per_class=6)
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["train", "chest-xray-pneumonia", "--data", str(data), "-o", str(first),
+                 "--epochs", "1"]) == 0
+    assert main(["train", "chest-xray-pneumonia", "--data", str(data), "-o", str(second),
+                 "--epochs", "1", "--init-from", str(first / "best.safetensors"),
+                 "--freeze", "conv1", "layer1"]) == 0
+    before = load_file(str(first / "best.safetensors"))
+    after = load_file(str(second / "last.safetensors"))
+    assert torch.equal(before["conv1.weight"], after["conv1.weight"])
+    assert torch.equal(before["layer1.0.conv1.weight"], after["layer1.0.conv1.weight"])
+    assert not torch.equal(before["layer4.0.conv1.weight"], after["layer4.0.conv1.weight"])
