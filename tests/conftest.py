@@ -108,3 +108,10 @@ def write_slice(tmp_path: Path) -> SliceWriter:
         return path
 
     return write
+
+
+@pytest.fixture(autouse=True)
+def _audit_log_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commands under test write their audit log under the test's tmp folder."""
+    monkeypatch.setenv("MEDVISION_AUDIT_LOG", str(tmp_path / "audit" / "audit.sqlite"))
+    monkeypatch.delenv("MEDVISION_AUDIT_KEY", raising=False)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -24,8 +25,9 @@ from typing import Any
 
 from medvision import __version__
 from medvision.analyze.studies import Study, choose_series, collect_studies
+from medvision.audit.records import AuditRecord, Auditor, file_sha256
 from medvision.config import config_hash
-from medvision.errors import DataError, MedvisionError
+from medvision.errors import AuditError, DataError, MedvisionError
 from medvision.explain import deletion_curve, explain
 from medvision.explain.saliency import explained_model
 from medvision.infer import Predictor
@@ -118,8 +120,8 @@ def _pipeline_section(predictor: Predictor) -> dict[str, Any]:
 
 
 def _process(study: Study, predictor: Predictor, folder: Path, options: AnalyzeOptions,
-             timings: dict[str, float]) -> tuple[dict[str, Any], list[str]]:
-    """Analyze one study; returns the report body (status ok) and image file names."""
+             timings: dict[str, float]) -> tuple[dict[str, Any], list[str], SourceEntry | None]:
+    """Analyze one study; returns the report body, image file names and the entry used."""
     pipeline = predictor.pipeline
     entry: SourceEntry | None = None
     volume: Volume | None = None
@@ -146,7 +148,7 @@ def _process(study: Study, predictor: Predictor, folder: Path, options: AnalyzeO
             report["input"] = _input_section(study, study.candidates[0], None)
         report["qc"] = {"flags": [f.as_dict() for f in e.flags]}
         report["status"], report["reason"] = "rejected", str(e)
-        return report, []
+        return report, [], entry or (study.candidates[0] if study.candidates else None)
 
     t0 = time.perf_counter()
     prepared = predictor.prepare(volume)
@@ -186,7 +188,7 @@ def _process(study: Study, predictor: Predictor, folder: Path, options: AnalyzeO
                "ood_threshold": prediction.ood_threshold, "out_of_distribution": ood},
     })
     timings["figures_s"] = time.perf_counter() - t0
-    return report, [p.name for p in images]
+    return report, [p.name for p in images], entry
 
 
 def _finish(study: Study, predictor: Predictor, folder: Path, body: dict[str, Any],
@@ -222,18 +224,93 @@ def _summary_row(report: dict[str, Any]) -> dict[str, Any]:
             "reason": report.get("reason") or ""}
 
 
+def _input_digest(study: Study, entry: SourceEntry | None,
+                  auditor: Auditor) -> tuple[str | None, str, dict[str, Any]]:
+    """Pseudonymous patient and study keys, and input hashes (instance UIDs, pixels, files)."""
+    pseudonym = auditor.pseudonymizer.pseudonym
+    if entry is None or entry.series is None:
+        path = entry.source if entry is not None else (
+            study.reason.split(":", 1)[0] if study.reason else "")
+        digest: dict[str, Any] = {"source_name": study.source_name}
+        if path and Path(path).is_file():
+            digest["file_sha256"] = file_sha256(path)
+        return None, pseudonym("file", digest.get("file_sha256", study.key)), digest
+    instances, patient = [], None
+    seen: set[str] = set()
+    for frame in entry.series.frames:
+        if frame.path in seen:
+            continue
+        seen.add(frame.path)
+        ds = frame.dataset
+        patient = patient or (str(ds.get("PatientID")) if ds.get("PatientID") else None)
+        try:
+            pixels = hashlib.sha256(bytes(ds.PixelData)).hexdigest() if "PixelData" in ds else None
+        except (OSError, ValueError, AttributeError):
+            pixels = None  # unreadable pixel data: the study is rejected for it anyway
+        instances.append({"sop_instance_uid_sha256": _sha(frame.sop_instance_uid),
+                          "pixel_data_sha256": pixels})
+    study_uid = str(entry.series.header.get("StudyInstanceUID") or entry.series.key)
+    return (pseudonym("patient", patient) if patient else None, pseudonym("study", study_uid),
+            {"series_key_sha256": _sha(entry.series.key), "instances": instances})
+
+
+def _audit(auditor: Auditor, study: Study, entry: SourceEntry | None, report: dict[str, Any],
+           staging: Path, key: str) -> None:
+    patient, study_key, inputs = _input_digest(study, entry, auditor)
+    outputs = tuple({"path": f"{key}/{o['path']}", "sha256": o["sha256"]}
+                    for o in Auditor.outputs(staging.iterdir(), relative_to=staging))
+    prediction = report.get("prediction") or {}
+    auditor.record(AuditRecord(
+        action="analyze", status=report["status"], actor=auditor.actor,
+        reason=report.get("reason"), patient_key=patient,
+        study_key=study_key, inputs=inputs,
+        pipeline=report["pipeline"], software=report["software"], outputs=outputs,
+        result={"label": prediction.get("label"), "positive": _positive(prediction),
+                "probabilities": prediction.get("probabilities"),
+                "volumes_ml": prediction.get("volumes_ml"),
+                "out_of_distribution": (report.get("qc") or {}).get("out_of_distribution"),
+                "study": key},
+        durations=report["timings"]))
+
+
+def _positive(prediction: dict[str, Any]) -> bool | None:
+    """Whether a prediction is a finding: not the first class, or any foreground volume."""
+    if not prediction:
+        return None
+    if prediction.get("probabilities"):
+        return bool(prediction["label"] != next(iter(prediction["probabilities"])))
+    return any(v > 0 for v in (prediction.get("volumes_ml") or {}).values())
+
+
+def _publish(staging: Path, folder: Path) -> None:
+    """Move a finished study folder into place (replacing an older one)."""
+    if folder.exists():
+        trash = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(folder, trash)
+        os.replace(staging, folder)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, folder)
+
+
 def analyze(inputs: Iterable[str | os.PathLike[str]], predictor: Predictor,
-            out_dir: str | os.PathLike[str], *,
+            out_dir: str | os.PathLike[str], *, auditor: Auditor,
             options: AnalyzeOptions = AnalyzeOptions()) -> list[StudyResult]:
     """Analyze every study under ``inputs``; returns one result per study.
 
-    Studies whose ``report.json`` already exists are skipped unless ``options.force``.
+    Each study's outputs are written to a staging folder, its audit record is appended, and
+    only then is the folder moved into place: no result exists without its record. Studies
+    whose ``report.json`` already exists are skipped unless ``options.force``.
+
+    Raises:
+        AuditError: a record could not be written; the batch stops there.
     """
     from tqdm import tqdm
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    studies = collect_studies(inputs)
+    studies = collect_studies(inputs, pseudonymizer=auditor.pseudonymizer)
     show = sys.stderr.isatty() if options.progress is None else options.progress
     results, rows = [], []
     for study in tqdm(studies, desc="studies", disable=not show, unit="study"):
@@ -243,11 +320,14 @@ def analyze(inputs: Iterable[str | os.PathLike[str]], predictor: Predictor,
             report = json.loads(existing.read_text())
             skipped = True
         else:
-            folder.mkdir(parents=True, exist_ok=True)
+            staging = out / f".{study.key}.partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
             started = time.perf_counter()
             timings: dict[str, float] = {}
+            entry = None
             try:
-                body, images = _process(study, predictor, folder, options, timings)
+                body, images, entry = _process(study, predictor, staging, options, timings)
             except DataError as e:
                 body, images = {"status": "rejected", "reason": str(e)}, []
             except MedvisionError as e:
@@ -256,7 +336,13 @@ def analyze(inputs: Iterable[str | os.PathLike[str]], predictor: Predictor,
                 log.exception("study %s failed", study.key)
                 body, images = {"status": "failed",
                                 "reason": f"internal error: {type(e).__name__}: {e}"}, []
-            report = _finish(study, predictor, folder, body, images, timings, started)
+            report = _finish(study, predictor, staging, body, images, timings, started)
+            try:
+                _audit(auditor, study, entry, report, staging, study.key)
+            except AuditError:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            _publish(staging, folder)
             skipped = False
         row = _summary_row(report)
         rows.append(row)

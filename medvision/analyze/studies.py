@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from medvision.audit.records import Pseudonymizer
 from medvision.config import Pipeline
 from medvision.io import SourceEntry, inventory
 
@@ -39,8 +40,10 @@ class Study:
     reason: str | None = None
 
 
-def study_key(uid: str) -> str:
-    """Pseudonymous folder name for a Study Instance UID."""
+def study_key(uid: str, pseudonymizer: Pseudonymizer | None = None) -> str:
+    """Pseudonymous folder name for a Study Instance UID (keyed when a pseudonymizer is given)."""
+    if pseudonymizer is not None:
+        return "study-" + pseudonymizer.pseudonym("study", uid)[:12]
     return "study-" + hashlib.sha256(uid.encode()).hexdigest()[:12]
 
 
@@ -48,8 +51,13 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "study"
 
 
-def collect_studies(paths: Iterable[str | os.PathLike[str]]) -> list[Study]:
-    """Every study under ``paths`` (recursively), including rejected files as studies."""
+def collect_studies(paths: Iterable[str | os.PathLike[str]], *,
+                    pseudonymizer: Pseudonymizer | None = None) -> list[Study]:
+    """Every study under ``paths`` (recursively), including rejected files as studies.
+
+    DICOM studies are named by a pseudonym of their Study Instance UID, keyed when a
+    ``pseudonymizer`` is given.
+    """
     found = inventory(paths)
     dicom: dict[str, list[SourceEntry]] = defaultdict(list)
     studies: list[Study] = []
@@ -71,7 +79,7 @@ def collect_studies(paths: Iterable[str | os.PathLike[str]]) -> list[Study]:
             stem = name.split(".")[0]
             studies.append(Study(key=unique(_slug(stem)), candidates=(entry,), source_name=name))
     for uid, entries in dicom.items():
-        key = unique(study_key(uid))
+        key = unique(study_key(uid, pseudonymizer))
         studies.append(Study(key=key, candidates=tuple(entries), source_name=key))
     for path, reason in found.rejected:
         name = Path(path).name

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from medvision.cli.audit_options import add_audit_arguments, auditor_from_args
 from medvision.explain import METHODS
 
 __all__ = ["add_parser", "run"]
@@ -27,6 +28,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--faithfulness", action="store_true",
                         help="also compute a deletion-curve faithfulness score per study")
     parser.add_argument("--force", action="store_true", help="redo studies already analysed")
+    add_audit_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -38,8 +40,9 @@ def run(args: argparse.Namespace) -> int:
     from medvision.analyze.runner import AnalyzeOptions
     from medvision.infer import Predictor
 
+    auditor = auditor_from_args(args)
     predictor = Predictor.from_pipeline(args.pipeline, weights=args.weights)
-    results = analyze(args.inputs, predictor, args.output, options=AnalyzeOptions(
+    results = analyze(args.inputs, predictor, args.output, auditor=auditor, options=AnalyzeOptions(
         explain_method=args.explain, faithfulness=args.faithfulness, force=args.force))
     bad = [r for r in results if r.status != "ok"]
     skipped = sum(r.skipped for r in results)

@@ -15,12 +15,13 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from medvision import __version__
-from medvision.cli import analyze, convert, evaluate, info, publish, train
+from medvision.cli import analyze, audit, convert, evaluate, info, publish, train
 from medvision.errors import MedvisionError
 
 __all__ = ["main"]
 
-SUBCOMMANDS: tuple[ModuleType, ...] = (info, convert, train, evaluate, publish, analyze)
+SUBCOMMANDS: tuple[ModuleType, ...] = (info, convert, train, evaluate, publish, analyze,
+                                        audit)
 
 log = logging.getLogger("medvision")
 
@@ -44,7 +45,8 @@ def _configure_logging(level: str, as_json: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with every subcommand registered."""
     parser = argparse.ArgumentParser(
-        prog="medvision", description="Diagnose medical images and explain every prediction.")
+        prog="medvision", description="Diagnose medical images and explain every prediction.",
+        allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"medvision {__version__}")
     parser.add_argument("--log-level", default="WARNING",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity")

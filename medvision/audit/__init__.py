@@ -1,0 +1,6 @@
+"""Audit trail: hash-chained records of every analysis, audit reports, de-identification."""
+
+from medvision.audit.log import AuditLog, Verification
+from medvision.audit.records import AuditRecord, Auditor, Pseudonymizer
+
+__all__ = ["AuditLog", "AuditRecord", "Auditor", "Pseudonymizer", "Verification"]
