@@ -25,7 +25,7 @@ from typing import Any
 
 from medvision import __version__
 from medvision.analyze.studies import Study, choose_series, collect_studies
-from medvision.audit.records import AuditRecord, Auditor, file_sha256
+from medvision.audit.records import Auditor, AuditRecord, file_sha256
 from medvision.config import config_hash
 from medvision.errors import AuditError, DataError, MedvisionError
 from medvision.explain import deletion_curve, explain

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import time
+from pathlib import Path
 from typing import Any
+
+from medvision.cli.audit_options import add_audit_arguments, items_digest, record_run
 
 __all__ = ["add_parser", "run"]
 
@@ -24,6 +28,7 @@ def add_parser(subparsers: Any) -> None:
                              "for a folder 'all' (default) or 'val', the pipeline's "
                              "patient-grouped validation split of that folder")
     parser.add_argument("--force", action="store_true", help="overwrite an evaluation")
+    add_audit_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -42,7 +47,16 @@ def run(args: argparse.Namespace) -> int:
         if args.split in ("train", "val"):
             split = split_items(pipeline, items)
             items = list(split.val if args.split == "val" else split.train)
+    started = time.perf_counter()
     metrics = evaluate(predictor, items, args.output, force=args.force)
+    out = Path(args.output)
+    headline: dict[str, Any] = {k: metrics[k]["value"] for k in ("accuracy", "auc", "dice")
+                                if k in metrics}
+    record_run(args, action="evaluate", status="ok", pipeline=pipeline,
+               inputs={"data": items_digest(items), "split": args.split,
+                       "weights_sha256": predictor.weights_sha256},
+               outputs=[out / "metrics.json", out / "summary.html"], result=headline,
+               seconds=time.perf_counter() - started)
     keys = ("accuracy", "auc", "f1", "ece") if pipeline.task == "classification" \
         else ("dice",)
     parts = [f"{k} {metrics[k]['value']:.4f} [{metrics[k]['ci95'][0]:.4f}, "

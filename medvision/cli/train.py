@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import time
+from pathlib import Path
 from typing import Any
 
+from medvision.cli.audit_options import add_audit_arguments, items_digest, record_run
 from medvision.config import load_pipeline
+from medvision.errors import MedvisionError
 
 __all__ = ["add_parser", "run"]
 
@@ -28,6 +32,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--epochs", type=int, help="override training.epochs")
     parser.add_argument("--limit", type=int,
                         help="use at most this many training and validation items (smoke runs)")
+    add_audit_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -46,8 +51,23 @@ def run(args: argparse.Namespace) -> int:
         split = split_items(pipeline, discover_items(pipeline, args.data))
     if args.limit:
         split = DataSplit(train=_spread(split.train, args.limit), val=_spread(split.val, args.limit))
-    result = train(pipeline, split, args.output, resume=args.resume, init_from=args.init_from,
-                   freeze=tuple(args.freeze))
+    inputs = {"train": items_digest(split.train), "val": items_digest(split.val),
+              "init_from": args.init_from}
+    started = time.perf_counter()
+    try:
+        result = train(pipeline, split, args.output, resume=args.resume,
+                       init_from=args.init_from, freeze=tuple(args.freeze))
+    except MedvisionError as e:
+        record_run(args, action="train", status="failed", pipeline=pipeline, inputs=inputs,
+                   outputs=[], result={}, seconds=time.perf_counter() - started, reason=str(e))
+        raise
+    run_dir = Path(args.output)
+    record_run(args, action="train", status="ok", pipeline=pipeline, inputs=inputs,
+               outputs=[run_dir / n for n in ("best.safetensors", "metrics.csv",
+                                              "calibration.json", "pipeline.yaml")],
+               result={"epochs": result.epochs_run, "best_epoch": result.best_epoch,
+                       pipeline.validation_metric: result.best_metric},
+               seconds=time.perf_counter() - started)
     print(f"trained {result.epochs_run} epoch(s) in {result.seconds:.0f} s; best epoch "
           f"{result.best_epoch}: {pipeline.validation_metric} {result.best_metric:.4f}; "
           f"weights in {result.run_dir / 'best.safetensors'}")
