@@ -49,6 +49,7 @@ class AnalyzeOptions:
 
     explain_method: str | None = None
     faithfulness: bool = False
+    include_phi: bool = False
     force: bool = False
     progress: bool | None = None
 
@@ -139,6 +140,10 @@ def _process(study: Study, predictor: Predictor, folder: Path, options: AnalyzeO
             raise _Rejected(str(e)) from e
         timings["load_s"] = time.perf_counter() - t0
         report["input"] = _input_section(study, entry, volume)
+        if options.include_phi and entry.series is not None:
+            ds = entry.series.frames[0].dataset
+            report["input"]["phi"] = {k: str(ds.get(k, "")) for k in
+                                      ("PatientName", "PatientID", "PatientBirthDate")}
         flags = check_input(volume, pipeline)
         rejects = [f for f in flags if f.severity == "reject"]
         if rejects:

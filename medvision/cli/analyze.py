@@ -28,6 +28,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--faithfulness", action="store_true",
                         help="also compute a deletion-curve faithfulness score per study")
     parser.add_argument("--force", action="store_true", help="redo studies already analysed")
+    parser.add_argument("--include-phi", action="store_true",
+                        help="write patient name, ID and birth date into report.json (off: "
+                             "reports, logs and audit records carry pseudonyms only)")
     add_audit_arguments(parser)
     parser.set_defaults(run=run)
 
@@ -43,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     auditor = auditor_from_args(args)
     predictor = Predictor.from_pipeline(args.pipeline, weights=args.weights)
     results = analyze(args.inputs, predictor, args.output, auditor=auditor, options=AnalyzeOptions(
-        explain_method=args.explain, faithfulness=args.faithfulness, force=args.force))
+        explain_method=args.explain, faithfulness=args.faithfulness, force=args.force,
+        include_phi=args.include_phi))
     bad = [r for r in results if r.status != "ok"]
     skipped = sum(r.skipped for r in results)
     print(f"{len(results)} studies: {len(results) - len(bad)} ok, "

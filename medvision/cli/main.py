@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from medvision import __version__
-from medvision.cli import analyze, audit, convert, evaluate, info, publish, train
+from medvision.cli import analyze, audit, convert, deid, evaluate, info, publish, train
 from medvision.errors import MedvisionError
 
 __all__ = ["main"]
 
 SUBCOMMANDS: tuple[ModuleType, ...] = (info, convert, train, evaluate, publish, analyze,
-                                        audit)
+                                        audit, deid)
 
 log = logging.getLogger("medvision")
 

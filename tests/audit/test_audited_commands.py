@@ -98,3 +98,12 @@ def test_training_and_evaluation_are_audited(shared_data: Path, tmp_path: Path) 
     assert any(o["path"].endswith("best.safetensors") for o in records[0]["outputs"])
     assert "accuracy" in records[1]["result"]
     assert AuditLog(log).verify().ok
+
+
+def test_include_phi_puts_identity_in_the_report_only_on_request(tmp_path: Path) -> None:
+    source = _identified_radiograph(tmp_path / "in")
+    out = tmp_path / "out"
+    assert main(["analyze", str(source), "--pipeline", "chest-xray-pneumonia", "-o", str(out),
+                 "--include-phi"]) == 0
+    report = json.loads(next(out.glob("*/report.json")).read_text())
+    assert report["input"]["phi"]["PatientID"] == SECRETS["PatientID"]
