@@ -1,4 +1,4 @@
-"""Analyze a batch: for every study, predict, explain, and write a report folder.
+"""Analyze one study: predict, explain, and write its report folder (staged).
 
 ``OUT/<study>/`` gets ``report.json`` (schema in ``medvision/report/report.schema.json``),
 ``report.html``, ``saliency.nii.gz`` (and ``mask.nii.gz`` for segmentation) in exactly the
@@ -9,7 +9,6 @@ Bad input never stops the batch: the study is ``rejected`` (unreadable or unsuit
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -17,28 +16,28 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from medvision import __version__
-from medvision.analyze.studies import Study, choose_series, collect_studies
-from medvision.audit.records import Auditor, AuditRecord, file_sha256
+from medvision.analyze.studies import Study, choose_series
+from medvision.audit.records import Pseudonymizer, file_sha256
 from medvision.config import config_hash
-from medvision.errors import AuditError, DataError, MedvisionError
+from medvision.errors import DataError, MedvisionError
 from medvision.explain import deletion_curve, explain
 from medvision.explain.saliency import explained_model
 from medvision.infer import Predictor
 from medvision.infer.qc import QCFlag, check_input
 from medvision.io import SourceEntry, Volume, write_volume
 from medvision.report import SCHEMA_VERSION, validate_report
-from medvision.report.html_report import study_html, summary_html
+from medvision.report.html_report import study_html
 from medvision.report.images import key_images
 from medvision.report.model_card import card_sections
 
-__all__ = ["AnalyzeOptions", "StudyResult", "analyze"]
+__all__ = ["AnalyzeOptions", "StudyOutcome", "run_study"]
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +51,6 @@ class AnalyzeOptions:
     include_phi: bool = False
     force: bool = False
     progress: bool | None = None
-
-
-@dataclass(frozen=True)
-class StudyResult:
-    """The outcome of one study."""
-
-    study: str
-    status: str
-    reason: str | None
-    label: str
-    score: str
-    qc: str
-    folder: Path
-    skipped: bool = False
 
 
 class _Rejected(Exception):
@@ -117,7 +102,7 @@ def _pipeline_section(predictor: Predictor) -> dict[str, Any]:
     pipeline = predictor.pipeline
     return {"name": pipeline.name, "version": pipeline.version, "task": pipeline.task,
             "weights_sha256": predictor.weights_sha256, "config_hash": config_hash(pipeline),
-            "temperature": predictor.temperature}
+            "temperature": predictor.temperature, "backend": predictor.backend_name}
 
 
 def _process(study: Study, predictor: Predictor, folder: Path, options: AnalyzeOptions,
@@ -213,26 +198,10 @@ def _finish(study: Study, predictor: Predictor, folder: Path, body: dict[str, An
     return report
 
 
-def _summary_row(report: dict[str, Any]) -> dict[str, Any]:
-    pred = report.get("prediction") or {}
-    score = ""
-    if pred.get("probabilities"):
-        score = f"P={max(pred['probabilities'].values()):.3f}"
-    elif pred.get("volumes_ml"):
-        score = "; ".join(f"{k} {v:.2f} mL" for k, v in pred["volumes_ml"].items())
-    qc = report.get("qc") or {}
-    notes = [f["code"] for f in qc.get("flags", []) if f["severity"] == "warn"]
-    if qc.get("out_of_distribution"):
-        notes.append("out_of_distribution")
-    return {"study": report["study"], "status": report["status"],
-            "label": pred.get("label", ""), "score": score, "qc": ",".join(notes),
-            "reason": report.get("reason") or ""}
-
-
 def _input_digest(study: Study, entry: SourceEntry | None,
-                  auditor: Auditor) -> tuple[str | None, str, dict[str, Any]]:
+                  pseudonymizer: Pseudonymizer) -> tuple[str | None, str, dict[str, Any]]:
     """Pseudonymous patient and study keys, and input hashes (instance UIDs, pixels, files)."""
-    pseudonym = auditor.pseudonymizer.pseudonym
+    pseudonym = pseudonymizer.pseudonym
     if entry is None or entry.series is None:
         path = entry.source if entry is not None else (
             study.reason.split(":", 1)[0] if study.reason else "")
@@ -259,106 +228,50 @@ def _input_digest(study: Study, entry: SourceEntry | None,
             {"series_key_sha256": _sha(entry.series.key), "instances": instances})
 
 
-def _audit(auditor: Auditor, study: Study, entry: SourceEntry | None, report: dict[str, Any],
-           staging: Path, key: str) -> None:
-    patient, study_key, inputs = _input_digest(study, entry, auditor)
-    outputs = tuple({"path": f"{key}/{o['path']}", "sha256": o["sha256"]}
-                    for o in Auditor.outputs(staging.iterdir(), relative_to=staging))
-    prediction = report.get("prediction") or {}
-    auditor.record(AuditRecord(
-        action="analyze", status=report["status"], actor=auditor.actor,
-        reason=report.get("reason"), patient_key=patient,
-        study_key=study_key, inputs=inputs,
-        pipeline=report["pipeline"], software=report["software"], outputs=outputs,
-        result={"label": prediction.get("label"), "positive": _positive(prediction),
-                "probabilities": prediction.get("probabilities"),
-                "volumes_ml": prediction.get("volumes_ml"),
-                "out_of_distribution": (report.get("qc") or {}).get("out_of_distribution"),
-                "study": key},
-        durations=report["timings"]))
+@dataclass(frozen=True)
+class StudyOutcome:
+    """One processed study, staged and ready to be audited and published.
 
-
-def _positive(prediction: dict[str, Any]) -> bool | None:
-    """Whether a prediction is a finding: not the first class, or any foreground volume."""
-    if not prediction:
-        return None
-    if prediction.get("probabilities"):
-        return bool(prediction["label"] != next(iter(prediction["probabilities"])))
-    return any(v > 0 for v in (prediction.get("volumes_ml") or {}).values())
-
-
-def _publish(staging: Path, folder: Path) -> None:
-    """Move a finished study folder into place (replacing an older one)."""
-    if folder.exists():
-        trash = folder.with_name(f".{folder.name}.old")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(folder, trash)
-        os.replace(staging, folder)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, folder)
-
-
-def analyze(inputs: Iterable[str | os.PathLike[str]], predictor: Predictor,
-            out_dir: str | os.PathLike[str], *, auditor: Auditor,
-            options: AnalyzeOptions = AnalyzeOptions()) -> list[StudyResult]:
-    """Analyze every study under ``inputs``; returns one result per study.
-
-    Each study's outputs are written to a staging folder, its audit record is appended, and
-    only then is the folder moved into place: no result exists without its record. Studies
-    whose ``report.json`` already exists are skipped unless ``options.force``.
-
-    Raises:
-        AuditError: a record could not be written; the batch stops there.
+    Attributes:
+        study: the study key (its folder name).
+        report: the validated report.
+        staging: the folder holding its outputs until they are published.
+        patient_key: keyed pseudonym of the Patient ID, when there is one.
+        study_key: keyed pseudonym of the Study Instance UID (or of the file's hash).
+        inputs: input hashes for the audit record.
     """
-    from tqdm import tqdm
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    studies = collect_studies(inputs, pseudonymizer=auditor.pseudonymizer)
-    show = sys.stderr.isatty() if options.progress is None else options.progress
-    results, rows = [], []
-    for study in tqdm(studies, desc="studies", disable=not show, unit="study"):
-        folder = out / study.key
-        existing = folder / "report.json"
-        if existing.is_file() and not options.force:
-            report = json.loads(existing.read_text())
-            skipped = True
-        else:
-            staging = out / f".{study.key}.partial"
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-            started = time.perf_counter()
-            timings: dict[str, float] = {}
-            entry = None
-            try:
-                body, images, entry = _process(study, predictor, staging, options, timings)
-            except DataError as e:
-                body, images = {"status": "rejected", "reason": str(e)}, []
-            except MedvisionError as e:
-                body, images = {"status": "failed", "reason": str(e)}, []
-            except Exception as e:  # noqa: BLE001 - one study must not end the batch
-                log.exception("study %s failed", study.key)
-                body, images = {"status": "failed",
-                                "reason": f"internal error: {type(e).__name__}: {e}"}, []
-            report = _finish(study, predictor, staging, body, images, timings, started)
-            try:
-                _audit(auditor, study, entry, report, staging, study.key)
-            except AuditError:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-            _publish(staging, folder)
-            skipped = False
-        row = _summary_row(report)
-        rows.append(row)
-        results.append(StudyResult(study=study.key, status=row["status"], reason=row["reason"] or None,
-                                   label=row["label"], score=row["score"], qc=row["qc"],
-                                   folder=folder, skipped=skipped))
-        log.info("%s: %s %s", study.key, row["status"], row["label"])
-    with (out / "summary.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["study", "status", "label", "score", "qc",
-                                                    "reason"])
-        writer.writeheader()
-        writer.writerows(rows)
-    _atomic_write(out / "summary.html", summary_html(rows, predictor.pipeline.name))
-    return results
+    study: str
+    report: dict[str, Any]
+    staging: Path
+    patient_key: str | None
+    study_key: str
+    inputs: dict[str, Any]
+
+
+def run_study(study: Study, predictor: Predictor, out: Path, options: AnalyzeOptions,
+              pseudonymizer: Pseudonymizer) -> StudyOutcome:
+    """Process one study into ``out/.<key>.partial``; never raises for a bad study.
+
+    A study that cannot be read is ``rejected``; an error while processing makes it
+    ``failed``; either way it gets a report.
+    """
+    staging = out / f".{study.key}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    entry = None
+    try:
+        body, images, entry = _process(study, predictor, staging, options, timings)
+    except DataError as e:
+        body, images = {"status": "rejected", "reason": str(e)}, []
+    except MedvisionError as e:
+        body, images = {"status": "failed", "reason": str(e)}, []
+    except Exception as e:  # noqa: BLE001 - one study must not end the batch
+        log.exception("study %s failed", study.key)
+        body, images = {"status": "failed", "reason": f"internal error: {type(e).__name__}: {e}"}, []
+    report = _finish(study, predictor, staging, body, images, timings, started)
+    patient, study_key, inputs = _input_digest(study, entry, pseudonymizer)
+    return StudyOutcome(study=study.key, report=report, staging=staging, patient_key=patient,
+                        study_key=study_key, inputs=inputs)

@@ -32,12 +32,14 @@ class Study:
         candidates: image entries of the study (DICOM series or one file).
         source_name: a display name without patient identity (file name, or the key).
         reason: why the study cannot be analysed at all (unreadable input), or ``None``.
+        paths: the files the study was read from (to read it again elsewhere).
     """
 
     key: str
     candidates: tuple[SourceEntry, ...]
     source_name: str
     reason: str | None = None
+    paths: tuple[str, ...] = ()
 
 
 def study_key(uid: str, pseudonymizer: Pseudonymizer | None = None) -> str:
@@ -77,14 +79,16 @@ def collect_studies(paths: Iterable[str | os.PathLike[str]], *,
         else:
             name = Path(entry.source).name
             stem = name.split(".")[0]
-            studies.append(Study(key=unique(_slug(stem)), candidates=(entry,), source_name=name))
+            studies.append(Study(key=unique(_slug(stem)), candidates=(entry,), source_name=name,
+                                 paths=(entry.source,)))
     for uid, entries in dicom.items():
         key = unique(study_key(uid, pseudonymizer))
-        studies.append(Study(key=key, candidates=tuple(entries), source_name=key))
+        files = tuple(dict.fromkeys(p for e in entries if e.series for p in e.series.paths))
+        studies.append(Study(key=key, candidates=tuple(entries), source_name=key, paths=files))
     for path, reason in found.rejected:
         name = Path(path).name
         studies.append(Study(key=unique(_slug(name)), candidates=(), source_name=name,
-                             reason=reason))
+                             reason=reason, paths=(path,)))
     studies.sort(key=lambda s: s.key)
     return studies
 

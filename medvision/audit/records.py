@@ -45,6 +45,10 @@ class Pseudonymizer:
     def __repr__(self) -> str:  # never show the key
         return "Pseudonymizer(<key hidden>)"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle support, so Dask workers pseudonymise exactly as the client does."""
+        return (Pseudonymizer, (self._key,))
+
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], *, create: bool = True) -> Pseudonymizer:
         """Read the key file; create one (32 random bytes, hex, mode 0600) when missing."""

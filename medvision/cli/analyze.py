@@ -25,9 +25,13 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("-o", "--output", required=True, help="output folder")
     parser.add_argument("--weights", help="weights to use instead of the pipeline's")
     parser.add_argument("--explain", choices=METHODS, help="override the saliency method")
+    parser.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                        help="what runs the predictions (onnx: needs 'medvision export')")
     parser.add_argument("--faithfulness", action="store_true",
                         help="also compute a deletion-curve faithfulness score per study")
     parser.add_argument("--force", action="store_true", help="redo studies already analysed")
+    parser.add_argument("--scheduler", metavar="tcp://HOST:PORT",
+                        help="run the studies on a Dask distributed cluster (default: here)")
     parser.add_argument("--include-phi", action="store_true",
                         help="write patient name, ID and birth date into report.json (off: "
                              "reports, logs and audit records carry pseudonyms only)")
@@ -39,15 +43,15 @@ def run(args: argparse.Namespace) -> int:
     """Analyze; print a one-line tally and where the summary is."""
     from pathlib import Path
 
-    from medvision.analyze import analyze
-    from medvision.analyze.runner import AnalyzeOptions
+    from medvision.analyze import AnalyzeOptions, analyze
     from medvision.infer import Predictor
 
     auditor = auditor_from_args(args)
-    predictor = Predictor.from_pipeline(args.pipeline, weights=args.weights)
+    predictor = Predictor.from_pipeline(args.pipeline, weights=args.weights,
+                                        backend=args.backend)
     results = analyze(args.inputs, predictor, args.output, auditor=auditor, options=AnalyzeOptions(
         explain_method=args.explain, faithfulness=args.faithfulness, force=args.force,
-        include_phi=args.include_phi))
+        include_phi=args.include_phi), scheduler=args.scheduler)
     bad = [r for r in results if r.status != "ok"]
     skipped = sum(r.skipped for r in results)
     print(f"{len(results)} studies: {len(results) - len(bad)} ok, "

@@ -15,13 +15,23 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from medvision import __version__
-from medvision.cli import analyze, audit, convert, deid, evaluate, info, publish, train
+from medvision.cli import (
+    analyze,
+    audit,
+    convert,
+    deid,
+    evaluate,
+    export,
+    info,
+    publish,
+    train,
+)
 from medvision.errors import MedvisionError
 
 __all__ = ["main"]
 
-SUBCOMMANDS: tuple[ModuleType, ...] = (info, convert, train, evaluate, publish, analyze,
-                                        audit, deid)
+SUBCOMMANDS: tuple[ModuleType, ...] = (info, convert, train, evaluate, publish, export,
+                                        analyze, audit, deid)
 
 log = logging.getLogger("medvision")
 

@@ -79,14 +79,23 @@ class Predictor:
     temperature: float
     guard: FeatureGuard | None = None
     folder: Path | None = None
+    backend: Any = None
+
+    @property
+    def backend_name(self) -> str:
+        """``torch`` or ``onnx``: what makes the predictions."""
+        return "torch" if self.backend is None else "onnx"
 
     @classmethod
     def from_pipeline(cls, name_or_path: str | os.PathLike[str], *,
-                      weights: str | os.PathLike[str] | None = None) -> Predictor:
+                      weights: str | os.PathLike[str] | None = None,
+                      backend: str = "torch") -> Predictor:
         """Load a pipeline and its weights (default: ``model.safetensors`` beside it).
 
         The calibration temperature (``calibration.json``) and the OOD guard
-        (``ood.safetensors``) are read from beside the weights when present.
+        (``ood.safetensors``) are read from beside the weights when present. With
+        ``backend="onnx"`` predictions run in onnxruntime from the ``.onnx`` file beside the
+        weights (``medvision export``); explanations still use PyTorch.
 
         Raises:
             ConfigError: invalid pipeline.
@@ -102,14 +111,23 @@ class Predictor:
         model = build_model(pipeline)
         load_weights(model, path)
         model.eval()
+        runner = None
+        if backend == "onnx":
+            from medvision.infer.onnx_backend import OnnxModel
+
+            runner = OnnxModel(path.with_suffix(".onnx"), threads=pipeline.training.threads)
+        elif backend != "torch":
+            raise ModelError(f"unknown backend '{backend}' (torch or onnx)")
         return cls(pipeline=pipeline, model=model, weights=path,
                    weights_sha256=weights_sha256(path), temperature=read_temperature(path),
-                   guard=FeatureGuard.load(path), folder=folder)
+                   guard=FeatureGuard.load(path), folder=folder, backend=runner)
 
     def logits(self, image: Any) -> Any:
         """Network output for a preprocessed batch: sliding window for volumes larger than
         the training patch, averaged over flip test-time augmentation when configured."""
         import torch
+
+        network = self.model if self.backend is None else self.backend
 
         def forward(x: Any) -> Any:
             size = self.pipeline.preprocess.size
@@ -118,9 +136,9 @@ class Predictor:
                 from monai.inferers import sliding_window_inference
 
                 return sliding_window_inference(x, roi_size=size, sw_batch_size=2,
-                                                predictor=self.model, overlap=0.25,
+                                                predictor=network, overlap=0.25,
                                                 mode="gaussian")
-            return self.model(x)
+            return network(x)
 
         with torch.no_grad():
             out = forward(image)

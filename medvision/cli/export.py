@@ -1,0 +1,49 @@
+"""``medvision export PIPELINE --format onnx``: the network for onnxruntime."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``export``."""
+    parser = subparsers.add_parser(
+        "export", help="export a pipeline's network (ONNX)",
+        description="Writes the network as ONNX beside its weights (model.onnx), where "
+                    "'analyze --backend onnx' looks for it, and checks it against PyTorch.")
+    parser.add_argument("pipeline", help="pipeline name or path")
+    parser.add_argument("--format", choices=["onnx"], default="onnx")
+    parser.add_argument("--weights", help="weights to export instead of the pipeline's")
+    parser.add_argument("-o", "--output", type=Path,
+                        help="output file (default: beside the weights, .onnx)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing file")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export, then compare ONNX and PyTorch logits on a random input."""
+    import numpy as np
+    import torch
+
+    from medvision.errors import ModelError
+    from medvision.infer import Predictor
+    from medvision.infer.onnx_backend import OnnxModel, export_onnx
+
+    predictor = Predictor.from_pipeline(args.pipeline, weights=args.weights)
+    pipeline = predictor.pipeline
+    target = args.output or predictor.weights.with_suffix(".onnx")
+    if target.exists() and not args.force:
+        raise ModelError(f"{target} exists; pass --force to overwrite")
+    size = pipeline.preprocess.size or (64,) * pipeline.spatial_dims
+    export_onnx(predictor.model, tuple(size), pipeline.in_channels, target,
+                dynamic_spatial=pipeline.task == "segmentation")
+    example = torch.randn((2, pipeline.in_channels, *size))
+    with torch.no_grad():
+        reference = predictor.model(example).numpy()
+    difference = float(np.abs(OnnxModel(target)(example).numpy() - reference).max())
+    print(f"wrote {target}; max |onnx - torch| logit difference {difference:.2e}")
+    return 0
