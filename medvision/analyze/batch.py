@@ -159,6 +159,8 @@ def analyze(inputs: Iterable[str | os.PathLike[str]], predictor: Predictor,
         log.info("%s: %s", outcome.study, outcome.report["status"])
         bar.update(1)
     bar.close()
+    for key in reports:  # a worker that died after finishing may have left a second try
+        shutil.rmtree(out / f".{key}.partial", ignore_errors=True)
     results, rows = [], []
     for study in studies:
         report, skipped = reports[study.key]

@@ -70,4 +70,8 @@ def run_on_cluster(studies: Sequence[Study], predictor: Predictor, out: Path,
             for study in studies
         ]
         for future in as_completed(futures):
-            yield future.result()
+            outcome = future.result()
+            # Forget the result at once: if its worker dies later, the scheduler must not
+            # recompute a study whose result is already in hand.
+            future.release()
+            yield outcome
