@@ -23,6 +23,7 @@ from medvision.cli import (
     evaluate,
     export,
     info,
+    pacs,
     publish,
     train,
 )
@@ -31,7 +32,7 @@ from medvision.errors import MedvisionError
 __all__ = ["main"]
 
 SUBCOMMANDS: tuple[ModuleType, ...] = (info, convert, train, evaluate, publish, export,
-                                        analyze, audit, deid)
+                                        analyze, pacs, audit, deid)
 
 log = logging.getLogger("medvision")
 

@@ -1,0 +1,101 @@
+"""``medvision pacs listen|status|echo|send|query``: the PACS bridge and operator commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_parser", "run"]
+
+
+def _peer_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--called-ae", default="ANY-SCP", help="the peer's AE title")
+    parser.add_argument("--calling-ae", default="MEDVISION", help="our AE title")
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``pacs`` and its actions."""
+    parser = subparsers.add_parser("pacs", help="the DICOM bridge and network operations")
+    actions = parser.add_subparsers(dest="pacs_action", required=True, metavar="ACTION")
+    listen = actions.add_parser(
+        "listen", help="run the bridge: receive, analyse, send results back",
+        description="A Store SCP that spools received instances durably, analyses each study "
+                    "after a quiet period with the pipeline its routing rules choose, and "
+                    "sends SR/SEG/overlay results to the configured destination.")
+    listen.add_argument("--config", required=True, type=Path, help="bridge settings (YAML)")
+    listen.add_argument("--workdir", required=True, type=Path, help="spool and job database")
+    listen.add_argument("--audit-key", type=Path, help="pseudonymisation key file")
+    status = actions.add_parser("status", help="studies and results queued in a work folder")
+    status.add_argument("--workdir", required=True, type=Path)
+    status.add_argument("--json", action="store_true")
+    echo = actions.add_parser("echo", help="C-ECHO a peer")
+    _peer_arguments(echo)
+    send = actions.add_parser("send", help="C-STORE files to a peer")
+    _peer_arguments(send)
+    send.add_argument("paths", nargs="+", type=Path)
+    query = actions.add_parser("query", help="C-FIND studies on a peer")
+    _peer_arguments(query)
+    query.add_argument("--level", default="STUDY", choices=["STUDY", "SERIES", "IMAGE"])
+    query.add_argument("--match", action="append", default=[], metavar="KEYWORD=VALUE",
+                       help="query keys, e.g. StudyInstanceUID=1.2.3 (repeatable)")
+    for sub in (listen, status, echo, send, query):
+        sub.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch to the action."""
+    from medvision.pacs.config import Peer
+
+    action = args.pacs_action
+    if action == "listen":
+        from medvision.pacs.bridge import Bridge
+        from medvision.pacs.config import load_bridge_config
+
+        Bridge(load_bridge_config(args.config), args.workdir,
+               audit_key=args.audit_key).serve_forever()
+        return 0
+    if action == "status":
+        from medvision.pacs.store import BridgeStore
+
+        state = BridgeStore(args.workdir).status()
+        if args.json:
+            print(json.dumps(state, indent=2))
+        else:
+            for study in state["studies"]:
+                print(f"study {study['study']}: {study['state']} ({study['instances']} "
+                      f"instance(s), from {study['calling_ae']}, analysis attempts "
+                      f"{study['attempts']})" + (f" - {study['error']}" if study["error"] else ""))
+            pending = [o for o in state["outbox"] if o["state"] != "sent"]
+            print(f"{len(state['outbox'])} result object(s), {len(pending)} waiting to be sent")
+            for item in pending:
+                print(f"  {item['kind']} for {item['study']}: {item['attempts']} failed "
+                      f"attempt(s)" + (f", last error: {item['error']}" if item["error"] else ""))
+        return 0
+    peer = Peer(ae_title=args.called_ae, host=args.host, port=args.port)
+    if action == "echo":
+        from medvision.pacs.scu import echo
+
+        status = echo(peer, calling_ae=args.calling_ae)
+        print(f"C-ECHO {peer.ae_title}@{peer.host}:{peer.port}: status 0x{status:04X}")
+        return 0 if status == 0 else 1
+    if action == "send":
+        from medvision.pacs.scu import store
+
+        statuses = store(peer, args.paths, calling_ae=args.calling_ae)
+        failed = {p: s for p, s in statuses.items() if s != 0}
+        print(f"sent {len(statuses) - len(failed)} of {len(statuses)} file(s)")
+        for path, status in failed.items():
+            print(f"  {path}: status 0x{status & 0xFFFF:04X}")
+        return 1 if failed else 0
+    from medvision.pacs.scu import find
+
+    query = dict(item.split("=", 1) for item in args.match)
+    for key in ("StudyInstanceUID", "StudyDate", "ModalitiesInStudy"):
+        query.setdefault(key, "")
+    for match in find(peer, query, level=args.level, calling_ae=args.calling_ae):
+        print(json.dumps(match))
+    return 0

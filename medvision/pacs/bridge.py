@@ -1,0 +1,222 @@
+"""The PACS bridge: a Store SCP that spools studies, a worker that analyses them, a sender.
+
+Received instances are written durably before success is returned (see
+:mod:`medvision.pacs.store`). A study quiet for ``quiet_period_s`` is routed to a pipeline by
+the settings' rules, analysed like ``medvision analyze`` (report folder and audit record, the
+calling AE as the actor), turned into DICOM results (SR, SEG, overlays) and sent to the
+destination with retries. Everything is resumable after a crash or SIGKILL.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from pathlib import Path
+from typing import Any
+
+from medvision.analyze.batch import commit
+from medvision.analyze.runner import AnalyzeOptions, run_study
+from medvision.analyze.studies import choose_series, collect_studies
+from medvision.audit.log import AuditLog
+from medvision.audit.records import Auditor, Pseudonymizer
+from medvision.errors import MedvisionError, PacsError
+from medvision.infer import Predictor
+from medvision.pacs.config import BridgeConfig, Route
+from medvision.pacs.results import write_results
+from medvision.pacs.scu import store_path
+from medvision.pacs.store import BridgeStore, StudyJob
+
+__all__ = ["Bridge"]
+
+log = logging.getLogger(__name__)
+
+#: C-STORE failure status: "Cannot understand" (the dataset could not be parsed or is invalid).
+CANNOT_UNDERSTAND = 0xC210
+#: C-STORE failure status: "Out of resources" (the instance could not be stored).
+OUT_OF_RESOURCES = 0xA700
+
+
+def _validate(ds: Any) -> None:
+    """Raise ValueError unless the dataset can be filed and its pixel data is complete."""
+    from pydicom.pixels.utils import get_expected_length
+
+    for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"):
+        if not str(ds.get(keyword, "")).strip():
+            raise ValueError(f"missing {keyword}")
+    if "PixelData" in ds and not ds.file_meta.TransferSyntaxUID.is_compressed:
+        expected = get_expected_length(ds)
+        if len(ds.PixelData) < expected:
+            raise ValueError(f"pixel data truncated ({len(ds.PixelData)} of {expected} bytes)")
+
+
+class Bridge:
+    """One bridge over one work folder: ``start()`` listens and works; ``stop()`` ends both."""
+
+    def __init__(self, config: BridgeConfig, workdir: str | Path, *,
+                 audit_key: Path | None = None) -> None:
+        self.config = config
+        self.store = BridgeStore(workdir)
+        log_path = config.audit_log or self.store.workdir / "audit.sqlite"
+        self.pseudonymizer = Pseudonymizer.from_file(audit_key or log_path.with_name("audit.key"))
+        self.audit_log = AuditLog(log_path)
+        self._predictors: dict[str, Predictor] = {}
+        self._stop = threading.Event()
+        self._server: Any = None
+        self._worker: threading.Thread | None = None
+
+    # --- receiving -------------------------------------------------------------------------
+    def _on_store(self, event: Any) -> int:
+        calling = event.assoc.requestor.ae_title.strip()
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            _validate(ds)
+            data = event.encoded_dataset(include_meta=True)
+        except Exception as e:  # noqa: BLE001 - any decoding problem means "cannot understand"
+            log.warning("rejected an instance from %s: %s", calling, type(e).__name__ + (
+                f": {e}" if isinstance(e, ValueError) else ""))
+            return CANNOT_UNDERSTAND
+        try:
+            self.store.store_instance(study_uid=str(ds.StudyInstanceUID),
+                                      sop_uid=str(ds.SOPInstanceUID), data=data,
+                                      calling_ae=calling)
+        except (OSError, PacsError) as e:
+            log.error("could not store an instance from %s: %s", calling, e)
+            return OUT_OF_RESOURCES
+        return 0x0000
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        tls = self.config.tls
+        if tls is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(str(tls.certificate), str(tls.key))
+        if tls.ca is not None:
+            context.load_verify_locations(str(tls.ca))
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def start(self) -> None:
+        """Recover interrupted work, start listening, start the worker."""
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+        recovered = self.store.recover()
+        if recovered:
+            log.info("recovered %d study(ies) interrupted mid-analysis", recovered)
+        ae = AE(ae_title=self.config.ae_title)
+        ae.supported_contexts = AllStoragePresentationContexts
+        ae.add_supported_context(Verification)
+        if self.config.allowed_calling_aes:
+            ae.require_calling_aet = list(self.config.allowed_calling_aes)
+        ae.maximum_associations = 32
+        self._server = ae.start_server(
+            (self.config.host, self.config.port), block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store)], ssl_context=self._ssl_context())
+        self._worker = threading.Thread(target=self._work, name="medvision-bridge-worker",
+                                        daemon=True)
+        self._worker.start()
+        log.info("listening as %s on %s:%d", self.config.ae_title, self.config.host,
+                 self.config.port)
+
+    def stop(self) -> None:
+        """Stop listening and let the worker finish its current step."""
+        self._stop.set()
+        if self._server is not None:
+            self._server.shutdown()
+        if self._worker is not None:
+            self._worker.join(timeout=60)
+
+    # --- working ---------------------------------------------------------------------------
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self.store.claim_ready(self.config.quiet_period_s)
+                if job is not None:
+                    self._analyse(job)
+                self._send_due()
+            except Exception:  # noqa: BLE001 - the worker must keep running
+                log.exception("bridge worker step failed")
+            self._stop.wait(self.config.poll_interval_s)
+
+    def _predictor(self, pipeline: str) -> Predictor:
+        if pipeline not in self._predictors:
+            self._predictors[pipeline] = Predictor.from_pipeline(pipeline)
+        return self._predictors[pipeline]
+
+    def _route(self, study: Any) -> Route | None:
+        for route in self.config.routes:
+            for entry in study.candidates:
+                series = entry.series
+                if series is None:
+                    continue
+                if route.matches(series.modality, str(series.header.get("BodyPartExamined", "")),
+                                 str(series.header.get("SeriesDescription", ""))):
+                    return route
+        return None
+
+    def _analyse(self, job: StudyJob) -> None:
+        paths = self.store.instance_paths(job.study_uid)
+        studies = [s for s in collect_studies(paths, pseudonymizer=self.pseudonymizer)
+                   if s.candidates]
+        if not studies:
+            self.store.finish_analysis(job.study_uid, [], error="no readable image instances")
+            return
+        study = studies[0]
+        route = self._route(study)
+        if route is None:
+            log.info("%s: no route for this study; nothing to do", study.key)
+            self.store.finish_analysis(job.study_uid, [], error="no route matches the study")
+            return
+        try:
+            predictor = self._predictor(route.pipeline)
+            auditor = Auditor(self.audit_log, self.pseudonymizer,
+                              actor={"calling_ae": job.calling_ae, "via": self.config.ae_title})
+            outcome = run_study(study, predictor, self.store.results, AnalyzeOptions(),
+                                self.pseudonymizer)
+            commit(outcome, auditor, self.store.results)
+            report = outcome.report
+            outputs: list[tuple[str, Path, str]] = []
+            if report["status"] == "ok":
+                entry, _ = choose_series(study, predictor.pipeline)
+                assert entry is not None and entry.series is not None
+                import pydicom
+
+                sources = [pydicom.dcmread(p) for p in entry.series.paths]
+                order = {f.sop_instance_uid: i for i, f in enumerate(entry.series.frames)}
+                sources.sort(key=lambda ds: order.get(str(ds.SOPInstanceUID), 0))
+                folder = self.store.results / study.key
+                outputs = write_results(report, sources, folder, predictor.pipeline.classes,
+                                        folder / "dicom")
+            self.store.finish_analysis(job.study_uid, outputs,
+                                       error=None if report["status"] == "ok" else report["reason"])
+            log.info("%s: %s, %d result object(s) queued", study.key, report["status"], len(outputs))
+        except MedvisionError as e:
+            log.error("%s: analysis failed: %s", study.key, e)
+            self.store.finish_analysis(job.study_uid, [], error=str(e), failed=True)
+
+    def _send_due(self) -> None:
+        for item in self.store.due_outbox():
+            try:
+                store_path(self.config.destination, item.path, calling_ae=self.config.ae_title)
+            except (PacsError, OSError) as e:
+                self.store.mark_failed_send(item.sop_uid, str(e),
+                                            backoff_s=self.config.retry.backoff_s,
+                                            max_backoff_s=self.config.retry.max_backoff_s)
+                log.warning("sending a %s result failed (attempt %d): %s", item.kind,
+                            item.attempts + 1, e)
+                return  # the destination is unhappy: wait for the next round
+            self.store.mark_sent(item.sop_uid)
+
+    def serve_forever(self) -> None:
+        """Start, then block until SIGINT/SIGTERM."""
+        import signal
+
+        self.start()
+        stopped = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stopped.set())
+        while not stopped.wait(1.0):
+            pass
+        self.stop()

@@ -1,0 +1,282 @@
+"""The PACS bridge against real peers: dcmtk's storescu sends, a real Orthanc receives results."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import yaml
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from conftest import pydicom_test_files, require
+
+pytestmark = pytest.mark.integration
+
+RG1 = next(p for p in pydicom_test_files() if p.name == "RG1_UNCR.dcm")
+MEDVISION = str(Path(sys.executable).parent / "medvision")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(what)
+
+
+class Orthanc:
+    def __init__(self, root: Path) -> None:
+        require(shutil.which("Orthanc") is not None, "Orthanc is not installed (apt-get install orthanc)")
+        self.http, self.dicom = _free_port(), _free_port()
+        config = {"Name": "medvision-test", "StorageDirectory": str(root / "db"),
+                  "IndexDirectory": str(root / "db"), "HttpPort": self.http,
+                  "DicomPort": self.dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+                  "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
+                  "DicomAlwaysAllowStore": True, "Plugins": [], "HttpServerEnabled": True}
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "orthanc.json").write_text(json.dumps(config))
+        self.proc = subprocess.Popen(["Orthanc", str(root / "orthanc.json")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait(self._up, 60, "Orthanc did not start")
+
+    def _up(self) -> bool:
+        try:
+            self.get("/system")
+            return True
+        except OSError:
+            return False
+
+    def get(self, path: str) -> object:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=10) as r:
+            return json.loads(r.read())
+
+    def raw(self, path: str) -> bytes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=30) as r:
+            return r.read()
+
+    def instances_in_study(self, study_uid: str) -> list[dict]:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http}/tools/find", method="POST",
+            data=json.dumps({"Level": "Instance", "Query": {"StudyInstanceUID": study_uid},
+                             "Expand": True, "RequestedTags": ["Modality", "SOPClassUID"]}).encode())
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return json.loads(r.read())
+
+    def modalities(self, study_uid: str) -> list[str]:
+        out = []
+        for instance in self.instances_in_study(study_uid):
+            series = self.get(f"/series/{instance['ParentSeries']}")
+            out.append(series["MainDicomTags"].get("Modality", ""))
+        return out
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    server = Orthanc(tmp_path / "orthanc")
+    yield server
+    server.stop()
+
+
+class BridgeProcess:
+    def __init__(self, root: Path, orthanc: Orthanc) -> None:
+        self.port = _free_port()
+        self.workdir = root / "bridge"
+        self.config = root / "bridge.yaml"
+        settings = yaml.safe_load((Path(__file__).resolve().parents[2] / "docs" / "examples" /
+                                   "bridge.yaml").read_text())
+        settings.update(port=self.port, quiet_period_s=2,
+                        destination={"ae_title": "ORTHANC", "host": "127.0.0.1",
+                                     "port": orthanc.dicom})
+        self.config.write_text(yaml.safe_dump(settings))
+        self.log = root / "bridge.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        handle = self.log.open("a")
+        self.proc = subprocess.Popen([MEDVISION, "--log-level", "INFO", "pacs", "listen",
+                                      "--config", str(self.config), "--workdir", str(self.workdir)],
+                                     stdout=handle, stderr=handle)
+        _wait(lambda: subprocess.run(["echoscu", "-aet", "STORESCU", "-aec", "MEDVISION",
+                                      "127.0.0.1", str(self.port)], capture_output=True).returncode == 0,
+              120, "bridge did not start")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)
+
+    def storescu(self, files: list[Path], *, aet: str = "STORESCU") -> subprocess.CompletedProcess:
+        return subprocess.run(["storescu", "-aet", aet, "-aec", "MEDVISION", "127.0.0.1",
+                               str(self.port), *map(str, files)], capture_output=True, text=True)
+
+
+@pytest.fixture
+def bridge(tmp_path: Path, orthanc: Orthanc) -> Iterator[BridgeProcess]:
+    require(shutil.which("storescu") is not None, "dcmtk is not installed (apt-get install dcmtk)")
+    process = BridgeProcess(tmp_path, orthanc)
+    process.start()
+    yield process
+    process.stop()
+
+
+def _mr_series(nifti: Path, folder: Path) -> list[Path]:
+    """A real hippocampus MRI written as a DICOM MR series (one file per axial slice)."""
+    image = nib.as_closest_canonical(nib.load(nifti))
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    data = np.round(data / max(float(data.max()), 1.0) * 4000).astype(np.uint16)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ image.affine  # RAS -> LPS
+    study, series = generate_uid(), generate_uid()
+    folder.mkdir(parents=True)
+    paths = []
+    for k in range(data.shape[2]):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = MRImageStorage
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[study])
+        ds.PatientName, ds.PatientID, ds.Modality = "Bridge^Test", "BRIDGE-1", "MR"
+        ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = "20260101", 1, k + 1
+        column, row = affine[:3, 0], affine[:3, 1]
+        ds.ImageOrientationPatient = [*(column / np.linalg.norm(column)), *(row / np.linalg.norm(row))]
+        ds.ImagePositionPatient = list(affine[:3, :3] @ [0, 0, k] + affine[:3, 3])
+        ds.PixelSpacing = [float(np.linalg.norm(row)), float(np.linalg.norm(column))]
+        ds.SliceThickness = float(np.linalg.norm(affine[:3, 2]))
+        ds.Rows, ds.Columns = data.shape[1], data.shape[0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelData = np.ascontiguousarray(data[:, :, k].T).tobytes()
+        path = folder / f"{k:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def _chest(folder: Path) -> tuple[Path, str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = pydicom.dcmread(RG1)
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    path = folder / "chest.dcm"
+    ds.save_as(path)
+    return path, str(ds.StudyInstanceUID)
+
+
+def test_results_arrive_in_the_source_study(bridge: BridgeProcess, orthanc: Orthanc,
+                                           shared_data: Path, tmp_path: Path) -> None:
+    import highdicom as hd
+
+    chest, chest_study = _chest(tmp_path / "chest")
+    mr = _mr_series(sorted((shared_data / "hippocampus" / "images").glob("*.nii.gz"))[0],
+                    tmp_path / "mr")
+    ct = sorted((shared_data / "dicom" / "ct_head_tilt").glob("*.dcm"))
+    for files in ([chest], mr, ct):
+        result = bridge.storescu(files)
+        assert result.returncode == 0, result.stderr
+    mr_study = str(pydicom.dcmread(mr[0]).StudyInstanceUID)
+    _wait(lambda: "SR" in orthanc.modalities(chest_study), 300, "no SR for the radiograph")
+    _wait(lambda: {"SR", "SEG"} <= set(orthanc.modalities(mr_study)), 300, "no SR/SEG for the MR")
+    assert "OT" in orthanc.modalities(chest_study)  # the saliency overlay, not for diagnosis
+    seg_instance = next(i for i in orthanc.instances_in_study(mr_study)
+                        if orthanc.get(f"/series/{i['ParentSeries']}")["MainDicomTags"]
+                        ["Modality"] == "SEG")
+    (tmp_path / "seg.dcm").write_bytes(orthanc.raw(f"/instances/{seg_instance['ID']}/file"))
+    seg = hd.seg.segread(tmp_path / "seg.dcm")
+    sources = {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread, mr)}
+    referenced = seg.ReferencedSeriesSequence[0]
+    assert referenced.SeriesInstanceUID == pydicom.dcmread(mr[0]).SeriesInstanceUID
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    np.testing.assert_allclose(
+        [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient],
+        [float(v) for v in pydicom.dcmread(mr[0]).ImageOrientationPatient], atol=1e-4)
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        np.testing.assert_allclose(
+            [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient],
+            [float(v) for v in sources[uid].ImagePositionPatient], atol=1e-3)
+    status = subprocess.run([MEDVISION, "pacs", "status", "--workdir", str(bridge.workdir),
+                             "--json"], capture_output=True, text=True, check=True)
+    states = {s["state"] for s in json.loads(status.stdout)["studies"]}
+    assert states <= {"done", "sending"}
+
+
+def test_sigkill_and_restart_lose_nothing(bridge: BridgeProcess, orthanc: Orthanc,
+                                          tmp_path: Path) -> None:
+    studies = []
+    for i in range(3):
+        path, uid = _chest(tmp_path / f"c{i}")
+        studies.append(uid)
+        assert bridge.storescu([path]).returncode == 0  # acknowledged
+    bridge.kill()  # before the quiet period ends: nothing analysed yet
+    spooled = list((bridge.workdir / "spool").rglob("*.dcm"))
+    assert len(spooled) == 3
+    bridge.start()
+    _wait(lambda: "processing" in (bridge.log.read_text()) or True, 5, "")
+    time.sleep(3)
+    bridge.kill()  # possibly in the middle of an analysis
+    bridge.start()
+    for uid in studies:
+        _wait(lambda uid=uid: orthanc.modalities(uid).count("SR") >= 1, 300, "no SR after restart")
+    time.sleep(4)  # let any duplicate arrive, if one were going to
+    for uid in studies:
+        assert orthanc.modalities(uid).count("SR") == 1
+        assert orthanc.modalities(uid).count("CR") == 0  # only results go to Orthanc
+
+
+def test_unknown_calling_ae_is_rejected(bridge: BridgeProcess, tmp_path: Path) -> None:
+    chest, _ = _chest(tmp_path / "x")
+    result = bridge.storescu([chest], aet="INTRUDER")
+    assert result.returncode != 0
+    assert "Rejected" in result.stderr or "rejected" in result.stderr.lower()
+
+
+def test_corrupt_instance_gets_a_failure_status(bridge: BridgeProcess, tmp_path: Path) -> None:
+    from pynetdicom import AE
+
+    ds = pydicom.dcmread(RG1)
+    ds.PatientName = "Corrupt^Secret"
+    ds.PixelData = ds.PixelData[:1000]  # truncated in transit
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", bridge.port, ae_title="MEDVISION")
+    assert assoc.is_established
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0xC210
+    time.sleep(0.5)
+    log = bridge.log.read_text()
+    assert "rejected an instance from STORESCU" in log
+    assert "Corrupt" not in log and "Secret" not in log
