@@ -227,6 +227,20 @@ def test_results_arrive_in_the_source_study(bridge: BridgeProcess, orthanc: Orth
         np.testing.assert_allclose(
             [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient],
             [float(v) for v in sources[uid].ImagePositionPatient], atol=1e-3)
+    # No patient identity in the bridge's log, reports or audit store (the spool and the DICOM
+    # results sent back to the PACS carry it by design).
+    texts = [bridge.log.read_text()]
+    for path in bridge.workdir.rglob("*"):
+        if path.is_file() and "spool" not in path.parts and path.suffix != ".dcm":
+            data = path.read_bytes()
+            if path.suffix == ".gz":
+                import gzip
+
+                data = gzip.decompress(data)
+            texts.append(data.decode("latin-1"))
+    haystack = "\n".join(texts)
+    for secret in ("Bridge^Test", "Bridge Test", "BRIDGE-1"):
+        assert secret not in haystack
     status = subprocess.run([MEDVISION, "pacs", "status", "--workdir", str(bridge.workdir),
                              "--json"], capture_output=True, text=True, check=True)
     states = {s["state"] for s in json.loads(status.stdout)["studies"]}
