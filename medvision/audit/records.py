@@ -21,17 +21,9 @@ from typing import Any
 
 from medvision.audit.log import AuditLog
 from medvision.errors import AuditError
+from medvision.hashing import file_sha256
 
 __all__ = ["AuditRecord", "Auditor", "Pseudonymizer", "file_sha256", "local_actor"]
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Pseudonymizer:

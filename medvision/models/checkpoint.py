@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 from medvision.errors import CheckpointError
+from medvision.hashing import file_sha256
 
 __all__ = ["load_weights", "save_weights", "weights_sha256"]
 
 
 def weights_sha256(path: str | os.PathLike[str]) -> str:
     """SHA-256 of a weights file, hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def save_weights(model: Any, path: str | os.PathLike[str], *,
