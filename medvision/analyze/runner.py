@@ -24,11 +24,12 @@ from typing import Any
 
 from medvision import __version__
 from medvision.analyze.studies import Study, choose_series
-from medvision.audit.records import Pseudonymizer, file_sha256
+from medvision.audit.records import Pseudonymizer
 from medvision.config import config_hash
 from medvision.errors import DataError, MedvisionError
 from medvision.explain import deletion_curve, explain
 from medvision.explain.saliency import explained_model
+from medvision.hashing import file_sha256
 from medvision.infer import Predictor
 from medvision.infer.qc import QCFlag, check_input
 from medvision.io import SourceEntry, Volume, write_volume

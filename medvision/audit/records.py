@@ -23,7 +23,7 @@ from medvision.audit.log import AuditLog
 from medvision.errors import AuditError
 from medvision.hashing import file_sha256
 
-__all__ = ["AuditRecord", "Auditor", "Pseudonymizer", "file_sha256", "local_actor"]
+__all__ = ["AuditRecord", "Auditor", "Pseudonymizer", "local_actor"]
 
 
 class Pseudonymizer:
