@@ -65,12 +65,14 @@ def run_mode(pipeline: str, mode: str, files: list[str]) -> dict[str, float]:
             times.append(time.perf_counter() - t0)
     elif mode == "analyze":
         from medvision.analyze import analyze
+        from medvision.audit import AuditLog, Auditor, Pseudonymizer
 
         with tempfile.TemporaryDirectory() as tmp:
-            analyze([files[0]], predictor, Path(tmp) / "warm")
+            auditor = Auditor(AuditLog(Path(tmp) / "audit.sqlite"), Pseudonymizer(b"b" * 32))
+            analyze([files[0]], predictor, Path(tmp) / "warm", auditor=auditor)
             for f in files:
                 t0 = time.perf_counter()
-                analyze([f], predictor, Path(tmp) / Path(f).name)
+                analyze([f], predictor, Path(tmp) / Path(f).name, auditor=auditor)
                 times.append(time.perf_counter() - t0)
         times.insert(0, times[0])
     else:
