@@ -83,6 +83,17 @@ def _wait_port(port: int) -> None:
     raise SystemExit("server did not start")
 
 
+def _serve_and_send(server: list[str], port: int, called: str,
+                    groups: list[list[Path]]) -> float:
+    """Start a receiving server, send every group to it at once, stop it; seconds taken."""
+    proc = subprocess.Popen(server, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port)
+        return _send_all(port, called, groups)
+    finally:
+        proc.kill()
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--associations", type=int, default=10)
@@ -97,27 +108,17 @@ def main(argv: list[str]) -> int:
         groups = _files(tmp / "in", args.associations, args.instances)
         port = _port()
         (tmp / "dcmtk").mkdir()
-        ref = subprocess.Popen(["storescp", "--fork", "-od", str(tmp / "dcmtk"), str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            _wait_port(port)
-            dcmtk_s = _send_all(port, "ANY-SCP", groups)
-        finally:
-            ref.kill()
+        dcmtk_s = _serve_and_send(["storescp", "--fork", "-od", str(tmp / "dcmtk"), str(port)],
+                                  port, "ANY-SCP", groups)
         received = len(list((tmp / "dcmtk").glob("*")))
         port = _port()
         config = {"ae_title": "MEDVISION", "port": port, "quiet_period_s": 3600,
                   "destination": {"ae_title": "NOWHERE", "port": 9},
                   "routes": [{"pipeline": "chest-xray-pneumonia", "modalities": ["XX"]}]}
         (tmp / "bridge.yaml").write_text(yaml.safe_dump(config))
-        bridge = subprocess.Popen([str(BIN / "medvision"), "pacs", "listen", "--config",
-                                   str(tmp / "bridge.yaml"), "--workdir", str(tmp / "bridge")],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            _wait_port(port)
-            ours_s = _send_all(port, "MEDVISION", groups)
-        finally:
-            bridge.kill()
+        ours_s = _serve_and_send([str(BIN / "medvision"), "pacs", "listen", "--config",
+                                  str(tmp / "bridge.yaml"), "--workdir", str(tmp / "bridge")],
+                                 port, "MEDVISION", groups)
         stored = len(list((tmp / "bridge" / "spool").rglob("*.dcm")))
     print(f"{args.associations} associations x {args.instances} instances: storescp "
           f"{total / dcmtk_s:.0f} inst/s ({received} stored), medvision bridge "

@@ -22,6 +22,7 @@ from typing import Any
 
 from medvision.analyze.runner import AnalyzeOptions, StudyOutcome, run_study
 from medvision.analyze.studies import Study, collect_studies
+from medvision.atomic import write_text_atomic
 from medvision.audit.records import Auditor, AuditRecord
 from medvision.errors import AuditError
 from medvision.infer import Predictor
@@ -175,7 +176,5 @@ def analyze(inputs: Iterable[str | os.PathLike[str]], predictor: Predictor,
                                                     "reason"])
         writer.writeheader()
         writer.writerows(rows)
-    tmp = out / "summary.html.tmp"
-    tmp.write_text(summary_html(rows, predictor.pipeline.name))
-    os.replace(tmp, out / "summary.html")
+    write_text_atomic(out / "summary.html", summary_html(rows, predictor.pipeline.name))
     return results

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -24,6 +23,7 @@ from typing import Any
 
 from medvision import __version__
 from medvision.analyze.studies import Study, choose_series
+from medvision.atomic import write_text_atomic
 from medvision.audit.records import Pseudonymizer
 from medvision.config import config_hash
 from medvision.errors import DataError, MedvisionError
@@ -74,12 +74,6 @@ def _software() -> dict[str, str]:
     return {"medvision": __version__, "torch": torch.__version__, "monai": monai.__version__,
             "captum": captum.__version__, "pydicom": pydicom.__version__,
             "numpy": numpy.__version__, "python": sys.version.split()[0]}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _input_section(study: Study, entry: SourceEntry | None, volume: Volume | None) -> dict[str, Any]:
@@ -194,8 +188,8 @@ def _finish(study: Study, predictor: Predictor, folder: Path, body: dict[str, An
         "timings": {k: round(v, 4) for k, v in timings.items()}, "software": _software(),
     }
     validate_report(report)
-    _atomic_write(folder / "report.html", study_html(report, images, card_sections(predictor.folder)))
-    _atomic_write(folder / "report.json", json.dumps(report, indent=2))
+    write_text_atomic(folder / "report.html", study_html(report, images, card_sections(predictor.folder)))
+    write_text_atomic(folder / "report.json", json.dumps(report, indent=2))
     return report
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medvision.atomic import write_text_atomic
 from medvision.errors import AuditError
 
 __all__ = ["AuditLog", "Verification", "canonical_json"]
@@ -112,10 +113,8 @@ class AuditLog:
         return {"seq": seq, "hash": digest}
 
     def _write_head(self, seq: int, digest: str) -> None:
-        tmp = self.head_path.with_name(self.head_path.name + ".tmp")
         try:
-            tmp.write_text(json.dumps({"records": seq, "hash": digest}))
-            os.replace(tmp, self.head_path)
+            write_text_atomic(self.head_path, json.dumps({"records": seq, "hash": digest}))
         except OSError as e:
             raise AuditError(f"{self.head_path}: cannot write the log head ({e})") from e
 

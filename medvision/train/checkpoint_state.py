@@ -10,16 +10,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from medvision.atomic import write_text_atomic
 from medvision.errors import CheckpointError
 from medvision.models import load_weights, save_weights
 
 __all__ = ["load_training_state", "save_training_state"]
-
-
-def _atomic_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
 
 
 def save_training_state(run_dir: Path, *, model: Any, optimizer: Any, scheduler: Any,
@@ -42,12 +37,12 @@ def save_training_state(run_dir: Path, *, model: Any, optimizer: Any, scheduler:
     tmp = run_dir / "optimizer.safetensors.tmp"
     save_file(tensors, str(tmp))
     os.replace(tmp, run_dir / "optimizer.safetensors")
-    _atomic_json(run_dir / "state.json", {
+    write_text_atomic(run_dir / "state.json", json.dumps({
         **state,
         "optimizer_param_groups": opt["param_groups"],
         "optimizer_scalars": scalars,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-    })
+    }, indent=2))
 
 
 def load_training_state(run_dir: Path, *, model: Any, optimizer: Any,

@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from medvision.config import Pipeline, load_pipeline
 from medvision.errors import CheckpointError, ConfigError
 from medvision.infer.qc import FeatureGuard
@@ -48,8 +50,6 @@ def fit_guard(pipeline: Pipeline, weights: str | os.PathLike[str], split: DataSp
     guard = FeatureGuard.fit(train_features, layer=layer, quantile=pipeline.qc.quantile)
     val_images = (batch["image"] for batch in _loader(pipeline, split.val))
     val_distances = guard.distance(FeatureGuard.features(model, layer, val_images))
-    import numpy as np
-
     threshold = float(np.quantile(val_distances, pipeline.qc.quantile))
     log.info("OOD guard on %s: %d training features, threshold %.2f", layer,
              len(train_features), threshold)

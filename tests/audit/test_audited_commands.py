@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pydicom
-import pytest
 
 from medvision.audit import AuditLog
 from medvision.cli.main import main
