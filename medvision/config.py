@@ -92,6 +92,8 @@ class AugmentConfig(_Strict):
     noise_std: float = 0.0
     gamma: tuple[float, float] | None = None
     intensity_shift: float = 0.0
+    blur_sigma: tuple[float, float] | None = Field(
+        default=None, description="Gaussian smoothing, sigma range in voxels (sharpness shifts)")
 
 
 class ModelConfig(_Strict):
@@ -129,6 +131,12 @@ class TrainingConfig(_Strict):
     threads: int | None = Field(default=None, ge=1)
     val_metric: Literal["auc", "accuracy", "dice", "loss"] | None = None
     balanced_sampling: bool = False
+    swa_epochs: int = Field(
+        default=0, ge=0,
+        description="stochastic weight averaging: average the weights of the last N epochs, "
+                    "run at a constant learning rate; the average becomes best.safetensors")
+    swa_lr: float = Field(default=0.25, gt=0, le=1,
+                          description="learning rate of the averaging epochs, times optimizer.lr")
 
 
 class InferenceConfig(_Strict):
@@ -202,6 +210,9 @@ class Pipeline(_Strict):
         if spacing is not None and len(spacing) != self.spatial_dims:
             raise ValueError(f"preprocess.spacing has {len(spacing)} values for spatial_dims "
                              f"{self.spatial_dims}")
+        if self.training.swa_epochs >= self.training.epochs:
+            raise ValueError(f"training.swa_epochs ({self.training.swa_epochs}) must be fewer "
+                             f"than training.epochs ({self.training.epochs})")
         weights = self.loss.class_weights
         if weights is not None and len(weights) != len(self.classes):
             raise ValueError(f"loss.class_weights has {len(weights)} values for "

@@ -42,8 +42,10 @@ def run(args: argparse.Namespace) -> int:
 
     pipeline = load_pipeline(args.pipeline)
     if args.epochs:
-        pipeline = pipeline.model_copy(
-            update={"training": pipeline.training.model_copy(update={"epochs": args.epochs})})
+        # Averaging needs at least one ordinary epoch before it; a short override keeps that.
+        swa = min(pipeline.training.swa_epochs, args.epochs - 1)
+        pipeline = pipeline.model_copy(update={"training": pipeline.training.model_copy(
+            update={"epochs": args.epochs, "swa_epochs": swa})})
     if pipeline.data.layout == "npz":
         split = DataSplit(train=tuple(discover_items(pipeline, args.data, split="train")),
                           val=tuple(discover_items(pipeline, args.data, split="val")))

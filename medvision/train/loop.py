@@ -4,7 +4,10 @@ Outputs in the run folder:
 
 * ``last.safetensors``, ``optimizer.safetensors``, ``state.json``: resumable state, written
   atomically after every epoch;
-* ``best.safetensors``: weights of the best epoch by the validation metric;
+* ``best.safetensors``: weights of the best epoch by the validation metric, or with
+  ``training.swa_epochs`` the average of the last epochs' weights (batch-norm statistics
+  recomputed), the best single epoch then kept as ``best_epoch.safetensors``;
+* ``swa.safetensors``: the running weight average (resumable);
 * ``metrics.csv``: one row per epoch;
 * ``pipeline.yaml``: the resolved pipeline, and ``split.json``: which items validated.
 """
@@ -25,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from medvision.atomic import write_text_atomic
 from medvision.config import Pipeline, config_hash
 from medvision.errors import CheckpointError, ConfigError
 from medvision.models import build_model, load_weights, save_weights
@@ -33,7 +37,10 @@ from medvision.train.checkpoint_state import load_training_state, save_training_
 from medvision.train.data import DataSplit
 from medvision.transforms import build_transforms
 
-__all__ = ["TrainResult", "train"]
+__all__ = ["SWA_FILE", "TrainResult", "train"]
+
+SWA_FILE = "swa.safetensors"
+BEST_EPOCH_FILE = "best_epoch.safetensors"
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +86,13 @@ def _optimizer(pipeline: Pipeline, params: Any) -> Any:
 def _scheduler(pipeline: Pipeline, optimizer: Any) -> Any:
     import torch
 
-    epochs, warmup = pipeline.training.epochs, pipeline.schedule.warmup_epochs
+    cfg = pipeline.training
+    epochs, warmup = cfg.epochs - cfg.swa_epochs, pipeline.schedule.warmup_epochs
     name = pipeline.schedule.name
 
     def factor(epoch: int) -> float:
+        if epoch >= epochs:  # the averaging epochs run at a constant rate
+            return cfg.swa_lr
         if epoch < warmup:
             return (epoch + 1) / (warmup + 1)
         if name == "constant":
@@ -279,23 +289,90 @@ def train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str],
                          metadata={"pipeline": pipeline.name, "epoch": str(epoch)})
         else:
             state["stale_epochs"] += 1
+        if epoch > cfg.epochs - cfg.swa_epochs:
+            state["swa_count"] = _accumulate_average(model, run / SWA_FILE,
+                                                     state.get("swa_count", 0))
         state["epoch"] = epoch
         state["seconds"] = state.get("seconds", 0.0) + train_seconds
         state["config_hash"] = config_hash(pipeline)
         save_training_state(run, model=model, optimizer=optimizer, scheduler=scheduler,
                             state=state)
         log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
-        if cfg.early_stopping_patience and state["stale_epochs"] >= cfg.early_stopping_patience:
+        if (cfg.early_stopping_patience and state["stale_epochs"] >= cfg.early_stopping_patience
+                and epoch <= cfg.epochs - cfg.swa_epochs):
             log.info("early stopping after epoch %d", epoch)
             break
-    if not (run / "best.safetensors").exists():
+    if not (run / "best.safetensors").exists() and not (run / BEST_EPOCH_FILE).exists():
         save_weights(model, run / "best.safetensors")
+    if state.get("swa_count") and "swa" not in state:
+        t0 = time.perf_counter()
+        state["swa"] = _finish_average(pipeline, model, run, train_loader, val_loader, loss_fn,
+                                       count=state["swa_count"])
+        state["best_metric"] = state["swa"][metric]
+        state["seconds"] = state.get("seconds", 0.0) + time.perf_counter() - t0
+        write_text_atomic(run / "state.json", json.dumps(
+            {**json.loads((run / "state.json").read_text()), **{
+                k: state[k] for k in ("swa", "best_metric", "seconds")}}, indent=2))
     if pipeline.task == "classification":
         _calibrate(model, run, val_loader)
     return TrainResult(run_dir=run, epochs_run=state["epoch"], best_epoch=state["best_epoch"],
                        best_metric=float(state["best_metric"] or float("nan")),
                        history=tuple(state["history"]),
                        seconds=float(state.get("seconds", 0.0)))
+
+
+def _accumulate_average(model: Any, path: Path, count: int) -> int:
+    """Fold the model's current floating-point parameters into the running average kept in
+    ``path`` (a safetensors file, so the average survives an interruption); returns the new
+    count of averaged epochs."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    current = {k: v.detach().clone() for k, v in model.state_dict().items()
+               if torch.is_floating_point(v)}
+    if count and path.is_file():
+        average = load_file(str(path))
+        for key, value in current.items():
+            current[key] = average[key] + (value - average[key]) / (count + 1)
+    else:
+        count = 0
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in current.items()}, str(tmp))
+    os.replace(tmp, path)
+    return count + 1
+
+
+def _finish_average(pipeline: Pipeline, model: Any, run: Path, train_loader: Any,
+                    val_loader: Any, loss_fn: Any, *, count: int) -> dict[str, float]:
+    """Load the averaged weights, recompute batch-norm statistics with one pass over the
+    training data (an average of weights has no matching running statistics), validate, and
+    make the average ``best.safetensors``; the best single epoch stays as
+    ``best_epoch.safetensors``."""
+    import torch
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(run / SWA_FILE)), strict=False)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if norms:
+        momenta = {}
+        for module in norms:
+            module.reset_running_stats()
+            momenta[module] = module.momentum
+            module.momentum = None  # a cumulative average over the pass
+        model.train()
+        with torch.no_grad():
+            for batch in train_loader:
+                model(batch["image"])
+        for module, momentum in momenta.items():
+            module.momentum = momentum
+    val = evaluate_batches(pipeline, model, val_loader, loss_fn)
+    if not (run / BEST_EPOCH_FILE).exists():
+        os.replace(run / "best.safetensors", run / BEST_EPOCH_FILE)
+    save_weights(model, run / "best.safetensors",
+                 metadata={"pipeline": pipeline.name, "epoch": f"average of last {count}"})
+    log.info("weight average of the last %d epochs: %s", count,
+             {k: round(v, 4) for k, v in val.items()})
+    return val
 
 
 def _calibrate(model: Any, run: Path, val_loader: Any) -> None:

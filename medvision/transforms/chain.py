@@ -149,6 +149,10 @@ def augment_transforms(pipeline: Pipeline) -> list[Any]:
         chain.append(mt.RandAdjustContrastd("image", prob=aug.prob, gamma=aug.gamma))
     if aug.intensity_shift:
         chain.append(mt.RandShiftIntensityd("image", offsets=aug.intensity_shift, prob=aug.prob))
+    if aug.blur_sigma:
+        low, high = aug.blur_sigma
+        chain.append(mt.RandGaussianSmoothd("image", sigma_x=(low, high), sigma_y=(low, high),
+                                            sigma_z=(low, high), prob=aug.prob / 2))
     if aug.noise_std:
         chain.append(mt.RandGaussianNoised("image", prob=aug.prob, std=aug.noise_std))
     return chain

@@ -125,3 +125,65 @@ def test_transfer_learning_with_frozen_layers(shared_data: Path, tmp_path: Path)
     assert torch.equal(before["conv1.weight"], after["conv1.weight"])
     assert torch.equal(before["layer1.0.conv1.weight"], after["layer1.0.conv1.weight"])
     assert not torch.equal(before["layer4.0.conv1.weight"], after["layer4.0.conv1.weight"])
+
+
+def test_weight_average_of_last_epochs(shared_data: Path, tmp_path: Path) -> None:
+    """swa_epochs: the last epochs run at the constant averaging rate, their weights are
+    averaged (batch-norm statistics recomputed) and the average becomes best.safetensors."""
+    import yaml
+    from safetensors.torch import load_file
+
+    data = _tiny_chest(shared_data, tmp_path, per_class=6)
+    spec = yaml.safe_load((Path("pipelines") / "chest-xray-pneumonia" / "pipeline.yaml")
+                          .read_text())
+    spec["preprocess"]["size"] = [64, 64]
+    spec["training"].update(epochs=3, swa_epochs=2, swa_lr=0.5, early_stopping_patience=1)
+    spec["schedule"] = {"name": "cosine", "warmup_epochs": 0}
+    pipeline_file = tmp_path / "pipeline.yaml"
+    pipeline_file.write_text(yaml.safe_dump(spec))
+    run = tmp_path / "run"
+    assert main(["train", str(pipeline_file), "--data", str(data), "-o", str(run)]) == 0
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert len(rows) == 3  # early stopping does not cut the averaging epochs short
+    lr = spec["optimizer"]["lr"]
+    # metrics.csv logs the rate after the epoch's scheduler step: epochs 2 and 3 use 0.5 * lr
+    assert float(rows[0]["lr"]) == pytest.approx(0.5 * lr)
+    assert float(rows[1]["lr"]) == pytest.approx(0.5 * lr)
+    state = json.loads((run / "state.json").read_text())
+    assert state["swa_count"] == 2 and 0.0 <= state["swa"]["accuracy"] <= 1.0
+    assert state["best_metric"] == state["swa"]["loss"]
+    best, last = load_file(str(run / "best.safetensors")), load_file(str(run / "last.safetensors"))
+    average = load_file(str(run / "swa.safetensors"))
+    assert (run / "best_epoch.safetensors").is_file()
+    assert torch.equal(best["layer4.0.conv1.weight"], average["layer4.0.conv1.weight"])
+    assert not torch.equal(best["layer4.0.conv1.weight"], last["layer4.0.conv1.weight"])
+    # batch-norm statistics were recomputed for the averaged weights, not averaged
+    assert not torch.allclose(best["bn1.running_mean"], average["bn1.running_mean"])
+    assert (run / "calibration.json").is_file()
+    # a finished run resumes to nothing new: the average is not folded in again
+    assert main(["train", str(pipeline_file), "--data", str(data), "-o", str(run),
+                 "--resume"]) == 0
+    assert torch.equal(load_file(str(run / "best.safetensors"))["layer4.0.conv1.weight"],
+                       best["layer4.0.conv1.weight"])
+
+
+def test_running_average_is_exact_and_restartable(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from medvision.train.loop import _accumulate_average
+
+    model = torch.nn.Linear(3, 2)
+    seen = []
+    count = 0
+    for value in (1.0, 2.0, 6.0):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        seen.append(value)
+        count = _accumulate_average(model, tmp_path / "swa.safetensors", count)
+    assert count == 3
+    average = load_file(str(tmp_path / "swa.safetensors"))
+    assert torch.allclose(average["weight"], torch.full((2, 3), 3.0))
+    # a count of 0 starts afresh even if an old file is there
+    assert _accumulate_average(model, tmp_path / "swa.safetensors", 0) == 1
+    assert torch.allclose(load_file(str(tmp_path / "swa.safetensors"))["weight"],
+                          torch.full((2, 3), 6.0))
