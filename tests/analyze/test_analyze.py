@@ -76,7 +76,7 @@ def test_chest_batch_with_bad_files(chest_batch: Path, tmp_path: Path, capsys) -
     for key, report in reports.items():
         jsonschema.validate(report, schema)
         _check_html(out / key)
-    for key, report in reports.items():
+    for report in reports.values():
         if report["status"] != "ok":
             continue
         probabilities = report["prediction"]["probabilities"]

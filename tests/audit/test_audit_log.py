@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from medvision.audit import AuditLog, AuditRecord, Auditor, Pseudonymizer
+from medvision.audit import AuditLog, Auditor, AuditRecord, Pseudonymizer
 from medvision.cli.main import main
 from medvision.errors import AuditError
 

@@ -15,7 +15,6 @@ from medvision.cli.main import main
 from medvision.errors import GeometryError
 from medvision.io import read_volume
 
-
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -75,5 +75,5 @@ def test_segmentation_summary() -> None:
 def test_temperature_recovers_known_scale() -> None:
     rng = np.random.default_rng(0)
     true_logits = rng.normal(0, 2, (4000, 3))
-    labels = np.array([rng.choice(3, p=np.exp(l) / np.exp(l).sum()) for l in true_logits])
+    labels = np.array([rng.choice(3, p=np.exp(row) / np.exp(row).sum()) for row in true_logits])
     assert fit_temperature(true_logits * 3.0, labels) == pytest.approx(3.0, rel=0.1)
