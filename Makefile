@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.medvision-installed
 DEMO_OUT ?= demo_out
 
-.PHONY: setup demo test test-all bench sample-data clean
+.PHONY: setup demo test test-all bench sample-data clean model-chest model-hippocampus model-adrenal
 
 setup: $(STAMP)
 
@@ -35,6 +35,26 @@ test-all: setup
 
 bench: setup
 	$(BIN)/python bench/bench_io.py
+
+# Reproduce a shipped model from its pipeline file: train (resuming an interrupted run in
+# $(RUNS)/<name>), publish into pipelines/<name>/, evaluate on the validation split.
+DATA ?= ../shared/data
+RUNS ?= runs
+define reproduce
+	$(BIN)/medvision train $(1) --data $(2) -o $(RUNS)/$(1) \
+		$$(test -f $(RUNS)/$(1)/state.json && echo --resume)
+	$(BIN)/medvision publish $(RUNS)/$(1) --pipeline $(1) --data $(2)
+	$(BIN)/medvision evaluate $(1) --data $(2) --split val -o $(RUNS)/$(1)-eval-val --force
+endef
+
+model-chest: setup
+	$(call reproduce,chest-xray-pneumonia,$(DATA)/chest_xray/train)
+
+model-hippocampus: setup
+	$(call reproduce,hippocampus-seg,$(DATA)/hippocampus)
+
+model-adrenal: setup
+	$(call reproduce,adrenal-3d,$(DATA)/adrenalmnist3d/adrenalmnist3d_64.npz)
 
 sample-data: setup
 	$(BIN)/python sample_data/make_sample_data.py
