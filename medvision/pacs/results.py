@@ -4,6 +4,8 @@
   probabilities or the segmented volumes, with the algorithm's name and version.
 * Segmentation (highdicom), aligned frame by frame with the source series, for segmentation
   pipelines on a regular series.
+* Parametric Map (highdicom) of the saliency volume (float32, real-world value mapping "no
+  units") on the source series' frames, for 3D inputs.
 * Secondary Capture key images with the saliency overlay, marked as derived and not for
   diagnosis (burned-in annotation YES).
 
@@ -116,6 +118,32 @@ def _seg(report: dict[str, Any], sources: list[Any], mask: np.ndarray,
     return str(seg.SOPInstanceUID)
 
 
+def _parametric_map(report: dict[str, Any], sources: list[Any], saliency: np.ndarray,
+                    seed: Sequence[str], path: Path) -> str:
+    """The saliency volume as a float Parametric Map on the source series' frames."""
+    import highdicom as hd
+    from pydicom.sr.coding import Code
+
+    name, version = _algorithm(report)
+    method = report["saliency"]["method"]
+    frames = np.ascontiguousarray(np.transpose(saliency, (2, 1, 0)), dtype=np.float32)
+    low, high = float(frames.min()), float(frames.max())
+    mapping = hd.pm.RealWorldValueMapping(
+        lut_label="saliency", lut_explanation=f"{method} attribution"[:64],
+        unit=Code("1", "UCUM", "no units"), value_range=(low, high), slope=1.0, intercept=0.0)
+    pm = hd.pm.ParametricMap(
+        source_images=sources, pixel_array=frames, series_instance_uid=_uid(seed, "pm-series"),
+        series_number=9904, sop_instance_uid=_uid(seed, "pm"), instance_number=1,
+        manufacturer="medvision", manufacturer_model_name=name, software_versions=version,
+        device_serial_number="0", contains_recognizable_visual_features=False,
+        real_world_value_mappings=[mapping], window_center=(low + high) / 2,
+        window_width=max(high - low, 1e-6), content_label="SALIENCY",
+        content_description=f"{method} saliency, not for diagnostic use"[:64],
+        series_description=f"{name} saliency map - NOT FOR DIAGNOSTIC USE")
+    pm.save_as(path)
+    return str(pm.SOPInstanceUID)
+
+
 def _ai_family() -> Any:
     from pydicom.sr.codedict import codes
 
@@ -208,6 +236,14 @@ def write_results(report: dict[str, Any], sources: list[Any], study_dir: Path,
                 uid = _seg(report, sources, mask, classes, seed, out_dir / "seg.dcm")
                 if uid:
                     written.append((uid, out_dir / "seg.dcm", "SEG"))
+        saliency_file = (report.get("saliency") or {}).get("files", {}).get("nifti")
+        if saliency_file and len(sources) > 1:
+            from medvision.io import read_volume
+
+            saliency = np.asarray(read_volume(study_dir / saliency_file).array[0])
+            if saliency.ndim == 3 and saliency.shape[2] == len(sources):
+                uid = _parametric_map(report, sources, saliency, seed, out_dir / "pm.dcm")
+                written.append((uid, out_dir / "pm.dcm", "PM"))
         for index, png in enumerate(sorted(study_dir.glob("overlay_*.png"))):
             target = out_dir / f"overlay_{index}.dcm"
             written.append((_overlay(report, sources[len(sources) // 2], png, seed, index, target),

@@ -226,6 +226,24 @@ def test_results_arrive_in_the_source_study(bridge: BridgeProcess, orthanc: Orth
         np.testing.assert_allclose(
             [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient],
             [float(v) for v in sources[uid].ImagePositionPatient], atol=1e-3)
+    # The saliency volume as a Parametric Map on the same frames
+    def parametric_maps() -> list[dict]:
+        return [i for i in orthanc.instances_in_study(mr_study)
+                if orthanc.get(f"/instances/{i['ID']}/simplified-tags")["SOPClassUID"]
+                == "1.2.840.10008.5.1.4.1.1.30"]
+
+    _wait(lambda: bool(parametric_maps()), 120, "no Parametric Map for the MR")
+    (tmp_path / "pm.dcm").write_bytes(orthanc.raw(f"/instances/{parametric_maps()[0]['ID']}/file"))
+    pm = pydicom.dcmread(tmp_path / "pm.dcm")
+    assert int(pm.NumberOfFrames) == len(mr)
+    assert pm.ContentLabel == "SALIENCY" and pm.pixel_array.dtype == np.float32
+    assert float(pm.pixel_array.max()) > float(pm.pixel_array.min())
+    positions = {uid: [float(v) for v in ds.ImagePositionPatient] for uid, ds in sources.items()}
+    for frame in pm.PerFrameFunctionalGroupsSequence:
+        uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        np.testing.assert_allclose(
+            [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient],
+            positions[uid], atol=1e-3)
     # No patient identity in the bridge's log, reports or audit store (the spool and the DICOM
     # results sent back to the PACS carry it by design).
     texts = [bridge.log.read_text()]
