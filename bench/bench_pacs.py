@@ -11,6 +11,7 @@ for each and the ratio. Analysis is switched off (no route matches) so only rece
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import socket
 import subprocess
@@ -25,6 +26,14 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 BIN = Path(sys.executable).parent
+
+
+def _dcmtk(name: str) -> str:
+    """A dcmtk program, skipping pynetdicom's same-named apps in the virtual environment."""
+    venv_bin = Path(sys.executable).parent.resolve()
+    search = ":".join(p for p in os.environ.get("PATH", "").split(":")
+                      if p and Path(p).resolve() != venv_bin)
+    return shutil.which(name, path=search) or name
 
 
 def _port() -> int:
@@ -64,7 +73,7 @@ def _files(folder: Path, associations: int, instances: int) -> list[list[Path]]:
 
 def _send_all(port: int, called: str, groups: list[list[Path]]) -> float:
     t0 = time.perf_counter()
-    procs = [subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", called, "127.0.0.1",
+    procs = [subprocess.Popen([_dcmtk("storescu"), "-aet", "STORESCU", "-aec", called, "127.0.0.1",
                                str(port), *map(str, paths)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL) for paths in groups]
     codes = [p.wait() for p in procs]
@@ -76,7 +85,7 @@ def _send_all(port: int, called: str, groups: list[list[Path]]) -> float:
 
 def _wait_port(port: int) -> None:
     for _ in range(600):
-        if subprocess.run(["echoscu", "-aet", "STORESCU", "127.0.0.1", str(port)],
+        if subprocess.run([_dcmtk("echoscu"), "-aet", "STORESCU", "127.0.0.1", str(port)],
                           capture_output=True).returncode == 0:
             return
         time.sleep(0.2)
@@ -99,7 +108,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--associations", type=int, default=10)
     parser.add_argument("--instances", type=int, default=50)
     args = parser.parse_args(argv)
-    if not shutil.which("storescp"):
+    if not shutil.which(_dcmtk("storescp")):
         print("needs dcmtk (apt-get install dcmtk)")
         return 1
     total = args.associations * args.instances
@@ -108,7 +117,7 @@ def main(argv: list[str]) -> int:
         groups = _files(tmp / "in", args.associations, args.instances)
         port = _port()
         (tmp / "dcmtk").mkdir()
-        dcmtk_s = _serve_and_send(["storescp", "--fork", "-od", str(tmp / "dcmtk"), str(port)],
+        dcmtk_s = _serve_and_send([_dcmtk("storescp"), "--fork", "-od", str(tmp / "dcmtk"), str(port)],
                                   port, "ANY-SCP", groups)
         received = len(list((tmp / "dcmtk").glob("*")))
         port = _port()

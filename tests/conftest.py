@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,18 @@ def dcm2niix() -> str:
     path = shutil.which("dcm2niix")
     require(path is not None, "dcm2niix is not installed (apt-get install dcm2niix)")
     return str(path)
+
+
+def dcmtk_tool(name: str) -> str | None:
+    """Path to a dcmtk program (``storescu``, ``echoscu``...), or None when dcmtk is missing.
+
+    pynetdicom installs Python apps with the same names into the virtual environment's bin
+    folder; they take other options, so that folder is skipped.
+    """
+    venv_bin = str(Path(sys.executable).parent)
+    search = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                             if p and os.path.realpath(p) != os.path.realpath(venv_bin))
+    return shutil.which(name, path=search)
 
 
 def pydicom_test_files() -> list[Path]:

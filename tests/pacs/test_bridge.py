@@ -21,12 +21,14 @@ import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from conftest import pydicom_test_files, require
+from conftest import dcmtk_tool, pydicom_test_files, require
 
 pytestmark = pytest.mark.integration
 
 RG1 = next(p for p in pydicom_test_files() if p.name == "RG1_UNCR.dcm")
 MEDVISION = str(Path(sys.executable).parent / "medvision")
+# dcmtk, not pynetdicom's same-named apps in the virtual environment
+STORESCU, ECHOSCU = dcmtk_tool("storescu") or "storescu", dcmtk_tool("echoscu") or "echoscu"
 
 
 def _free_port() -> int:
@@ -120,7 +122,7 @@ class BridgeProcess:
         self.proc = subprocess.Popen([MEDVISION, "--log-level", "INFO", "pacs", "listen",
                                       "--config", str(self.config), "--workdir", str(self.workdir)],
                                      stdout=handle, stderr=handle)
-        _wait(lambda: subprocess.run(["echoscu", "-aet", "STORESCU", "-aec", "MEDVISION",
+        _wait(lambda: subprocess.run([ECHOSCU, "-aet", "STORESCU", "-aec", "MEDVISION",
                                       "127.0.0.1", str(self.port)], capture_output=True).returncode == 0,
               120, "bridge did not start")
 
@@ -135,13 +137,13 @@ class BridgeProcess:
             self.proc.wait(timeout=60)
 
     def storescu(self, files: list[Path], *, aet: str = "STORESCU") -> subprocess.CompletedProcess:
-        return subprocess.run(["storescu", "-aet", aet, "-aec", "MEDVISION", "127.0.0.1",
+        return subprocess.run([STORESCU, "-aet", aet, "-aec", "MEDVISION", "127.0.0.1",
                                str(self.port), *map(str, files)], capture_output=True, text=True)
 
 
 @pytest.fixture
 def bridge(tmp_path: Path, orthanc: Orthanc) -> Iterator[BridgeProcess]:
-    require(shutil.which("storescu") is not None, "dcmtk is not installed (apt-get install dcmtk)")
+    require(dcmtk_tool("storescu") is not None, "dcmtk is not installed (apt-get install dcmtk)")
     process = BridgeProcess(tmp_path, orthanc)
     process.start()
     yield process
@@ -310,3 +312,67 @@ def test_corrupt_instance_gets_a_failure_status(bridge: BridgeProcess, tmp_path:
     log = bridge.log.read_text()
     assert "rejected an instance from STORESCU" in log
     assert "Corrupt" not in log and "Secret" not in log
+
+
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate."""
+    folder.mkdir(parents=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+            "ca.crt", "-subj", "/CN=medvision test CA", "-days", "2")
+    for name in ("server", "client"):
+        (folder / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+                f"{name}.csr", "-subj", f"/CN={name}")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile",
+                f"{name}.ext")
+    return {n: folder / n for n in ("ca.crt", "server.crt", "server.key", "client.crt",
+                                    "client.key")}
+
+
+def test_tls_listener_requires_a_client_certificate(tmp_path: Path) -> None:
+    """With `tls` (certificate, key, CA) only peers with a certificate from that CA get in:
+    dcmtk over TLS with a client certificate is accepted and its instance spooled; plain TCP
+    and anonymous TLS are refused."""
+    require(dcmtk_tool("storescu") is not None, "dcmtk is not installed (apt-get install dcmtk)")
+    require(shutil.which("openssl") is not None, "openssl is not installed")
+    certs = _certificates(tmp_path / "certs")
+    port = _free_port()
+    settings = yaml.safe_load((Path(__file__).resolve().parents[2] / "docs" / "examples" /
+                               "bridge.yaml").read_text())
+    settings.update(port=port, quiet_period_s=600,  # receive only: no analysis in this test
+                    destination={"ae_title": "NOBODY", "host": "127.0.0.1", "port": 9},
+                    tls={"certificate": str(certs["server.crt"]), "key": str(certs["server.key"]),
+                         "ca": str(certs["ca.crt"])})
+    config = tmp_path / "bridge.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    workdir, log = tmp_path / "bridge", (tmp_path / "bridge.log").open("a")
+    proc = subprocess.Popen([MEDVISION, "pacs", "listen", "--config", str(config), "--workdir",
+                             str(workdir)], stdout=log, stderr=log)
+    tls = ["+tls", str(certs["client.key"]), str(certs["client.crt"]), "+cf", str(certs["ca.crt"])]
+    peer = ["-aet", "STORESCU", "-aec", "MEDVISION", "127.0.0.1", str(port)]
+    try:
+        _wait(lambda: subprocess.run([ECHOSCU, *tls, *peer],
+                                     capture_output=True).returncode == 0,
+              120, "TLS bridge did not answer a TLS echo")
+        assert subprocess.run([ECHOSCU, *peer], capture_output=True,
+                              timeout=60).returncode != 0
+        anonymous = ["+tla", "+cf", str(certs["ca.crt"])]
+        assert subprocess.run([ECHOSCU, *anonymous, *peer], capture_output=True,
+                              timeout=60).returncode != 0
+        chest, study = _chest(tmp_path / "chest")
+        sent = subprocess.run([STORESCU, *tls, *peer, str(chest)], capture_output=True,
+                              text=True, timeout=60)
+        assert sent.returncode == 0, sent.stderr
+        status = subprocess.run([MEDVISION, "pacs", "status", "--workdir", str(workdir),
+                                 "--json"], capture_output=True, text=True, check=True)
+        studies = json.loads(status.stdout)["studies"]
+        assert len(studies) == 1 and studies[0]["instances"] == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
