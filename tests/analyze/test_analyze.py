@@ -90,6 +90,9 @@ def test_chest_batch_with_bad_files(chest_batch: Path, tmp_path: Path, capsys) -
     dicom_key = next(k for k, r in reports.items() if r["input"]["format"] == "dicom"
                      and r["status"] == "ok")
     _same_grid(out / dicom_key / "saliency.nii.gz", read_volume(chest_batch / "RG1_UNCR.dcm"))
+    # an adult CR radiograph is not a paediatric Kermany image: the feature guard says so
+    assert reports[dicom_key]["qc"]["out_of_distribution"] is True
+    assert reports[jpeg.stem.split(".")[0]]["qc"]["out_of_distribution"] is False
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert len(rows) == 5 and (out / "summary.html").is_file()
     assert "2 rejected" in capsys.readouterr().out
