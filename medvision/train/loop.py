@@ -348,23 +348,11 @@ def _finish_average(pipeline: Pipeline, model: Any, run: Path, train_loader: Any
     training data (an average of weights has no matching running statistics), validate, and
     make the average ``best.safetensors``; the best single epoch stays as
     ``best_epoch.safetensors``."""
-    import torch
     from safetensors.torch import load_file
+    from torch.optim.swa_utils import update_bn
 
     model.load_state_dict(load_file(str(run / SWA_FILE)), strict=False)
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if norms:
-        momenta = {}
-        for module in norms:
-            module.reset_running_stats()
-            momenta[module] = module.momentum
-            module.momentum = None  # a cumulative average over the pass
-        model.train()
-        with torch.no_grad():
-            for batch in train_loader:
-                model(batch["image"])
-        for module, momentum in momenta.items():
-            module.momentum = momentum
+    update_bn((batch["image"] for batch in train_loader), model)  # no-op without batch norm
     val = evaluate_batches(pipeline, model, val_loader, loss_fn)
     if not (run / BEST_EPOCH_FILE).exists():
         os.replace(run / "best.safetensors", run / BEST_EPOCH_FILE)
