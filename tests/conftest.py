@@ -6,6 +6,7 @@ import importlib.util
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,17 @@ def dcm2niix() -> str:
     path = shutil.which("dcm2niix")
     require(path is not None, "dcm2niix is not installed (apt-get install dcm2niix)")
     return str(path)
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, *,
+               poll: float = 0.5) -> None:
+    """Poll ``predicate`` until it is true; TimeoutError(``what``) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(poll)
+    raise TimeoutError(what)
 
 
 def dcmtk_tool(name: str) -> str | None:

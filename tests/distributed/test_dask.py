@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,18 +16,11 @@ import pytest
 from medvision.audit import AuditLog
 from medvision.cli.main import main
 
+from conftest import wait_until
+
 pytestmark = pytest.mark.integration
 
 DASK = str(Path(sys.executable).parent / "dask")
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise TimeoutError(what)
 
 
 @pytest.fixture
@@ -40,7 +32,7 @@ def cluster(tmp_path: Path) -> Iterator[tuple[str, list[subprocess.Popen]]]:
                                "--no-dashboard", "--scheduler-file", str(scheduler_file)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
     try:
-        _wait_for(scheduler_file.exists, 60, "scheduler did not start")
+        wait_until(scheduler_file.exists, 60, "scheduler did not start", poll=0.2)
         address = json.loads(scheduler_file.read_text())["address"]
         workers = [subprocess.Popen([DASK, "worker", address, "--nthreads", "1", "--no-nanny",
                                      "--no-dashboard", "--host", "127.0.0.1",
@@ -108,7 +100,7 @@ def test_worker_killed_mid_run_loses_nothing(cluster, studies: Path, tmp_path: P
                "--scheduler", address]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: len(list(out.glob("*/report.json"))) >= 3, 300, "no study finished")
+        wait_until(lambda: len(list(out.glob("*/report.json"))) >= 3, 300, "no study finished", poll=0.2)
         workers[0].send_signal(signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=600)
     finally:

@@ -21,7 +21,7 @@ import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from conftest import dcmtk_tool, pydicom_test_files, require
+from conftest import dcmtk_tool, pydicom_test_files, require, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -37,15 +37,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise TimeoutError(what)
-
-
 class Orthanc:
     def __init__(self, root: Path) -> None:
         require(shutil.which("Orthanc") is not None, "Orthanc is not installed (apt-get install orthanc)")
@@ -59,7 +50,7 @@ class Orthanc:
         (root / "orthanc.json").write_text(json.dumps(config))
         self.proc = subprocess.Popen(["Orthanc", str(root / "orthanc.json")],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait(self._up, 60, "Orthanc did not start")
+        wait_until(self._up, 60, "Orthanc did not start")
 
     def _up(self) -> bool:
         try:
@@ -122,7 +113,7 @@ class BridgeProcess:
         self.proc = subprocess.Popen([MEDVISION, "--log-level", "INFO", "pacs", "listen",
                                       "--config", str(self.config), "--workdir", str(self.workdir)],
                                      stdout=handle, stderr=handle)
-        _wait(lambda: subprocess.run([ECHOSCU, "-aet", "STORESCU", "-aec", "MEDVISION",
+        wait_until(lambda: subprocess.run([ECHOSCU, "-aet", "STORESCU", "-aec", "MEDVISION",
                                       "127.0.0.1", str(self.port)], capture_output=True).returncode == 0,
               120, "bridge did not start")
 
@@ -208,8 +199,8 @@ def test_results_arrive_in_the_source_study(bridge: BridgeProcess, orthanc: Orth
         result = bridge.storescu(files)
         assert result.returncode == 0, result.stderr
     mr_study = str(pydicom.dcmread(mr[0]).StudyInstanceUID)
-    _wait(lambda: "SR" in orthanc.modalities(chest_study), 300, "no SR for the radiograph")
-    _wait(lambda: {"SR", "SEG"} <= set(orthanc.modalities(mr_study)), 300, "no SR/SEG for the MR")
+    wait_until(lambda: "SR" in orthanc.modalities(chest_study), 300, "no SR for the radiograph")
+    wait_until(lambda: {"SR", "SEG"} <= set(orthanc.modalities(mr_study)), 300, "no SR/SEG for the MR")
     assert "OT" in orthanc.modalities(chest_study)  # the saliency overlay, not for diagnosis
     seg_instance = next(i for i in orthanc.instances_in_study(mr_study)
                         if orthanc.get(f"/series/{i['ParentSeries']}")["MainDicomTags"]
@@ -234,7 +225,7 @@ def test_results_arrive_in_the_source_study(bridge: BridgeProcess, orthanc: Orth
                 if orthanc.get(f"/instances/{i['ID']}/simplified-tags")["SOPClassUID"]
                 == "1.2.840.10008.5.1.4.1.1.30"]
 
-    _wait(lambda: bool(parametric_maps()), 120, "no Parametric Map for the MR")
+    wait_until(lambda: bool(parametric_maps()), 120, "no Parametric Map for the MR")
     (tmp_path / "pm.dcm").write_bytes(orthanc.raw(f"/instances/{parametric_maps()[0]['ID']}/file"))
     pm = pydicom.dcmread(tmp_path / "pm.dcm")
     assert int(pm.NumberOfFrames) == len(mr)
@@ -281,7 +272,7 @@ def test_sigkill_and_restart_lose_nothing(bridge: BridgeProcess, orthanc: Orthan
     bridge.kill()
     bridge.start()
     for uid in studies:
-        _wait(lambda uid=uid: orthanc.modalities(uid).count("SR") >= 1, 300, "no SR after restart")
+        wait_until(lambda uid=uid: orthanc.modalities(uid).count("SR") >= 1, 300, "no SR after restart")
     time.sleep(4)  # let any duplicate arrive, if one were going to
     for uid in studies:
         assert orthanc.modalities(uid).count("SR") == 1
@@ -356,7 +347,7 @@ def test_tls_listener_requires_a_client_certificate(tmp_path: Path) -> None:
     tls = ["+tls", str(certs["client.key"]), str(certs["client.crt"]), "+cf", str(certs["ca.crt"])]
     peer = ["-aet", "STORESCU", "-aec", "MEDVISION", "127.0.0.1", str(port)]
     try:
-        _wait(lambda: subprocess.run([ECHOSCU, *tls, *peer],
+        wait_until(lambda: subprocess.run([ECHOSCU, *tls, *peer],
                                      capture_output=True).returncode == 0,
               120, "TLS bridge did not answer a TLS echo")
         assert subprocess.run([ECHOSCU, *peer], capture_output=True,
