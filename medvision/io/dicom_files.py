@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from medvision.errors import InvalidDicomError, UnsupportedFormatError
+from medvision.io.boundary import check_voxel_budget, reading
 
 __all__ = [
     "DicomFrame",
@@ -53,6 +54,21 @@ SUMMARY_KEYWORDS = (
     "PatientPosition",
     "ViewPosition",
     "GantryDetectorTilt",
+)
+
+#: The most frames one instance may hold (each frame becomes an object before any pixel is read).
+MAX_FRAMES = 100_000
+
+#: Attributes read after the header is parsed (series assembly, pixels, reports, audit).
+_USED_KEYWORDS = (
+    *SUMMARY_KEYWORDS, "SOPInstanceUID", "PatientID", "PatientName", "PatientBirthDate",
+    "Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated", "HighBit",
+    "PlanarConfiguration", "RescaleSlope", "RescaleIntercept", "RescaleType",
+    "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "ImagerPixelSpacing",
+    "EchoNumbers", "TemporalPositionIdentifier", "AcquisitionNumber", "InstanceNumber",
+    "GridFrameOffsetVector", "DoseGridScaling", "PerFrameFunctionalGroupsSequence",
+    "SharedFunctionalGroupsSequence", "ModalityLUTSequence", "DirectoryRecordSequence",
+    "PatientOrientation", "BurnedInAnnotation", "WindowCenter", "WindowWidth",
 )
 
 
@@ -132,22 +148,27 @@ def read_header(path: Path) -> Any:
     import pydicom
     from pydicom.errors import InvalidDicomError as PydicomInvalid
 
-    try:
-        return _with_transfer_syntax(pydicom.dcmread(path, defer_size="64 KB"))
-    except PydicomInvalid:
-        # No preamble/'DICM' marker: accept only if it parses as a dataset starting with a
-        # plausible group (some old files are bare datasets).
+    with reading(path, "DICOM header", InvalidDicomError):
         try:
-            ds = pydicom.dcmread(path, defer_size="64 KB", force=True)
-        except Exception as e:  # noqa: BLE001 - any parse failure means "not DICOM"
-            raise InvalidDicomError(f"{path}: not a DICOM file ({e})") from e
-        if "SOPClassUID" not in ds and "PixelData" not in ds and "Rows" not in ds:
-            raise InvalidDicomError(
-                f"{path}: not a DICOM file (no DICM marker and no DICOM image attributes)"
-            ) from None
-        return _with_transfer_syntax(ds)
-    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise InvalidDicomError(f"{path}: unreadable DICOM header ({type(e).__name__}: {e})") from e
+            ds = pydicom.dcmread(path, defer_size="64 KB")
+        except PydicomInvalid:
+            # No preamble/'DICM' marker: accept only if it parses as a dataset starting with
+            # a plausible group (some old files are bare datasets).
+            try:
+                ds = pydicom.dcmread(path, defer_size="64 KB", force=True)
+            except Exception as e:  # noqa: BLE001 - any parse failure means "not DICOM"
+                raise InvalidDicomError(f"{path}: not a DICOM file ({e})") from e
+            if "SOPClassUID" not in ds and "PixelData" not in ds and "Rows" not in ds:
+                raise InvalidDicomError(
+                    f"{path}: not a DICOM file (no DICM marker and no DICOM image attributes)"
+                ) from None
+        ds = _with_transfer_syntax(ds)
+        # pydicom converts values lazily, so a malformed element (bad VR, wrong length)
+        # would raise on first use, anywhere. Converting the ones medvision reads here keeps
+        # such errors at this boundary (all of them would cost 5x the parse time).
+        for keyword in _USED_KEYWORDS:
+            ds.get(keyword)
+        return ds
 
 
 def _with_transfer_syntax(ds: Any) -> Any:
@@ -332,6 +353,10 @@ def frames_of(ds: Any, path: Path) -> list[DicomFrame]:
         raise InvalidDicomError(f"{path}: empty image ({rows}x{columns})")
     sop_uid = str(ds.get("SOPInstanceUID") or path)
     n_frames = int(ds.get("NumberOfFrames") or 1)
+    if not 0 < n_frames <= MAX_FRAMES:
+        raise InvalidDicomError(f"{path}: Number of Frames is {n_frames} (medvision reads "
+                                f"1 to {MAX_FRAMES:,} frames per instance)")
+    _check_pixel_data(ds, path, rows, columns, n_frames)
     orientation = _floats(ds.get("ImageOrientationPatient"), 6)
     position = _floats(ds.get("ImagePositionPatient"), 3)
     base = {
@@ -381,6 +406,43 @@ def frames_of(ds: Any, path: Path) -> list[DicomFrame]:
             split_keys=_split_keys(ds, fg),
         ))
     return frames
+
+
+def _check_pixel_data(ds: Any, path: Path, rows: int, columns: int, n_frames: int) -> None:
+    """Refuse, from the header alone, pixel data too large to hold or shorter than declared.
+
+    Raises:
+        InvalidDicomError: more values than :data:`~medvision.io.boundary.MAX_VOXELS`, a
+            value that runs past the end of the file, or uncompressed data shorter than
+            rows x columns x frames x samples needs (never zero-padded).
+    """
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    check_voxel_budget(path, (n_frames, rows, columns, samples), InvalidDicomError)
+    raw = ds.get_item(0x7FE00010, keep_deferred=True)  # Pixel Data
+    if raw is None:
+        return  # float or double float pixel data: checked by the decoder
+    length = int(raw.length)
+    if length == 0xFFFFFFFF:
+        return  # encapsulated (compressed) frames: the codec checks them
+    tell = getattr(raw, "value_tell", None)
+    if raw.value is None and tell is not None:
+        size = os.path.getsize(path)
+        if tell + length > size:
+            raise InvalidDicomError(
+                f"{path}: pixel data declares {length:,} bytes but the file ends "
+                f"{tell + length - size:,} bytes short; the file is truncated")
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is not None and getattr(syntax, "is_compressed", False):
+        return
+    from pydicom.pixels.utils import get_expected_length
+
+    expected = int(get_expected_length(ds, unit="bytes"))
+    if length < expected:
+        raise InvalidDicomError(
+            f"{path}: pixel data holds {length:,} bytes but {n_frames} frame(s) of "
+            f"{rows}x{columns}x{samples} need {expected:,}; the file is truncated or its "
+            "header is wrong")
 
 
 def _grid_offsets(ds: Any, n_frames: int, orientation: tuple[float, ...] | None,

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from medvision.errors import InvalidDicomError, UnsupportedFormatError
+from medvision.errors import DataError, InvalidDicomError, UnsupportedFormatError
+from medvision.io.boundary import reading
 from medvision.io.dicom_files import DicomFrame
 
 __all__ = ["decode_instance", "frame_pixels", "stack_frames"]
@@ -122,26 +123,49 @@ def frame_pixels(decoded: np.ndarray, frame: DicomFrame, out: np.ndarray) -> Non
         np.subtract(ends[0] + ends[1], out[0], out=out[0])
 
 
-def stack_frames(frames: Sequence[DicomFrame]) -> np.ndarray:
+def stack_frames(frames: Sequence[DicomFrame],
+                 failures: dict[str, str] | None = None) -> np.ndarray:
     """Decode ``frames`` and stack them: ``(channels, I, J, len(frames))``.
 
     Files holding several frames (multi-frame, mosaic) are decoded once. The result is a
     transposed view of a ``(channels, K, rows, columns)`` buffer, so each plane is written
     contiguously and no copy is made (the memory order nibabel uses).
+
+    Args:
+        frames: the frames, in slice order.
+        failures: when given, an instance that cannot be decoded is recorded here
+            (path -> reason) and its planes are left unset instead of raising; the caller
+            must drop them.
+
+    Raises:
+        InvalidDicomError: an instance cannot be decoded (and ``failures`` is ``None``), or
+            every instance failed.
     """
     cache: dict[str, np.ndarray] = {}
     buffer: np.ndarray | None = None
     for k, frame in enumerate(frames):
-        decoded = cache.get(frame.path)
-        if decoded is None:
-            decoded = decode_instance(frame.dataset, frame.path)
-            if frame.frame is not None or frame.tile is not None:
-                cache[frame.path] = decoded
-        if buffer is None:
-            buffer = np.empty((decoded.shape[-1], len(frames), frame.rows, frame.columns),
-                              dtype=np.float32)
-        elif decoded.shape[-1] != buffer.shape[0]:
-            raise InvalidDicomError(f"{frame.path}: frames of one series mix grey and colour")
-        frame_pixels(decoded, frame, buffer[:, k])
-    assert buffer is not None, "stack_frames needs at least one frame"
+        if failures is not None and frame.path in failures:
+            continue
+        try:
+            with reading(frame.path, "pixel data", InvalidDicomError):
+                decoded = cache.get(frame.path)
+                if decoded is None:
+                    decoded = decode_instance(frame.dataset, frame.path)
+                    if frame.frame is not None or frame.tile is not None:
+                        cache[frame.path] = decoded
+                if buffer is None:
+                    buffer = np.empty((decoded.shape[-1], len(frames), frame.rows,
+                                       frame.columns), dtype=np.float32)
+                elif decoded.shape[-1] != buffer.shape[0]:
+                    raise InvalidDicomError(
+                        f"{frame.path}: frames of one series mix grey and colour")
+                frame_pixels(decoded, frame, buffer[:, k])
+        except DataError as e:
+            if failures is None:
+                raise
+            failures[frame.path] = str(e)
+            cache.pop(frame.path, None)
+    if buffer is None:
+        reasons = "; ".join(list((failures or {}).values())[:3])
+        raise InvalidDicomError(f"no instance of the series could be decoded ({reasons})")
     return buffer.transpose(0, 3, 2, 1)

@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from medvision.errors import DataError, GeometryError, SeriesAssemblyError
+from medvision.errors import DataError, GeometryError, InvalidDicomError, SeriesAssemblyError
+from medvision.io.boundary import reading
 from medvision.io.dicom_files import (
     DicomFrame,
     dicomdir_files,
@@ -101,20 +102,44 @@ class DicomSeries:
             return self.geometry.affine_ras, self.geometry.output_shape
         return _flat_affine(self.frames), _flat_shape(self.frames)
 
-    def load(self, *, irregular: Irregular = "resample") -> Volume:
+    def load(self, *, irregular: Irregular = "resample", skip_unreadable: bool = False) -> Volume:
         """Decode the pixels and return the volume on a regular grid.
 
         Args:
             irregular: what to do with gantry tilt, uneven spacing or missing slices:
                 ``"resample"`` onto a regular grid (default) or ``"error"``.
+            skip_unreadable: leave out instances whose pixel data cannot be decoded (listed
+                in ``Volume.skipped_files`` and warned about; the gap they leave is treated
+                like any missing slice) instead of failing the whole series.
 
         Raises:
             GeometryError: irregular geometry and ``irregular="error"``.
-            InvalidDicomError: pixel data cannot be decoded.
+            InvalidDicomError: pixel data cannot be decoded (every instance, with
+                ``skip_unreadable``).
         """
         if self.error is not None:
             raise SeriesAssemblyError(self.error)
-        stacked = stack_frames(self.frames)  # (C, I, J, K)
+        failures: dict[str, str] | None = {} if skip_unreadable else None
+        with reading(self.frames[0].path, f"series {self.key}", InvalidDicomError):
+            stacked = stack_frames(self.frames, failures)  # (C, I, J, K)
+            series = self
+            if failures:
+                keep = [k for k, f in enumerate(self.frames) if f.path not in failures]
+                series = _make_series(self.key, [self.frames[k] for k in keep], split=False)
+                if series.error is not None:
+                    raise SeriesAssemblyError(
+                        f"{series.error} (after leaving out {len(failures)} unreadable "
+                        "file(s))")
+                stacked = stacked[..., keep]
+                note = (f"{len(failures)} of {len(self.paths)} file(s) could not be decoded "
+                        "and were left out")
+                series = replace(series, warnings=(*dict.fromkeys(
+                    (*self.warnings, *series.warnings)), note))
+            return series._volume(stacked, irregular,
+                                   tuple(sorted((failures or {}).items())))
+
+    def _volume(self, stacked: np.ndarray, irregular: Irregular,
+                skipped: tuple[tuple[str, str], ...]) -> Volume:
         warnings = list(self.warnings)
         if self.geometry is None:
             affine = _flat_affine(self.frames)
@@ -139,6 +164,7 @@ class DicomSeries:
             header=self.header,
             warnings=tuple(warnings),
             source=os.path.commonpath(self.paths) if len(self.paths) > 1 else self.paths[0],
+            skipped_files=skipped,
         )
 
 
@@ -192,19 +218,18 @@ def scan_dicom(paths: Iterable[str | os.PathLike[str]]) -> DicomScan:
             continue
         seen.add(resolved)
         try:
-            ds = read_header(path)
-            if "DirectoryRecordSequence" in ds:
-                queue.extend(dicomdir_files(ds, path))
-                continue
-            frames.extend(frames_of(ds, path))
+            with reading(path, "DICOM file", InvalidDicomError):
+                ds = read_header(path)
+                if "DirectoryRecordSequence" in ds:
+                    queue.extend(dicomdir_files(ds, path))
+                    continue
+                found = frames_of(ds, path)
+                header_summary(ds)  # converts what assembly reads, inside this guard
         except DataError as e:
             log.debug("skipping %s", e)
             rejected.append((str(path), str(e)))
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as e:
-            # pydicom converts values lazily: a malformed element raises on first access.
-            reason = f"{path}: malformed DICOM attribute ({type(e).__name__}: {e})"
-            log.debug("skipping %s", reason)
-            rejected.append((str(path), reason))
+            continue
+        frames.extend(found)
     return DicomScan(series=tuple(assemble(frames)), rejected=tuple(rejected))
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from medvision.errors import UnreadableFileError
+from medvision.io.boundary import check_voxel_budget, reading
 from medvision.io.volume import Volume
 
 __all__ = ["read_image2d"]
@@ -21,18 +22,21 @@ def read_image2d(path: Path) -> Volume:
     """
     from PIL import Image, UnidentifiedImageError
 
-    try:
-        with Image.open(path) as opened:
-            opened.load()
-            mode = opened.mode
-            image: Image.Image = opened
-            if mode in ("RGBA", "P", "PA", "LA", "CMYK", "YCbCr", "HSV", "LAB"):
-                image = opened.convert("L" if mode == "LA" else "RGB")
-            elif mode == "1":
-                image = opened.convert("L")
-            array = np.asarray(image, dtype=np.float32)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UnreadableFileError(f"{path}: not a readable image ({e})") from e
+    with reading(path, "image", UnreadableFileError):
+        try:
+            with Image.open(path) as opened:
+                check_voxel_budget(path, (*opened.size, len(opened.getbands())),
+                                   UnreadableFileError)
+                opened.load()
+                mode = opened.mode
+                image: Image.Image = opened
+                if mode in ("RGBA", "P", "PA", "LA", "CMYK", "YCbCr", "HSV", "LAB"):
+                    image = opened.convert("L" if mode == "LA" else "RGB")
+                elif mode == "1":
+                    image = opened.convert("L")
+                array = np.asarray(image, dtype=np.float32)
+        except UnidentifiedImageError as e:
+            raise UnreadableFileError(f"{path}: not a readable image ({e})") from e
     if array.ndim == 2:
         array = array[np.newaxis]
     else:

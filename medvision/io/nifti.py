@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from medvision.errors import DataError, GeometryError, UnreadableFileError, UnsupportedFormatError
+from medvision.io.boundary import check_voxel_budget, reading
 from medvision.io.volume import LPS_TO_RAS, Volume
 
 __all__ = ["read_itk", "read_nifti", "write_nifti"]
@@ -23,15 +24,12 @@ def read_nifti(path: Path) -> Volume:
     import nibabel as nib
 
     image: Any
-    try:
+    with reading(path, "NIfTI", UnreadableFileError):
         image = nib.load(str(path))
+        check_voxel_budget(path, tuple(int(n) for n in image.shape), UnreadableFileError)
         data = np.asarray(image.dataobj, dtype=np.float32)
         if image.header.get_slope_inter() != (None, None) and not np.all(np.isfinite(data)):
             raise DataError(f"{path}: scaled voxels are not finite")
-    except DataError:
-        raise
-    except Exception as e:  # noqa: BLE001 - nibabel raises many types for bad files
-        raise UnreadableFileError(f"{path}: unreadable NIfTI ({type(e).__name__}: {e})") from e
     if data.ndim == 2:
         data = data[..., np.newaxis]
     if data.ndim == 5 and data.shape[3] == 1:
@@ -93,14 +91,18 @@ def read_itk(path: Path) -> Volume:
     """Read NRRD, MetaImage (MHA/MHD) and other SimpleITK formats into RAS+ geometry."""
     import SimpleITK as sitk
 
-    try:
+    with reading(path, "image (SimpleITK)", UnreadableFileError):
+        info = sitk.ImageFileReader()
+        info.SetFileName(str(path))
+        info.ReadImageInformation()
+        check_voxel_budget(path, (*info.GetSize(), info.GetNumberOfComponents()),
+                           UnreadableFileError)
         image = sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        raise UnreadableFileError(f"{path}: SimpleITK cannot read it ({e})") from e
     dim = image.GetDimension()
     if dim not in (2, 3):
         raise UnsupportedFormatError(f"{path}: {dim}D images are not supported")
-    data = sitk.GetArrayFromImage(image).astype(np.float32)  # (K,) J, I [, C]
+    with reading(path, "image (SimpleITK)", UnreadableFileError):
+        data = sitk.GetArrayFromImage(image).astype(np.float32)  # (K,) J, I [, C]
     if image.GetNumberOfComponentsPerPixel() == 1:
         data = data[..., np.newaxis]
     data = np.moveaxis(data, -1, 0)  # C, (K,) J, I

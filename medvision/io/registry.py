@@ -48,10 +48,10 @@ class SourceEntry:
     source: str
     series: DicomSeries | None = None
 
-    def load(self, *, irregular: Irregular = "resample") -> Volume:
-        """Read the voxels (see :meth:`DicomSeries.load` for ``irregular``)."""
+    def load(self, *, irregular: Irregular = "resample", skip_unreadable: bool = False) -> Volume:
+        """Read the voxels (see :meth:`DicomSeries.load` for the options)."""
         if self.series is not None:
-            return self.series.load(irregular=irregular)
+            return self.series.load(irregular=irregular, skip_unreadable=skip_unreadable)
         return _READERS[self.format](Path(self.source))
 
     def describe(self) -> dict[str, Any]:

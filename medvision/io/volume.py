@@ -59,6 +59,8 @@ class Volume:
             technical attributes such as series UID, manufacturer, transfer syntax).
         warnings: human-readable notes about the geometry or data (tilt, gaps, resampling).
         source: the path the volume was read from.
+        skipped_files: ``(path, reason)`` of files of the series that could not be decoded
+            and were left out (see ``DicomSeries.load(skip_unreadable=True)``).
     """
 
     array: np.ndarray
@@ -68,6 +70,7 @@ class Volume:
     header: Mapping[str, Any] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
     source: str = ""
+    skipped_files: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         array = np.asarray(self.array, dtype=np.float32)
@@ -86,6 +89,7 @@ class Volume:
         object.__setattr__(self, "header", MappingProxyType(dict(self.header)))
         object.__setattr__(self, "source_uids", tuple(self.source_uids))
         object.__setattr__(self, "warnings", tuple(self.warnings))
+        object.__setattr__(self, "skipped_files", tuple(self.skipped_files))
 
     @property
     def spatial_dims(self) -> int:
