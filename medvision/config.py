@@ -170,11 +170,26 @@ class ExplanationConfig(_Strict):
     stride: tuple[int, ...] | None = Field(default=None, description="occlusion stride")
 
 
+#: QC warnings a pipeline may declare result-relevant (``qc.result_relevant``).
+QC_WARN_CODES = ("implausible_spacing", "geometry_note", "unreadable_files")
+
+
 class QCConfig(_Strict):
-    """Out-of-distribution guard: Mahalanobis distance of pooled features of one layer."""
+    """Input checks: out-of-distribution guard and which warnings make a result ``flagged``.
+
+    The guard is the Mahalanobis distance of pooled features of one layer to the training
+    set's. A study above its threshold, or with a warning listed in ``result_relevant``, gets
+    status ``flagged`` instead of ``ok``.
+    """
 
     feature_layer: str | None = Field(default=None, description="module name to pool, e.g. layer4")
     quantile: float = Field(default=0.995, gt=0.5, lt=1)
+    on_out_of_distribution: Literal["flag", "abstain"] = Field(
+        default="flag", description="flag: report the result, status flagged; abstain: "
+                                    "withhold label, probabilities, mask and saliency")
+    result_relevant: tuple[Literal[QC_WARN_CODES], ...] = Field(  # type: ignore[valid-type]
+        default=("unreadable_files",),
+        description="QC warnings that may change the result: any of them flags the study")
 
 
 class Pipeline(_Strict):

@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medvision.analyze.runner import AnalyzeOptions, StudyOutcome, run_study
+from medvision.analyze.runner import (
+    AnalyzeOptions,
+    StudyOutcome,
+    replaced_summary,
+    run_fingerprint,
+    run_study,
+)
 from medvision.analyze.studies import Study, collect_studies
 from medvision.atomic import write_text_atomic
 from medvision.audit.records import Auditor, AuditRecord
@@ -35,7 +41,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StudyResult:
-    """The outcome of one study, as the batch summary lists it."""
+    """The outcome of one study, as the batch summary lists it.
+
+    ``status`` is the report's (``ok``, ``flagged``, ``rejected``, ``failed``) or
+    ``conflict``: an existing report made differently was kept (``overwrite=False``).
+    ``skipped``: the existing report matched this run and was reused; ``replaced``: this run
+    replaced an older report made differently.
+    """
 
     study: str
     status: str
@@ -45,6 +57,7 @@ class StudyResult:
     qc: str
     folder: Path
     skipped: bool = False
+    replaced: bool = False
 
 
 def _positive(prediction: dict[str, Any]) -> bool | None:
@@ -89,12 +102,27 @@ def commit(outcome: StudyOutcome, auditor: Auditor, out: Path) -> None:
                     "probabilities": prediction.get("probabilities"),
                     "volumes_ml": prediction.get("volumes_ml"),
                     "out_of_distribution": (report.get("qc") or {}).get("out_of_distribution"),
+                    "flagged_by": (report.get("qc") or {}).get("flagged_by") or [],
+                    "withheld": bool((report.get("qc") or {}).get("withheld")),
+                    "replaces": report.get("replaces"),
                     "study": outcome.study},
             durations=report["timings"]))
     except AuditError:
         shutil.rmtree(outcome.staging, ignore_errors=True)
         raise
     _publish(outcome.staging, out / outcome.study)
+
+
+def _existing_report(path: Path) -> dict[str, Any] | None:
+    """A study's earlier report, or ``None`` when there is none or it cannot be read."""
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("%s: unreadable earlier report, the study is analysed again (%s)", path, e)
+        return None
+    return report if isinstance(report, dict) else None
 
 
 def _summary_row(report: dict[str, Any]) -> dict[str, Any]:
@@ -108,8 +136,9 @@ def _summary_row(report: dict[str, Any]) -> dict[str, Any]:
     notes = [f["code"] for f in qc.get("flags", []) if f["severity"] == "warn"]
     if qc.get("out_of_distribution"):
         notes.append("out_of_distribution")
+    label = "(withheld)" if qc.get("withheld") else pred.get("label", "")
     return {"study": report["study"], "status": report["status"],
-            "label": pred.get("label", ""), "score": score, "qc": ",".join(notes),
+            "label": label, "score": score, "qc": ",".join(dict.fromkeys(notes)),
             "reason": report.get("reason") or ""}
 def analyze(inputs: Iterable[str | os.PathLike[str]], predictor: Predictor,
             out_dir: str | os.PathLike[str], *, auditor: Auditor,
@@ -138,22 +167,36 @@ def analyze(inputs: Iterable[str | os.PathLike[str]], predictor: Predictor,
     studies = collect_studies(inputs, pseudonymizer=auditor.pseudonymizer)
     show = sys.stderr.isatty() if options.progress is None else options.progress
     reports: dict[str, tuple[dict[str, Any], bool]] = {}
+    conflicts: dict[str, str] = {}
+    previous: dict[str, dict[str, Any]] = {}
     todo: list[Study] = []
     for study in studies:
-        existing = out / study.key / "report.json"
-        if existing.is_file() and not options.force:
-            reports[study.key] = (json.loads(existing.read_text()), True)
-        else:
+        old = _existing_report(out / study.key / "report.json")
+        if old is None:
             todo.append(study)
+            continue
+        run = run_fingerprint(predictor, options, study)
+        if old.get("run") == run and old.get("status") != "failed" and not options.force:
+            reports[study.key] = (old, True)
+        elif options.overwrite or options.force:
+            previous[study.key] = old
+            todo.append(study)
+        else:
+            changed = replaced_summary(old, run)["changed"]
+            conflicts[study.key] = (f"an existing report ({old.get('created', '?')}) was made "
+                                    f"differently ({', '.join(changed)} differ); kept, not "
+                                    "overwritten (--no-overwrite)")
+            reports[study.key] = (old, True)
     bar = tqdm(total=len(todo), desc="studies", disable=not show, unit="study")
     if scheduler is None:
         outcomes: Iterable[StudyOutcome] = (
-            run_study(study, predictor, out, options, auditor.pseudonymizer) for study in todo)
+            run_study(study, predictor, out, options, auditor.pseudonymizer,
+                      previous=previous.get(study.key)) for study in todo)
     else:
         from medvision.analyze.distributed import run_on_cluster
 
         outcomes = run_on_cluster(todo, predictor, out, options, auditor.pseudonymizer,
-                                  scheduler=scheduler)
+                                  scheduler=scheduler, previous=previous)
     for outcome in outcomes:
         commit(outcome, auditor, out)
         reports[outcome.study] = (outcome.report, False)
@@ -166,11 +209,14 @@ def analyze(inputs: Iterable[str | os.PathLike[str]], predictor: Predictor,
     for study in studies:
         report, skipped = reports[study.key]
         row = _summary_row(report)
+        if study.key in conflicts:
+            row.update(status="conflict", reason=conflicts[study.key])
         rows.append(row)
         results.append(StudyResult(study=study.key, status=row["status"],
                                    reason=row["reason"] or None, label=row["label"],
                                    score=row["score"], qc=row["qc"], folder=out / study.key,
-                                   skipped=skipped))
+                                   skipped=skipped,
+                                   replaced=bool(report.get("replaces")) and not skipped))
     with (out / "summary.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["study", "status", "label", "score", "qc",
                                                     "reason"])

@@ -16,10 +16,11 @@ Start a cluster (see docs/distributed.md)::
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from medvision.analyze.runner import AnalyzeOptions, StudyOutcome, run_study
 from medvision.analyze.studies import Study, collect_studies
@@ -38,7 +39,8 @@ def _worker_predictor(pipeline: str, weights: str, backend: str) -> Predictor:
 
 def _remote_study(key: str, paths: tuple[str, ...], pipeline: str, weights: str,
                   backend: str, out: str, options: AnalyzeOptions,
-                  pseudonymizer: Pseudonymizer) -> StudyOutcome:
+                  pseudonymizer: Pseudonymizer,
+                  previous: dict[str, Any] | None = None) -> StudyOutcome:
     """Runs on a worker: read the study again from its files and process it."""
     studies = collect_studies(paths, pseudonymizer=pseudonymizer)
     if studies:
@@ -47,13 +49,18 @@ def _remote_study(key: str, paths: tuple[str, ...], pipeline: str, weights: str,
         study = Study(key=key, candidates=(), source_name=key,
                       reason="the study's files could not be found on the worker", paths=paths)
     predictor = _worker_predictor(pipeline, weights, backend)
-    return run_study(study, predictor, Path(out), options, pseudonymizer)
+    return run_study(study, predictor, Path(out), options, pseudonymizer, previous=previous)
 
 
 def run_on_cluster(studies: Sequence[Study], predictor: Predictor, out: Path,
                    options: AnalyzeOptions, pseudonymizer: Pseudonymizer, *,
-                   scheduler: str) -> Iterator[StudyOutcome]:
-    """Submit one task per study to ``scheduler``; yield outcomes as they complete."""
+                   scheduler: str,
+                   previous: Mapping[str, dict[str, Any]] | None = None,
+                   ) -> Iterator[StudyOutcome]:
+    """Submit one task per study to ``scheduler``; yield outcomes as they complete.
+
+    ``previous`` maps study keys to the older reports they replace.
+    """
     try:
         from distributed import Client, as_completed
     except ImportError as e:
@@ -65,7 +72,8 @@ def run_on_cluster(studies: Sequence[Study], predictor: Predictor, out: Path,
         futures = [
             client.submit(_remote_study, study.key, study.paths, str(predictor.folder),
                           str(predictor.weights), predictor.backend_name, str(out.resolve()),
-                          options, pseudonymizer, key=f"medvision-{batch}-{study.key}",
+                          options, pseudonymizer, (previous or {}).get(study.key),
+                          key=f"medvision-{batch}-{study.key}",
                           pure=False, retries=2)
             for study in studies
         ]

@@ -26,13 +26,14 @@ from medvision.analyze.studies import Study, choose_series
 from medvision.atomic import write_text_atomic
 from medvision.audit.records import Pseudonymizer
 from medvision.config import config_hash
-from medvision.errors import DataError, MedvisionError
+from medvision.errors import DataError, InvalidDicomError, MedvisionError
 from medvision.explain import deletion_curve, explain
 from medvision.explain.saliency import explained_model
 from medvision.hashing import file_sha256
 from medvision.infer import Predictor
 from medvision.infer.qc import QCFlag, check_input
 from medvision.io import SourceEntry, Volume, write_volume
+from medvision.io.boundary import reading
 from medvision.report import SCHEMA_VERSION, validate_report
 from medvision.report.html_report import study_html
 from medvision.report.images import key_images
@@ -45,12 +46,23 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class AnalyzeOptions:
-    """Choices for one batch run."""
+    """Choices for one batch run.
+
+    Attributes:
+        explain_method: saliency method (``None``: the pipeline's).
+        faithfulness: also compute a deletion-curve score.
+        include_phi: write patient name, ID and birth date into report.json.
+        force: re-run studies even when their report matches this run.
+        overwrite: re-run a study whose existing report was made differently (other
+            pipeline, weights, options or inputs); ``False`` reports it as a ``conflict``.
+        progress: show a progress bar (``None``: when stderr is a terminal).
+    """
 
     explain_method: str | None = None
     faithfulness: bool = False
     include_phi: bool = False
     force: bool = False
+    overwrite: bool = True
     progress: bool | None = None
 
 
@@ -76,6 +88,38 @@ def _software() -> dict[str, str]:
             "numpy": numpy.__version__, "python": sys.version.split()[0]}
 
 
+def input_signature(paths: Sequence[str]) -> str:
+    """SHA-256 over the input files' names, sizes and modification times (no content read).
+
+    A study whose files were replaced, added or removed gets another signature, so its old
+    report is not reused.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        try:
+            info = Path(path).stat()
+            digest.update(f"{Path(path).name}\x1f{info.st_size}\x1f{info.st_mtime_ns}\x1e".encode())
+        except OSError:
+            digest.update(f"{Path(path).name}\x1fmissing\x1e".encode())
+    return digest.hexdigest()
+
+
+def run_fingerprint(predictor: Predictor, options: AnalyzeOptions,
+                    study: Study) -> dict[str, Any]:
+    """What decides a study's outputs; a study is skipped only when its report has the same.
+
+    Pipeline name, version, weights SHA-256, config hash, backend, explanation method, the
+    options that change outputs, the report schema and the input files' signature.
+    """
+    pipeline = predictor.pipeline
+    return {"pipeline": pipeline.name, "version": pipeline.version,
+            "weights_sha256": predictor.weights_sha256, "config_hash": config_hash(pipeline),
+            "backend": predictor.backend_name,
+            "explain_method": options.explain_method or pipeline.explanation.method,
+            "faithfulness": options.faithfulness, "include_phi": options.include_phi,
+            "schema_version": SCHEMA_VERSION, "input_sha256": input_signature(study.paths)}
+
+
 def _input_section(study: Study, entry: SourceEntry | None, volume: Volume | None) -> dict[str, Any]:
     section: dict[str, Any] = {"study_key": study.key, "source_name": study.source_name,
                                "format": entry.format if entry else "unknown",
@@ -85,6 +129,9 @@ def _input_section(study: Study, entry: SourceEntry | None, volume: Volume | Non
     if entry is not None and entry.series is not None:
         section["series_key_sha256"] = _sha(entry.series.key)
     if volume is not None:
+        if volume.skipped_files:
+            section["unreadable_files"] = [{"file": Path(path).name, "reason": reason}
+                                           for path, reason in volume.skipped_files]
         section["instance_uid_sha256"] = [_sha(uid) for uid in volume.source_uids]
         section["geometry"] = {"shape": list(volume.spatial_shape),
                                "spacing_mm": [round(s, 6) for s in volume.spacing],
@@ -115,7 +162,7 @@ def _process(study: Study, predictor: Predictor, folder: Path, options: AnalyzeO
             raise _Rejected(why)
         t0 = time.perf_counter()
         try:
-            volume = entry.load()
+            volume = entry.load(skip_unreadable=True)
         except DataError as e:
             raise _Rejected(str(e)) from e
         timings["load_s"] = time.perf_counter() - t0
@@ -139,6 +186,27 @@ def _process(study: Study, predictor: Predictor, folder: Path, options: AnalyzeO
     prepared = predictor.prepare(volume)
     prediction = predictor.predict(prepared)
     timings["predict_s"] = time.perf_counter() - t0
+    ood = None
+    if prediction.ood_distance is not None and prediction.ood_threshold is not None:
+        ood = prediction.ood_distance > prediction.ood_threshold
+    flagged_by = [f.code for f in flags
+                  if f.severity == "warn" and f.code in pipeline.qc.result_relevant]
+    if ood:
+        flagged_by.insert(0, "out_of_distribution")
+    flagged_by = list(dict.fromkeys(flagged_by))
+    withheld = bool(ood) and pipeline.qc.on_out_of_distribution == "abstain"
+    qc = {"flags": [f.as_dict() for f in flags], "ood_distance": prediction.ood_distance,
+          "ood_threshold": prediction.ood_threshold, "out_of_distribution": ood,
+          "flagged_by": flagged_by, "withheld": withheld}
+    status, reason = ("flagged", _flag_reason(flagged_by, qc, withheld)) if flagged_by \
+        else ("ok", None)
+    if withheld:
+        # The label, probabilities, mask and saliency (which shows what drove the label)
+        # are all withheld; only the reason and the input's QC are reported.
+        report.update({"status": status, "reason": reason, "prediction": None,
+                       "saliency": None, "qc": qc})
+        return report, [], entry
+
     t0 = time.perf_counter()
     saliency = explain(predictor, prepared, prediction, method=options.explain_method)
     faith = None
@@ -159,25 +227,37 @@ def _process(study: Study, predictor: Predictor, folder: Path, options: AnalyzeO
         pred["volumes_ml"] = {k: round(v, 4) for k, v in prediction.volumes_ml.items()}
     images = key_images(volume, folder, saliency=saliency.volume, mask=prediction.mask,
                         classes=prediction.classes)
-    ood = None
-    if prediction.ood_distance is not None and prediction.ood_threshold is not None:
-        ood = prediction.ood_distance > prediction.ood_threshold
     report.update({
-        "status": "ok", "reason": None, "prediction": pred,
+        "status": status, "reason": reason, "prediction": pred,
         "saliency": {"method": saliency.method, "params": dict(saliency.params),
                      "target": saliency.target,
                      "files": {"nifti": "saliency.nii.gz",
                                "png": [p.name for p in images if p.name.startswith("overlay")]},
                      "faithfulness": faith},
-        "qc": {"flags": [f.as_dict() for f in flags], "ood_distance": prediction.ood_distance,
-               "ood_threshold": prediction.ood_threshold, "out_of_distribution": ood},
+        "qc": qc,
     })
     timings["figures_s"] = time.perf_counter() - t0
     return report, [p.name for p in images], entry
 
 
+def _flag_reason(codes: Sequence[str], qc: dict[str, Any], withheld: bool) -> str:
+    """One sentence on why a result may not apply."""
+    parts = []
+    for code in codes:
+        if code == "out_of_distribution":
+            parts.append(f"the input is out of distribution (feature distance "
+                         f"{qc['ood_distance']:.1f} > threshold {qc['ood_threshold']:.1f})")
+        else:
+            messages = [f["message"] for f in qc["flags"] if f["code"] == code]
+            parts.append(f"{code}: {messages[0]}" if messages else code)
+    tail = ("; the result is withheld" if withheld
+            else "; the result may not apply to this input")
+    return "; ".join(parts) + tail
+
+
 def _finish(study: Study, predictor: Predictor, folder: Path, body: dict[str, Any],
-            images: list[str], timings: dict[str, float], started: float) -> dict[str, Any]:
+            images: list[str], timings: dict[str, float], started: float,
+            run: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
     timings["total_s"] = time.perf_counter() - started
     report = {
         "schema_version": SCHEMA_VERSION, "status": body["status"], "reason": body.get("reason"),
@@ -186,11 +266,24 @@ def _finish(study: Study, predictor: Predictor, folder: Path, body: dict[str, An
         "pipeline": _pipeline_section(predictor), "prediction": body.get("prediction"),
         "saliency": body.get("saliency"), "qc": body.get("qc") or {"flags": []},
         "timings": {k: round(v, 4) for k, v in timings.items()}, "software": _software(),
+        "run": run,
     }
+    if previous is not None:
+        report["replaces"] = replaced_summary(previous, run)
     validate_report(report)
     write_text_atomic(folder / "report.html", study_html(report, images, card_sections(predictor.folder)))
     write_text_atomic(folder / "report.json", json.dumps(report, indent=2))
     return report
+
+
+def replaced_summary(previous: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """What an older report of the same study was, and what differs from this run."""
+    old_run = previous.get("run") or {}
+    changed = sorted(k for k in run if old_run.get(k) != run[k]) if old_run else ["run"]
+    return {"created": str(previous.get("created", "")), "status": str(previous.get("status", "")),
+            "pipeline": f"{(previous.get('pipeline') or {}).get('name', '')} "
+                        f"{(previous.get('pipeline') or {}).get('version', '')}".strip(),
+            "changed": changed}
 
 
 def _input_digest(study: Study, entry: SourceEntry | None,
@@ -213,9 +306,11 @@ def _input_digest(study: Study, entry: SourceEntry | None,
         ds = frame.dataset
         patient = patient or (str(ds.get("PatientID")) if ds.get("PatientID") else None)
         try:
-            pixels = hashlib.sha256(bytes(ds.PixelData)).hexdigest() if "PixelData" in ds else None
-        except (OSError, ValueError, AttributeError):
-            pixels = None  # unreadable pixel data: the study is rejected for it anyway
+            with reading(frame.path, "pixel data", InvalidDicomError):
+                pixels = (hashlib.sha256(bytes(ds.PixelData)).hexdigest()
+                          if "PixelData" in ds else None)
+        except DataError:
+            pixels = None  # unreadable pixel data: left out of the volume and reported
         instances.append({"sop_instance_uid_sha256": _sha(frame.sop_instance_uid),
                           "pixel_data_sha256": pixels})
     study_uid = str(entry.series.header.get("StudyInstanceUID") or entry.series.key)
@@ -245,11 +340,13 @@ class StudyOutcome:
 
 
 def run_study(study: Study, predictor: Predictor, out: Path, options: AnalyzeOptions,
-              pseudonymizer: Pseudonymizer) -> StudyOutcome:
+              pseudonymizer: Pseudonymizer, *,
+              previous: dict[str, Any] | None = None) -> StudyOutcome:
     """Process one study into ``out/.<key>.partial``; never raises for a bad study.
 
     A study that cannot be read is ``rejected``; an error while processing makes it
-    ``failed``; either way it gets a report.
+    ``failed``; either way it gets a report. ``previous`` is the report this one replaces
+    (summarised in its ``replaces`` section).
     """
     staging = out / f".{study.key}.partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -266,7 +363,13 @@ def run_study(study: Study, predictor: Predictor, out: Path, options: AnalyzeOpt
     except Exception as e:  # noqa: BLE001 - one study must not end the batch
         log.exception("study %s failed", study.key)
         body, images = {"status": "failed", "reason": f"internal error: {type(e).__name__}: {e}"}, []
-    report = _finish(study, predictor, staging, body, images, timings, started)
-    patient, study_key, inputs = _input_digest(study, entry, pseudonymizer)
+    run = run_fingerprint(predictor, options, study)
+    report = _finish(study, predictor, staging, body, images, timings, started, run, previous)
+    try:
+        patient, study_key, inputs = _input_digest(study, entry, pseudonymizer)
+    except DataError as e:  # a file changed or vanished since it was read
+        log.warning("study %s: cannot hash its inputs (%s)", study.key, e)
+        patient, study_key = None, pseudonymizer.pseudonym("study", study.key)
+        inputs = {"source_name": study.source_name, "error": str(e)}
     return StudyOutcome(study=study.key, report=report, staging=staging, patient_key=patient,
                         study_key=study_key, inputs=inputs)

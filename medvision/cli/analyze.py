@@ -18,8 +18,17 @@ def add_parser(subparsers: Any) -> None:
         description="For every study found under the inputs (DICOM studies, NIfTI, PNG/JPEG), "
                     "write OUT/<study>/report.json, report.html, the saliency map (and mask) "
                     "as NIfTI in the input's geometry, and PNG overlays; then OUT/summary.csv "
-                    "and summary.html. Exit code: the number of studies rejected or failed "
-                    "(0 when all succeeded).")
+                    "and summary.html. A study is ok, flagged (a result that may not apply: "
+                    "out of distribution or a result-relevant QC warning), rejected or failed. "
+                    "A study whose report matches this run (pipeline, weights, options, "
+                    "inputs) is skipped; one made differently is analysed again. "
+                    "Exit code: 0 when every study is ok or flagged, 1 when any is rejected, "
+                    "failed or in conflict (and flagged, with --fail-on flagged), 2 for a "
+                    "usage or configuration error.",
+        epilog="examples:\n  medvision analyze scans/ --pipeline chest-xray-pneumonia -o out\n"
+               "  medvision analyze scans/ --pipeline chest-xray-pneumonia -o out "
+               "--fail-on flagged",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders")
     parser.add_argument("--pipeline", required=True, help="pipeline name or path")
     parser.add_argument("-o", "--output", required=True, help="output folder")
@@ -29,7 +38,14 @@ def add_parser(subparsers: Any) -> None:
                         help="what runs the predictions (onnx: needs 'medvision export')")
     parser.add_argument("--faithfulness", action="store_true",
                         help="also compute a deletion-curve faithfulness score per study")
-    parser.add_argument("--force", action="store_true", help="redo studies already analysed")
+    parser.add_argument("--force", action="store_true",
+                        help="redo every study, even those whose report matches this run")
+    parser.add_argument("--no-overwrite", action="store_true",
+                        help="keep an existing report made differently (other pipeline, "
+                             "weights, method, backend, options or inputs) and report the "
+                             "study as a conflict instead of analysing it again")
+    parser.add_argument("--fail-on", choices=["flagged"], action="append", default=[],
+                        help="also count flagged studies as failures in the exit code")
     parser.add_argument("--scheduler", metavar="tcp://HOST:PORT",
                         help="run the studies on a Dask distributed cluster (default: here)")
     parser.add_argument("--include-phi", action="store_true",
@@ -51,14 +67,21 @@ def run(args: argparse.Namespace) -> int:
                                         backend=args.backend)
     results = analyze(args.inputs, predictor, args.output, auditor=auditor, options=AnalyzeOptions(
         explain_method=args.explain, faithfulness=args.faithfulness, force=args.force,
-        include_phi=args.include_phi), scheduler=args.scheduler)
-    bad = [r for r in results if r.status != "ok"]
-    skipped = sum(r.skipped for r in results)
-    print(f"{len(results)} studies: {len(results) - len(bad)} ok, "
-          f"{sum(r.status == 'rejected' for r in bad)} rejected, "
-          f"{sum(r.status == 'failed' for r in bad)} failed"
-          + (f" ({skipped} already done, skipped)" if skipped else ""))
-    for result in bad:
-        print(f"  {result.study}: {result.status}: {result.reason}")
+        overwrite=not args.no_overwrite, include_phi=args.include_phi),
+        scheduler=args.scheduler)
+    counts = {status: sum(r.status == status for r in results)
+              for status in ("ok", "flagged", "rejected", "failed", "conflict")}
+    skipped = sum(r.skipped and r.status != "conflict" for r in results)
+    replaced = sum(r.replaced for r in results)
+    notes = [f"{skipped} unchanged, skipped" if skipped else "",
+             f"{replaced} re-analysed, replacing older reports" if replaced else ""]
+    print(f"{len(results)} studies: " + ", ".join(
+        f"{n} {status}" for status, n in counts.items() if n or status in ("ok", "rejected",
+                                                                           "failed"))
+          + "".join(f" ({note})" for note in notes if note))
+    for result in results:
+        if result.status != "ok":
+            print(f"  {result.study}: {result.status}: {result.reason}")
     print(f"summary: {Path(args.output) / 'summary.html'}")
-    return min(len(bad), 125)
+    failing = {"rejected", "failed", "conflict"} | set(args.fail_on)
+    return 1 if any(r.status in failing for r in results) else 0

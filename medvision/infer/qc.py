@@ -79,6 +79,13 @@ def check_input(volume: Volume, pipeline: Pipeline) -> list[QCFlag]:
             flags.append(QCFlag("implausible_spacing", "warn",
                                 f"voxel size {tuple(round(s, 3) for s in spacing)} mm is outside "
                                 f"the expected {low}-{high} mm"))
+    if volume.skipped_files:
+        names = ", ".join(Path(path).name for path, _ in volume.skipped_files[:5])
+        more = len(volume.skipped_files) - 5
+        flags.append(QCFlag("unreadable_files", "warn",
+                            f"{len(volume.skipped_files)} file(s) of the series could not be "
+                            f"decoded and were left out ({names}"
+                            + (f" and {more} more" if more > 0 else "") + ")"))
     for warning in volume.warnings:
         flags.append(QCFlag("geometry_note", "warn", warning))
     return flags

@@ -131,10 +131,8 @@ class DicomSeries:
                         f"{series.error} (after leaving out {len(failures)} unreadable "
                         "file(s))")
                 stacked = stacked[..., keep]
-                note = (f"{len(failures)} of {len(self.paths)} file(s) could not be decoded "
-                        "and were left out")
-                series = replace(series, warnings=(*dict.fromkeys(
-                    (*self.warnings, *series.warnings)), note))
+                series = replace(series, warnings=tuple(dict.fromkeys(
+                    (*self.warnings, *series.warnings))))
             return series._volume(stacked, irregular,
                                    tuple(sorted((failures or {}).items())))
 

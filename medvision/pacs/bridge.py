@@ -178,19 +178,22 @@ class Bridge:
             commit(outcome, auditor, self.store.results)
             report = outcome.report
             outputs: list[tuple[str, Path, str]] = []
-            if report["status"] == "ok":
+            if report["status"] in ("ok", "flagged"):
                 entry, _ = choose_series(study, predictor.pipeline)
                 assert entry is not None and entry.series is not None
                 import pydicom
 
-                sources = [pydicom.dcmread(p) for p in entry.series.paths]
+                left_out = {u["file"] for u in report["input"].get("unreadable_files", [])}
+                sources = [pydicom.dcmread(p) for p in entry.series.paths
+                           if Path(p).name not in left_out]
                 order = {f.sop_instance_uid: i for i, f in enumerate(entry.series.frames)}
                 sources.sort(key=lambda ds: order.get(str(ds.SOPInstanceUID), 0))
                 folder = self.store.results / study.key
                 outputs = write_results(report, sources, folder, predictor.pipeline.classes,
                                         folder / "dicom")
-            self.store.finish_analysis(job.study_uid, outputs,
-                                       error=None if report["status"] == "ok" else report["reason"])
+            self.store.finish_analysis(
+                job.study_uid, outputs,
+                error=None if report["status"] in ("ok", "flagged") else report["reason"])
             log.info("%s: %s, %d result object(s) queued", study.key, report["status"], len(outputs))
         except MedvisionError as e:
             log.error("%s: analysis failed: %s", study.key, e)

@@ -47,7 +47,7 @@ def _sr(report: dict[str, Any], sources: list[Any], seed: Sequence[str], path: P
 
     name, version = _algorithm(report)
     algorithm = hd.sr.AlgorithmIdentification(name=name, version=version)
-    prediction = report["prediction"]
+    prediction = report["prediction"] or {}
     measurements = []
     for cls, value in (prediction.get("probabilities") or {}).items():
         measurements.append(hd.sr.Measurement(
@@ -57,13 +57,22 @@ def _sr(report: dict[str, Any], sources: list[Any], seed: Sequence[str], path: P
         measurements.append(hd.sr.Measurement(
             name=Code(f"V-{cls}"[:16], _SCHEME, f"Volume of {cls}"), value=float(value),
             unit=Code("ml", "UCUM", "milliliter"), algorithm_id=algorithm))
-    finding = hd.sr.QualitativeEvaluation(
+    if prediction.get("threshold") is not None:
+        measurements.append(hd.sr.Measurement(
+            name=Code("DECISION-THR", _SCHEME, "Decision threshold"),
+            value=float(prediction["threshold"]), unit=Code("1", "UCUM", "no units"),
+            algorithm_id=algorithm))
+    label = str(prediction["label"]) if prediction else "WITHHELD"
+    evaluations = [hd.sr.QualitativeEvaluation(
         name=Code("FINDING", _SCHEME, "Model finding"),
-        value=Code(str(prediction["label"])[:16], _SCHEME, str(prediction["label"])))
+        value=Code(label[:16], _SCHEME, label if prediction else
+                   "Result withheld (input out of distribution)"))]
+    measurements.extend(_qc_measurements(report, algorithm))
+    evaluations.extend(_qc_evaluations(report))
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=_uid(seed, "tracking"),
                                                      identifier=f"{name} finding"),
-        measurements=measurements, qualitative_evaluations=[finding], algorithm_id=algorithm,
+        measurements=measurements, qualitative_evaluations=evaluations, algorithm_id=algorithm,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds)
                        for ds in sources[:1]])
     context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
@@ -82,6 +91,48 @@ def _sr(report: dict[str, Any], sources: list[Any], seed: Sequence[str], path: P
         is_verified=False, series_description=f"{name} findings (not for diagnostic use)")
     sr.save_as(path)
     return str(sr.SOPInstanceUID)
+
+
+def _qc_measurements(report: dict[str, Any], algorithm: Any) -> list[Any]:
+    """The out-of-distribution distance and its threshold, as numeric measurements."""
+    import highdicom as hd
+    from pydicom.sr.coding import Code
+
+    qc = report.get("qc") or {}
+    out = []
+    for key, code, meaning in (("ood_distance", "OOD-DIST", "Out-of-distribution distance"),
+                               ("ood_threshold", "OOD-THR", "Out-of-distribution threshold")):
+        if qc.get(key) is not None:
+            out.append(hd.sr.Measurement(name=Code(code, _SCHEME, meaning),
+                                         value=float(qc[key]),
+                                         unit=Code("1", "UCUM", "no units"),
+                                         algorithm_id=algorithm))
+    return out
+
+
+def _qc_evaluations(report: dict[str, Any]) -> list[Any]:
+    """The QC result (passed or flagged), and each flag, as qualitative evaluations."""
+    import highdicom as hd
+    from pydicom.sr.coding import Code
+
+    qc = report.get("qc") or {}
+    flagged = report["status"] == "flagged"
+    out = [hd.sr.QualitativeEvaluation(
+        name=Code("QC", _SCHEME, "Input quality check"),
+        value=Code("FLAGGED", _SCHEME, "Flagged: result may not apply") if flagged
+        else Code("PASSED", _SCHEME, "Passed"))]
+    if qc.get("out_of_distribution") is not None:
+        out.append(hd.sr.QualitativeEvaluation(
+            name=Code("OOD", _SCHEME, "Out of distribution"),
+            value=Code("373066001", "SCT", "Yes") if qc["out_of_distribution"]
+            else Code("373067005", "SCT", "No")))
+    for code in qc.get("flagged_by") or []:
+        if code == "out_of_distribution":
+            continue
+        out.append(hd.sr.QualitativeEvaluation(
+            name=Code("QC-FLAG", _SCHEME, "Result-relevant QC warning"),
+            value=Code(code[:16], _SCHEME, code)))
+    return out
 
 
 def _seg(report: dict[str, Any], sources: list[Any], mask: np.ndarray,
@@ -207,7 +258,8 @@ def write_results(report: dict[str, Any], sources: list[Any], study_dir: Path,
     """Write the DICOM result objects of one analysed study.
 
     Args:
-        report: the study's report.json (status ok).
+        report: the study's report.json (status ok or flagged; a withheld result gives an
+            SR saying so, with the QC evaluations, and nothing else).
         sources: the analysed series' datasets, in the volume's slice order, with pixels.
         study_dir: the analysis folder (mask.nii.gz and overlay PNGs).
         classes: the pipeline's class names.
@@ -227,7 +279,7 @@ def write_results(report: dict[str, Any], sources: list[Any], study_dir: Path,
     written: list[tuple[str, Path, str]] = []
     try:
         written.append((_sr(report, sources, seed, out_dir / "sr.dcm"), out_dir / "sr.dcm", "SR"))
-        mask_file = report["prediction"].get("mask_file")
+        mask_file = (report["prediction"] or {}).get("mask_file")
         if mask_file:
             from medvision.io import read_volume
 

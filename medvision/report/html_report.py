@@ -13,7 +13,10 @@ NOTICE = ("Research use only. Not for diagnostic use: this output has not been c
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:72em;color:#222}
 .notice{background:#fff3cd;border:1px solid #e0c060;padding:.6em 1em;font-weight:600}
-.status-ok{color:#126b2f}.status-rejected,.status-failed{color:#a11}
+.status-ok{color:#126b2f}.status-rejected,.status-failed,.status-conflict{color:#a11}
+.status-flagged{color:#8a5a00}
+.flag-banner{background:#fde2c8;border:2px solid #c2570c;padding:.7em 1em;margin:.8em 0}
+.flag-banner strong{color:#8a2c00}
 table{border-collapse:collapse}td,th{border-bottom:1px solid #ddd;padding:.25em .7em;text-align:left}
 figure{display:inline-block;margin:.4em;vertical-align:top}figure img{max-height:22em}
 .flag-warn{color:#8a5a00}.flag-reject{color:#a11}"""
@@ -59,7 +62,24 @@ def study_html(report: Mapping[str, Any], images: Sequence[str], card: Mapping[s
                   "treat the result with extra caution</li>")
     figures = "".join(f'<figure><img src="{_e(name)}" alt="{_e(name)}"><figcaption>{_e(name)}'
                       "</figcaption></figure>" for name in images)
-    reason = f"<p><strong>Reason:</strong> {_e(report['reason'])}</p>" if report.get("reason") else ""
+    reason = ""
+    if status == "flagged":
+        withheld = bool(qc.get("withheld"))
+        title = ("Result withheld" if withheld
+                 else "Flagged: this result may not apply to this input")
+        reason = (f'<div class="flag-banner" role="alert"><strong>{_e(title)}.</strong> '
+                  f"{_e(report.get('reason') or '')}</div>")
+    elif report.get("reason"):
+        reason = f"<p><strong>Reason:</strong> {_e(report['reason'])}</p>"
+    replaces = report.get("replaces")
+    if replaces:
+        reason += (f"<p>Replaces an earlier report of {_e(replaces['created'])} "
+                   f"({_e(replaces.get('pipeline', ''))}, {_e(replaces['status'])}); changed: "
+                   f"{_e(', '.join(replaces['changed']))}.</p>")
+    unreadable = report["input"].get("unreadable_files") or []
+    if unreadable:
+        reason += ("<p>Files left out (could not be decoded):</p><ul>" + "".join(
+            f"<li>{_e(u['file'])}: {_e(u['reason'])}</li>" for u in unreadable) + "</ul>")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{_e(report['study'])}: {_e(pipeline['name'])}</title>
 <style>{_STYLE}</style></head><body>

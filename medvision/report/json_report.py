@@ -16,7 +16,7 @@ from medvision.errors import ReportError
 
 __all__ = ["SCHEMA_VERSION", "load_schema", "validate_report"]
 
-SCHEMA_VERSION = "1.0.0"
+SCHEMA_VERSION = "1.1.0"
 
 
 @lru_cache(maxsize=1)

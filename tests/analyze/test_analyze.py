@@ -64,10 +64,11 @@ def chest_batch(shared_data: Path, tmp_path: Path) -> Path:
 def test_chest_batch_with_bad_files(chest_batch: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     code = main(["analyze", str(chest_batch), "--pipeline", "chest-xray-pneumonia", "-o", str(out)])
-    assert code == 2  # two studies rejected, the others done
+    assert code == 1  # two studies rejected, the others done
     reports = _reports(out)
     statuses = sorted(r["status"] for r in reports.values())
-    assert statuses == ["ok", "ok", "ok", "rejected", "rejected"]
+    # the adult CR radiograph is out of distribution for a paediatric model: flagged
+    assert statuses == ["flagged", "ok", "ok", "rejected", "rejected"]
     rejected = {r["input"]["source_name"]: r["reason"] for r in reports.values()
                 if r["status"] == "rejected"}
     assert any("truncated" in reason for reason in rejected.values())
@@ -77,7 +78,7 @@ def test_chest_batch_with_bad_files(chest_batch: Path, tmp_path: Path, capsys) -
         jsonschema.validate(report, schema)
         _check_html(out / key)
     for report in reports.values():
-        if report["status"] != "ok":
+        if report["status"] not in ("ok", "flagged"):
             continue
         probabilities = report["prediction"]["probabilities"]
         assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-5)
@@ -88,14 +89,16 @@ def test_chest_batch_with_bad_files(chest_batch: Path, tmp_path: Path, capsys) -
     jpeg = next(chest_batch.glob("IM-*.jpeg"))
     _same_grid(out / jpeg.stem.split(".")[0] / "saliency.nii.gz", read_volume(jpeg))
     dicom_key = next(k for k, r in reports.items() if r["input"]["format"] == "dicom"
-                     and r["status"] == "ok")
+                     and r["status"] == "flagged")
     _same_grid(out / dicom_key / "saliency.nii.gz", read_volume(chest_batch / "RG1_UNCR.dcm"))
     # an adult CR radiograph is not a paediatric Kermany image: the feature guard says so
     assert reports[dicom_key]["qc"]["out_of_distribution"] is True
+    assert reports[dicom_key]["qc"]["flagged_by"] == ["out_of_distribution"]
     assert reports[jpeg.stem.split(".")[0]]["qc"]["out_of_distribution"] is False
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert len(rows) == 5 and (out / "summary.html").is_file()
-    assert "2 rejected" in capsys.readouterr().out
+    assert sorted(r["status"] for r in rows) == statuses
+    assert "2 ok, 1 flagged, 2 rejected" in capsys.readouterr().out
 
 
 def test_done_studies_are_skipped_unless_forced(shared_data: Path, tmp_path: Path, capsys) -> None:
@@ -107,10 +110,13 @@ def test_done_studies_are_skipped_unless_forced(shared_data: Path, tmp_path: Pat
     first = json.loads(report.read_text())["created"]
     report.write_text(report.read_text().replace(first, "2000-01-01T00:00:00+00:00"))
     assert main(args) == 0
-    assert "already done" in capsys.readouterr().out
+    assert "1 unchanged, skipped" in capsys.readouterr().out
     assert "2000-01-01" in report.read_text()
     assert main([*args, "--force"]) == 0
-    assert "2000-01-01" not in report.read_text()
+    forced = json.loads(report.read_text())
+    assert not forced["created"].startswith("2000-01-01")
+    assert forced["replaces"] == {"created": "2000-01-01T00:00:00+00:00", "status": "ok",
+                                  "pipeline": "chest-xray-pneumonia 0.2.0", "changed": []}
 
 
 @pytest.mark.parametrize("method", ["integrated_gradients", "saliency", "occlusion"])
@@ -161,7 +167,7 @@ def test_sample_data_wrong_inputs_are_rejected_or_flagged(tmp_path: Path) -> Non
     assert by_format["dicom"]["status"] == "rejected"  # a CT given to an MR pipeline
     assert "CT" in by_format["dicom"]["reason"]
     mr = by_format["nifti"]
-    assert mr["status"] == "ok"
+    assert mr["status"] == "flagged"
     assert mr["qc"]["out_of_distribution"] is True  # a phantom is far from real hippocampi
     assert code == 1
     chest = main(["analyze", str(REPO / "sample_data" / "mr_phantom.nii.gz"), "--pipeline",
