@@ -51,7 +51,7 @@ def test_out_of_distribution_inputs_are_flagged_not_ok(mr_slices: Path, tmp_path
     printed = capsys.readouterr().out
     reports = _reports(out)
     assert len(reports) == 5
-    assert f"5 studies: 0 ok, 5 flagged" in printed
+    assert "5 studies: 0 ok, 5 flagged" in printed
     for key, report in reports.items():
         jsonschema.validate(report, load_schema())
         assert report["schema_version"] == "1.1.0"
