@@ -224,7 +224,7 @@ def _overlay(report: dict[str, Any], source: Any, png: Path, seed: Sequence[str]
     ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = _uid(seed, "overlay-series"), 9903, index + 1
     ds.Modality, ds.ConversionType = "OT", "WSD"
     ds.Manufacturer, ds.SoftwareVersions = "medvision", version
-    ds.SeriesDescription = f"{name} saliency overlay - NOT FOR DIAGNOSTIC USE"
+    ds.SeriesDescription = f"saliency overlay, NOT FOR DIAGNOSIS: {name}"[:64]  # LO: 64 chars
     ds.ImageComments = f"{report['saliency']['method']} saliency of {report['prediction']['label']}; not for diagnostic use"
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.BurnedInAnnotation = "YES"

@@ -176,6 +176,24 @@ def _mr_series(nifti: Path, folder: Path) -> list[Path]:
     return paths
 
 
+def sr_content(sr: pydicom.Dataset) -> dict[str, object]:
+    """Concept name -> coded meaning or numeric value of every item of an SR tree."""
+    out: dict[str, object] = {}
+
+    def walk(items: object) -> None:
+        for item in items or []:  # type: ignore[attr-defined]
+            name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" \
+                in item else None
+            if name and "ConceptCodeSequence" in item:
+                out[name] = item.ConceptCodeSequence[0].CodeMeaning
+            elif name and "MeasuredValueSequence" in item:
+                out[name] = float(item.MeasuredValueSequence[0].NumericValue)
+            walk(item.get("ContentSequence"))
+
+    walk(sr.get("ContentSequence"))
+    return out
+
+
 def _chest(folder: Path) -> tuple[Path, str]:
     folder.mkdir(parents=True, exist_ok=True)
     ds = pydicom.dcmread(RG1)
@@ -202,6 +220,16 @@ def test_results_arrive_in_the_source_study(bridge: BridgeProcess, orthanc: Orth
     wait_until(lambda: "SR" in orthanc.modalities(chest_study), 300, "no SR for the radiograph")
     wait_until(lambda: {"SR", "SEG"} <= set(orthanc.modalities(mr_study)), 300, "no SR/SEG for the MR")
     assert "OT" in orthanc.modalities(chest_study)  # the saliency overlay, not for diagnosis
+    # The adult CR radiograph is out of distribution for the paediatric model: the SR says so
+    sr_instance = next(i for i in orthanc.instances_in_study(chest_study)
+                       if orthanc.get(f"/series/{i['ParentSeries']}")["MainDicomTags"]
+                       ["Modality"] == "SR")
+    (tmp_path / "sr.dcm").write_bytes(orthanc.raw(f"/instances/{sr_instance['ID']}/file"))
+    items = sr_content(pydicom.dcmread(tmp_path / "sr.dcm"))
+    assert items["Input quality check"] == "Flagged: result may not apply"
+    assert items["Out of distribution"] == "Yes"
+    assert items["Out-of-distribution distance"] > items["Out-of-distribution threshold"] > 0
+    assert items["Decision threshold"] == pytest.approx(0.5)
     seg_instance = next(i for i in orthanc.instances_in_study(mr_study)
                         if orthanc.get(f"/series/{i['ParentSeries']}")["MainDicomTags"]
                         ["Modality"] == "SEG")
