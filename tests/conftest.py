@@ -83,6 +83,24 @@ def pydicom_test_files() -> list[Path]:
     return files
 
 
+def sr_content(sr: Any) -> dict[str, object]:
+    """Concept name -> coded meaning or numeric value of every item of an SR tree."""
+    out: dict[str, object] = {}
+
+    def walk(items: object) -> None:
+        for item in items or []:  # type: ignore[attr-defined]
+            name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" \
+                in item else None
+            if name and "ConceptCodeSequence" in item:
+                out[name] = item.ConceptCodeSequence[0].CodeMeaning
+            elif name and "MeasuredValueSequence" in item:
+                out[name] = float(item.MeasuredValueSequence[0].NumericValue)
+            walk(item.get("ContentSequence"))
+
+    walk(sr.get("ContentSequence"))
+    return out
+
+
 SliceWriter = Callable[..., Path]
 
 

@@ -1,4 +1,4 @@
-"""``medvision audit verify|report``: check the hash chain, write audit reports."""
+"""``medvision audit keygen|verify|anchor|report``: keys, checks, anchors and reports."""
 
 from __future__ import annotations
 
@@ -20,16 +20,44 @@ def _when(text: str) -> datetime:
 
 
 def add_parser(subparsers: Any) -> None:
-    """Register ``audit`` with its ``verify`` and ``report`` actions."""
+    """Register ``audit`` with its ``keygen``, ``verify``, ``anchor`` and ``report`` actions."""
     parser = subparsers.add_parser("audit", help="verify the audit log or report on it")
     actions = parser.add_subparsers(dest="audit_action", required=True, metavar="ACTION")
-    verify = actions.add_parser("verify", help="check the hash chain; exit 1 if broken",
-                                description="Detects any edited, deleted, inserted or "
-                                            "reordered record and names the first bad one.")
+    keygen = actions.add_parser(
+        "keygen", help="write an Ed25519 key pair for signing the log",
+        description="Writes DIR/audit-signing.key (mode 0600; keep it apart from the log) and "
+                    "DIR/audit-signing.pub (give it to auditors). Never overwrites a key.")
+    keygen.add_argument("directory", type=Path, metavar="DIR")
+    keygen.set_defaults(run=run)
+    verify = actions.add_parser(
+        "verify", help="check the hash chain and signatures; exit 1 if anything fails",
+        description="Detects any edited, deleted, inserted or reordered record and names the "
+                    "first bad one. With --public-key every signed checkpoint must verify "
+                    "and match the chain, and every record must be covered by one (a log "
+                    "rewritten with recomputed hashes fails). With --anchors the log must "
+                    "still hold every anchored head.",
+        epilog="example:\n  medvision audit verify --log audit.sqlite --public-key "
+               "keys/audit-signing.pub --anchors /mnt/worm/medvision-anchors",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     verify.add_argument("--log", type=Path, default=None, help="audit log (SQLite)")
+    verify.add_argument("--public-key", type=Path, help="audit-signing.pub from 'audit keygen'")
+    verify.add_argument("--anchors", type=Path, metavar="DIR",
+                        help="folder of anchored checkpoints ('audit anchor --to DIR')")
     verify.set_defaults(run=run)
+    anchor = actions.add_parser(
+        "anchor", help="copy the latest signed head to a second place",
+        description="Writes the log's latest signed checkpoint as a new file in DIR (never "
+                    "overwriting one). Put DIR on storage the log's writer cannot change "
+                    "(another machine, write-once or object-locked storage): then even a "
+                    "holder of the signing key cannot rewrite or truncate what was anchored.")
+    anchor.add_argument("--log", type=Path, default=None, help="audit log (SQLite)")
+    anchor.add_argument("--to", type=Path, required=True, metavar="DIR", help="anchor folder")
+    anchor.add_argument("--public-key", type=Path,
+                        help="verify the whole log with this key before anchoring")
+    anchor.set_defaults(run=run)
     report = actions.add_parser("report", help="write an audit report")
     report.add_argument("--log", type=Path, default=None, help="audit log (SQLite)")
+    report.add_argument("--public-key", type=Path, help="also verify the signatures")
     report.add_argument("--since", type=_when, help="ISO date or time (UTC), inclusive")
     report.add_argument("--until", type=_when, help="ISO date or time (UTC), exclusive")
     report.add_argument("--format", choices=["html", "csv", "json"], default="html")
@@ -38,18 +66,48 @@ def add_parser(subparsers: Any) -> None:
     report.set_defaults(run=run)
 
 
+def _verified_text(result: Any) -> str:
+    if not result.ok:
+        return f"BROKEN at record {result.first_bad}: {result.problem}"
+    text = "intact"
+    if result.checkpoints:
+        text += f", {result.checkpoints} signed checkpoint(s) verified"
+    if result.anchors:
+        text += f", consistent with {result.anchors} anchor(s)"
+    return text
+
+
 def run(args: argparse.Namespace) -> int:
-    """Verify or report."""
+    """Generate keys, verify, anchor or report."""
     from medvision.audit.log import AuditLog
     from medvision.audit.report import audit_summary, render_csv, render_html, select_records
+    from medvision.audit.signing import Verifier, keygen, read_anchors, write_anchor
 
+    if args.audit_action == "keygen":
+        private, public = keygen(args.directory)
+        print(f"wrote {private} (private, mode 0600: keep it apart from the log) and {public}")
+        return 0
     log = AuditLog(args.log or default_log_path())
-    result = log.verify()
-    verified = ("intact" if result.ok else
-                f"BROKEN at record {result.first_bad}: {result.problem}")
+    verifier = Verifier.from_file(args.public_key) if args.public_key else None
+    anchors = read_anchors(args.anchors) if getattr(args, "anchors", None) else []
+    result = log.verify(verifier=verifier, anchors=anchors)
+    verified = _verified_text(result)
     if args.audit_action == "verify":
         print(f"{log.path}: {result.records} records, chain {verified}")
+        for note in result.notes:
+            print(f"  note: {note}")
         return 0 if result.ok else 1
+    if args.audit_action == "anchor":
+        if not result.ok:
+            raise AuditError(f"{log.path}: not anchoring a log that fails verification "
+                             f"({verified})")
+        checkpoint = log.latest_checkpoint()
+        if checkpoint is None:
+            raise AuditError(f"{log.path}: no signed checkpoint to anchor; write the log with "
+                             "--signing-key")
+        path = write_anchor(checkpoint, args.to)
+        print(f"anchored record {checkpoint.seq} ({checkpoint.hash[:16]}...) in {path}")
+        return 0
     if args.output.exists() and not args.force:
         raise AuditError(f"{args.output} exists; pass --force to overwrite")
     records = select_records(log.records(), since=args.since, until=args.until)

@@ -1,7 +1,9 @@
-"""The ``--audit-log`` / ``--audit-key`` options shared by commands that must be audited.
+"""The ``--audit-log`` / ``--audit-key`` / ``--signing-key`` options of audited commands.
 
-Defaults: ``$MEDVISION_AUDIT_LOG`` or ``~/.local/share/medvision/audit.sqlite``, and the key
-``$MEDVISION_AUDIT_KEY`` or ``audit.key`` beside the log (created, mode 0600, when missing).
+Defaults: ``$MEDVISION_AUDIT_LOG`` or ``~/.local/share/medvision/audit.sqlite``, the
+pseudonymisation key ``$MEDVISION_AUDIT_KEY`` or ``audit.key`` beside the log (created, mode
+0600, when missing), and the Ed25519 signing key ``$MEDVISION_AUDIT_SIGNING_KEY`` (none: the
+log is not signed).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_audit_arguments", "auditor_from_args", "default_log_path"]
+__all__ = ["add_audit_arguments", "auditor_from_args", "default_log_path", "signer_from_args"]
 
 
 def default_log_path() -> Path:
@@ -29,6 +31,10 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"audit log (SQLite); default {default_log_path()}")
     parser.add_argument("--audit-key", type=Path, default=None,
                         help="pseudonymisation key file; default audit.key beside the log")
+    parser.add_argument("--signing-key", type=Path, default=None,
+                        help="Ed25519 key (from 'medvision audit keygen') that signs a "
+                             "checkpoint of the log with every record; default "
+                             "$MEDVISION_AUDIT_SIGNING_KEY, else unsigned")
 
 
 def auditor_from_args(args: argparse.Namespace) -> Any:
@@ -41,7 +47,19 @@ def auditor_from_args(args: argparse.Namespace) -> Any:
     if key is None:
         env = os.environ.get("MEDVISION_AUDIT_KEY")
         key = Path(env) if env else log_path.with_name("audit.key")
-    return Auditor(AuditLog(log_path), Pseudonymizer.from_file(key))
+    return Auditor(AuditLog(log_path, signer=signer_from_args(args)),
+                   Pseudonymizer.from_file(key))
+
+
+def signer_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~medvision.audit.signing.Signer` named by ``--signing-key`` or
+    ``$MEDVISION_AUDIT_SIGNING_KEY``, or ``None``."""
+    from medvision.audit.signing import Signer
+
+    path = getattr(args, "signing_key", None)
+    if path is None and os.environ.get("MEDVISION_AUDIT_SIGNING_KEY"):
+        path = Path(os.environ["MEDVISION_AUDIT_SIGNING_KEY"])
+    return Signer.from_file(path) if path is not None else None
 
 
 def items_digest(items: Any) -> dict[str, Any]:

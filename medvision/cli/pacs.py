@@ -29,6 +29,9 @@ def add_parser(subparsers: Any) -> None:
     listen.add_argument("--config", required=True, type=Path, help="bridge settings (YAML)")
     listen.add_argument("--workdir", required=True, type=Path, help="spool and job database")
     listen.add_argument("--audit-key", type=Path, help="pseudonymisation key file")
+    listen.add_argument("--signing-key", type=Path,
+                        help="Ed25519 key that signs the audit log's checkpoints "
+                             "(default $MEDVISION_AUDIT_SIGNING_KEY, else unsigned)")
     status = actions.add_parser("status", help="studies and results queued in a work folder")
     status.add_argument("--workdir", required=True, type=Path)
     status.add_argument("--json", action="store_true")
@@ -52,11 +55,12 @@ def run(args: argparse.Namespace) -> int:
 
     action = args.pacs_action
     if action == "listen":
+        from medvision.cli.audit_options import signer_from_args
         from medvision.pacs.bridge import Bridge
         from medvision.pacs.config import load_bridge_config
 
         Bridge(load_bridge_config(args.config), args.workdir,
-               audit_key=args.audit_key).serve_forever()
+               audit_key=args.audit_key, signer=signer_from_args(args)).serve_forever()
         return 0
     if action == "status":
         from medvision.pacs.store import BridgeStore

@@ -20,6 +20,7 @@ from medvision.analyze.runner import AnalyzeOptions, run_study
 from medvision.analyze.studies import choose_series, collect_studies
 from medvision.audit.log import AuditLog
 from medvision.audit.records import Auditor, Pseudonymizer
+from medvision.audit.signing import Signer
 from medvision.errors import MedvisionError, PacsError
 from medvision.infer import Predictor
 from medvision.pacs.config import BridgeConfig, Route
@@ -54,12 +55,12 @@ class Bridge:
     """One bridge over one work folder: ``start()`` listens and works; ``stop()`` ends both."""
 
     def __init__(self, config: BridgeConfig, workdir: str | Path, *,
-                 audit_key: Path | None = None) -> None:
+                 audit_key: Path | None = None, signer: Signer | None = None) -> None:
         self.config = config
         self.store = BridgeStore(workdir)
         log_path = config.audit_log or self.store.workdir / "audit.sqlite"
         self.pseudonymizer = Pseudonymizer.from_file(audit_key or log_path.with_name("audit.key"))
-        self.audit_log = AuditLog(log_path)
+        self.audit_log = AuditLog(log_path, signer=signer)
         self._predictors: dict[str, Predictor] = {}
         self._stop = threading.Event()
         self._server: Any = None

@@ -53,7 +53,7 @@ def test_analysis_is_audited_and_leaks_no_phi(tmp_path: Path, caplog) -> None:
     records = list(AuditLog(audit / "log.sqlite").records())
     assert len(records) == 1
     record = records[0]
-    assert record["action"] == "analyze" and record["status"] == "ok"
+    assert record["action"] == "analyze" and record["status"] == "flagged"  # adult CR: OOD
     assert len(record["patient_key"]) == 32 and len(record["study_key"]) == 32
     assert record["inputs"]["instances"][0]["pixel_data_sha256"]
     assert record["pipeline"]["weights_sha256"] and record["pipeline"]["config_hash"]

@@ -21,7 +21,7 @@ import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from conftest import dcmtk_tool, pydicom_test_files, require, wait_until
+from conftest import dcmtk_tool, pydicom_test_files, require, sr_content, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -174,24 +174,6 @@ def _mr_series(nifti: Path, folder: Path) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
-
-
-def sr_content(sr: pydicom.Dataset) -> dict[str, object]:
-    """Concept name -> coded meaning or numeric value of every item of an SR tree."""
-    out: dict[str, object] = {}
-
-    def walk(items: object) -> None:
-        for item in items or []:  # type: ignore[attr-defined]
-            name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" \
-                in item else None
-            if name and "ConceptCodeSequence" in item:
-                out[name] = item.ConceptCodeSequence[0].CodeMeaning
-            elif name and "MeasuredValueSequence" in item:
-                out[name] = float(item.MeasuredValueSequence[0].NumericValue)
-            walk(item.get("ContentSequence"))
-
-    walk(sr.get("ContentSequence"))
-    return out
 
 
 def _chest(folder: Path) -> tuple[Path, str]:

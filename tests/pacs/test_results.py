@@ -14,8 +14,7 @@ from pydicom.uid import generate_uid
 from medvision.cli.main import main
 from medvision.pacs.results import write_results
 
-from conftest import dcmtk_tool, pydicom_test_files
-from test_bridge import sr_content
+from conftest import dcmtk_tool, pydicom_test_files, sr_content
 
 RG1 = next(p for p in pydicom_test_files() if p.name == "RG1_UNCR.dcm")
 
