@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from conftest import SHARED_DATA, pydicom_test_files
 
-__all__ = ["CORPUS_NAMES", "Damage", "corpus", "damaged"]
+__all__ = ["CORPUS_NAMES", "Damage", "Layout", "corpus", "damaged", "layout_of"]
 
 #: pydicom / pydicom-data files in the corpus.
 CORPUS_NAMES = (
@@ -46,6 +46,9 @@ class Layout:
     lengths: tuple[tuple[int, int, str], ...]  # (offset, size in bytes, struct byte order)
     vrs: tuple[int, ...]
     pixel_start: int
+    meta_end: int
+    sop_class: str
+    transfer_syntax: str
 
 
 def _layout(path: Path) -> Layout:
@@ -84,8 +87,12 @@ def _layout(path: Path) -> Layout:
             if tag == 0x7FE00010:
                 pixel_start = tell
     boundaries = {b for b in boundaries if 0 < b < len(data)}
+    meta = ds.file_meta
     return Layout(name=path.name, data=data, boundaries=tuple(sorted(boundaries)),
-                  lengths=tuple(lengths), vrs=tuple(vrs), pixel_start=pixel_start)
+                  lengths=tuple(lengths), vrs=tuple(vrs), pixel_start=pixel_start,
+                  meta_end=132 + 12 + int(meta.FileMetaInformationGroupLength),
+                  sop_class=str(meta.MediaStorageSOPClassUID),
+                  transfer_syntax=str(meta.TransferSyntaxUID))
 
 
 @lru_cache(maxsize=1)
@@ -95,6 +102,11 @@ def corpus() -> tuple[Layout, ...]:
     paths = [files[name] for name in CORPUS_NAMES if name in files]
     paths += [SHARED_DATA / name for name in SHARED_NAMES if (SHARED_DATA / name).is_file()]
     return tuple(_layout(p) for p in paths)
+
+
+def layout_of(name: str) -> Layout:
+    """The corpus file called ``name``."""
+    return next(layout for layout in corpus() if layout.name == name)
 
 
 @dataclass(frozen=True)

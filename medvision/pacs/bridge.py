@@ -51,6 +51,25 @@ def _validate(ds: Any) -> None:
             raise ValueError(f"pixel data truncated ({len(ds.PixelData)} of {expected} bytes)")
 
 
+#: Transfer syntaxes the listener accepts: every one the readers decode (pydicom with
+#: pylibjpeg's libjpeg, OpenJPEG and RLE plugins), uncompressed first.
+ACCEPTED_TRANSFER_SYNTAXES = (
+    "1.2.840.10008.1.2.1",     # Explicit VR Little Endian
+    "1.2.840.10008.1.2",       # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",     # Explicit VR Big Endian (retired)
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless (Process 14)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, First-Order Prediction (Process 14, SV1)
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless Only
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",     # RLE Lossless
+)
+
+
 class Bridge:
     """One bridge over one work folder: ``start()`` listens and works; ``stop()`` ends both."""
 
@@ -74,7 +93,10 @@ class Bridge:
             ds.file_meta = event.file_meta
             _validate(ds)
             data = event.encoded_dataset(include_meta=True)
-        except Exception as e:  # noqa: BLE001 - any decoding problem means "cannot understand"
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - any decoding problem (even a codec's Rust
+            # panic, a BaseException) means "cannot understand"; the listener goes on
             log.warning("rejected an instance from %s: %s", calling, type(e).__name__ + (
                 f": {e}" if isinstance(e, ValueError) else ""))
             return CANNOT_UNDERSTAND
@@ -107,7 +129,8 @@ class Bridge:
         if recovered:
             log.info("recovered %d study(ies) interrupted mid-analysis", recovered)
         ae = AE(ae_title=self.config.ae_title)
-        ae.supported_contexts = AllStoragePresentationContexts
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, list(ACCEPTED_TRANSFER_SYNTAXES))
         ae.add_supported_context(Verification)
         if self.config.allowed_calling_aes:
             ae.require_calling_aet = list(self.config.allowed_calling_aes)
