@@ -130,7 +130,8 @@ class Bridge:
             log.info("recovered %d study(ies) interrupted mid-analysis", recovered)
         ae = AE(ae_title=self.config.ae_title)
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, list(ACCEPTED_TRANSFER_SYNTAXES))
+            ae.add_supported_context(str(context.abstract_syntax),
+                                     list(ACCEPTED_TRANSFER_SYNTAXES))
         ae.add_supported_context(Verification)
         if self.config.allowed_calling_aes:
             ae.require_calling_aet = list(self.config.allowed_calling_aes)
