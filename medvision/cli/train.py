@@ -68,11 +68,17 @@ def run(args: argparse.Namespace) -> int:
                outputs=[run_dir / n for n in ("best.safetensors", "metrics.csv",
                                               "calibration.json", "pipeline.yaml")],
                result={"epochs": result.epochs_run, "best_epoch": result.best_epoch,
-                       pipeline.validation_metric: result.best_metric},
+                       pipeline.validation_metric: result.best_metric,
+                       "skipped_items": len(result.skipped)},
                seconds=time.perf_counter() - started)
     print(f"trained {result.epochs_run} epoch(s) in {result.seconds:.0f} s; best epoch "
           f"{result.best_epoch}: {pipeline.validation_metric} {result.best_metric:.4f}; "
           f"weights in {result.run_dir / 'best.safetensors'}")
+    if result.skipped:
+        print(f"{len(result.skipped)} unreadable item(s) skipped (see "
+              f"{result.run_dir / 'skipped.json'}):")
+        for path, reason in result.skipped[:10]:
+            print(f"  {path}: {reason}")
     return 0
 
 

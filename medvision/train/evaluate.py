@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from medvision.errors import ConfigError
+from medvision.errors import ConfigError, DataError
 from medvision.infer import Predictor
+from medvision.train.data import readable_items
 from medvision.train.metrics import classification_metrics, segmentation_metrics
 from medvision.train.plots import classification_plots, dice_boxplot
 
@@ -24,14 +25,20 @@ def evaluate(predictor: Predictor, items: Sequence[dict[str, Any]],
              out_dir: str | os.PathLike[str], *, force: bool = False) -> dict[str, Any]:
     """Score ``predictor`` on ``items`` and write the evaluation folder; returns the metrics.
 
+    Unreadable items are skipped with a warning and listed under ``skipped_items``.
+
     Raises:
         ConfigError: ``out_dir`` already holds an evaluation and ``force`` is false.
+        DataError: no item is readable.
     """
     out = Path(out_dir)
     if (out / "metrics.json").exists() and not force:
         raise ConfigError(f"{out}: holds an evaluation already; pass --force to overwrite")
     out.mkdir(parents=True, exist_ok=True)
     pipeline = predictor.pipeline
+    items, skipped = readable_items(items)
+    if not items:
+        raise DataError(f"no readable item to evaluate ({len(skipped)} unreadable)")
     if pipeline.task == "classification":
         metrics, images = _classification(predictor, items, out)
     else:
@@ -40,6 +47,7 @@ def evaluate(predictor: Predictor, items: Sequence[dict[str, Any]],
                            "weights": str(predictor.weights),
                            "weights_sha256": predictor.weights_sha256,
                            "temperature": predictor.temperature}
+    metrics["skipped_items"] = [{"path": p, "reason": r} for p, r in skipped]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "summary.html").write_text(_html(metrics, images))
     return metrics
@@ -122,7 +130,9 @@ img{{max-width:32%;margin:.3em}}</style></head><body>
 <h1>Evaluation of {html.escape(pipeline['name'])} {html.escape(pipeline['version'])}</h1>
 <p>{metrics['n']} cases. Weights SHA-256 <code>{pipeline['weights_sha256'][:16]}…</code>,
 calibration temperature {pipeline['temperature']:.3f}. Intervals are bootstrap 95% percentile
-intervals over cases.</p>
+intervals over cases.{f" {len(metrics['skipped_items'])} unreadable item(s) skipped: "
++ html.escape("; ".join(i["path"] for i in metrics["skipped_items"][:10])) + "."
+if metrics.get("skipped_items") else ""}</p>
 <table>{''.join(rows)}</table>
 <div>{figures}</div>
 <p><strong>Research use only; not for diagnostic use.</strong></p>

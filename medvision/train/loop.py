@@ -30,11 +30,11 @@ import numpy as np
 
 from medvision.atomic import write_text_atomic
 from medvision.config import Pipeline, config_hash
-from medvision.errors import CheckpointError, ConfigError
+from medvision.errors import CheckpointError, ConfigError, DataError
 from medvision.models import build_model, load_weights, save_weights
 from medvision.train.calibration import fit_temperature, write_temperature
 from medvision.train.checkpoint_state import load_training_state, save_training_state
-from medvision.train.data import DataSplit
+from medvision.train.data import DataSplit, readable_items
 from medvision.transforms import build_transforms
 
 __all__ = ["SWA_FILE", "TrainResult", "train"]
@@ -55,6 +55,7 @@ class TrainResult:
     best_metric: float
     history: tuple[dict[str, float], ...]
     seconds: float
+    skipped: tuple[tuple[str, str], ...] = ()
 
 
 def _loss(pipeline: Pipeline) -> Any:
@@ -250,6 +251,10 @@ def train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str],
             {"train_groups": sorted({str(i["group"]) for i in split.train}),
              "val_groups": sorted({str(i["group"]) for i in split.val})}, indent=1))
 
+    split, skipped = _readable_split(split)
+    write_text_atomic(run / "skipped.json", json.dumps(
+        {"count": len(skipped), "items": [{"path": p, "reason": r} for p, r in skipped]},
+        indent=1))
     train_ds = _dataset(pipeline, split.train, train=True, run_dir=run)
     val_ds = _dataset(pipeline, split.val, train=False, run_dir=run)
     labels = [int(i["label"]) for i in split.train] if pipeline.task == "classification" else []
@@ -318,7 +323,24 @@ def train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str],
     return TrainResult(run_dir=run, epochs_run=state["epoch"], best_epoch=state["best_epoch"],
                        best_metric=float(state["best_metric"] or float("nan")),
                        history=tuple(state["history"]),
-                       seconds=float(state.get("seconds", 0.0)))
+                       seconds=float(state.get("seconds", 0.0)), skipped=tuple(skipped))
+
+
+def _readable_split(split: DataSplit) -> tuple[DataSplit, list[tuple[str, str]]]:
+    """Drop unreadable items from both sides (groups never move between sides).
+
+    Raises:
+        DataError: no readable item is left on one side.
+    """
+    train_items, skipped = readable_items(split.train)
+    val_items, skipped_val = readable_items(split.val)
+    skipped += skipped_val
+    if skipped:
+        log.warning("%d unreadable item(s) skipped (listed in skipped.json)", len(skipped))
+    if not train_items or not val_items:
+        raise DataError(f"no readable {'training' if not train_items else 'validation'} items "
+                        f"left after skipping {len(skipped)} unreadable one(s)")
+    return DataSplit(train=tuple(train_items), val=tuple(val_items)), skipped
 
 
 def _accumulate_average(model: Any, path: Path, count: int) -> int:

@@ -187,3 +187,36 @@ def test_running_average_is_exact_and_restartable(tmp_path: Path) -> None:
     assert _accumulate_average(model, tmp_path / "swa.safetensors", 0) == 1
     assert torch.allclose(load_file(str(tmp_path / "swa.safetensors"))["weight"],
                           torch.full((2, 3), 6.0))
+
+
+def test_corrupt_images_are_skipped_and_counted(shared_data: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A truncated JPEG, an empty file and a text file named .jpeg in the training folder:
+    skipped with a warning, counted in skipped.json, the audit record and the evaluation."""
+    data = _tiny_chest(shared_data, tmp_path)
+    good = sorted((shared_data / "chest_xray" / "train" / "PNEUMONIA").glob("*.jpeg"))[20]
+    (data / "PNEUMONIA" / "person9998_bacteria_1.jpeg").write_bytes(
+        good.read_bytes()[: good.stat().st_size // 3])
+    (data / "NORMAL" / "IM-9999-0001.jpeg").write_bytes(b"")
+    (data / "NORMAL" / "IM-9998-0001.jpeg").write_text("not an image\n")
+    run = tmp_path / "run"
+    log = tmp_path / "audit.sqlite"
+    assert main(["train", "chest-xray-pneumonia", "--data", str(data), "-o", str(run),
+                 "--epochs", "1", "--audit-log", str(log)]) == 0
+    printed = capsys.readouterr().out
+    assert "3 unreadable item(s) skipped" in printed
+    skipped = json.loads((run / "skipped.json").read_text())
+    assert skipped["count"] == 3
+    assert {Path(i["path"]).name for i in skipped["items"]} == {
+        "person9998_bacteria_1.jpeg", "IM-9999-0001.jpeg", "IM-9998-0001.jpeg"}
+    assert all(i["reason"] for i in skipped["items"])
+    from medvision.audit import AuditLog
+
+    record = list(AuditLog(log).records())[-1]
+    assert record["action"] == "train" and record["result"]["skipped_items"] == 3
+    out = tmp_path / "eval"
+    assert main(["evaluate", "chest-xray-pneumonia", "--data", str(data), "-o", str(out),
+                 "--weights", str(run / "best.safetensors"), "--audit-log", str(log)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["skipped_items"]) == 3 and metrics["n"] == 16
+    assert "3 unreadable item(s) skipped" in (out / "summary.html").read_text()
