@@ -101,6 +101,45 @@ def sr_content(sr: Any) -> dict[str, object]:
     return out
 
 
+def mr_series_from_nifti(nifti: Path, folder: Path) -> list[Path]:
+    """A real hippocampus MRI written as a DICOM MR series (one file per axial slice)."""
+    import nibabel as nib
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    image = nib.as_closest_canonical(nib.load(nifti))
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    data = np.round(data / max(float(data.max()), 1.0) * 4000).astype(np.uint16)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ image.affine  # RAS -> LPS
+    study, series = generate_uid(), generate_uid()
+    folder.mkdir(parents=True)
+    paths = []
+    for k in range(data.shape[2]):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = MRImageStorage
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[study])
+        ds.PatientName, ds.PatientID, ds.Modality = "Bridge^Test", "BRIDGE-1", "MR"
+        ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = "20260101", 1, k + 1
+        column, row = affine[:3, 0], affine[:3, 1]
+        ds.ImageOrientationPatient = [*(column / np.linalg.norm(column)), *(row / np.linalg.norm(row))]
+        ds.ImagePositionPatient = list(affine[:3, :3] @ [0, 0, k] + affine[:3, 3])
+        ds.PixelSpacing = [float(np.linalg.norm(row)), float(np.linalg.norm(column))]
+        ds.SliceThickness = float(np.linalg.norm(affine[:3, 2]))
+        ds.Rows, ds.Columns = data.shape[1], data.shape[0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelData = np.ascontiguousarray(data[:, :, k].T).tobytes()
+        path = folder / f"{k:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
 SliceWriter = Callable[..., Path]
 
 

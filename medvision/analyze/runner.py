@@ -16,7 +16,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -128,10 +128,12 @@ def _input_section(study: Study, entry: SourceEntry | None, volume: Volume | Non
                                "geometry": None}
     if entry is not None and entry.series is not None:
         section["series_key_sha256"] = _sha(entry.series.key)
+    unreadable = list(volume.skipped_files) if volume is not None else []
+    unreadable += [(p, r) for p, r, _ in study.unreadable if (p, r) not in unreadable]
+    if unreadable:
+        section["unreadable_files"] = [{"file": Path(path).name, "reason": reason}
+                                       for path, reason in unreadable]
     if volume is not None:
-        if volume.skipped_files:
-            section["unreadable_files"] = [{"file": Path(path).name, "reason": reason}
-                                           for path, reason in volume.skipped_files]
         section["instance_uid_sha256"] = [_sha(uid) for uid in volume.source_uids]
         section["geometry"] = {"shape": list(volume.spatial_shape),
                                "spacing_mm": [round(s, 6) for s in volume.spacing],
@@ -165,6 +167,11 @@ def _process(study: Study, predictor: Predictor, folder: Path, options: AnalyzeO
             volume = entry.load(skip_unreadable=True)
         except DataError as e:
             raise _Rejected(str(e)) from e
+        if entry.series is not None:  # files of this series left out when it was assembled
+            uid = str(entry.series.header.get("SeriesInstanceUID") or "")
+            same = tuple((p, r) for p, r, s in study.unreadable if s == uid)
+            if same:
+                volume = replace(volume, skipped_files=(*same, *volume.skipped_files))
         timings["load_s"] = time.perf_counter() - t0
         report["input"] = _input_section(study, entry, volume)
         if options.include_phi and entry.series is not None:

@@ -33,6 +33,8 @@ class Study:
         source_name: a display name without patient identity (file name, or the key).
         reason: why the study cannot be analysed at all (unreadable input), or ``None``.
         paths: the files the study was read from (to read it again elsewhere).
+        unreadable: ``(path, reason, series UID)`` of files whose header names this study
+            but which cannot be used (reported with the study, which goes on without them).
     """
 
     key: str
@@ -40,6 +42,7 @@ class Study:
     source_name: str
     reason: str | None = None
     paths: tuple[str, ...] = ()
+    unreadable: tuple[tuple[str, str, str], ...] = ()
 
 
 def study_key(uid: str, pseudonymizer: Pseudonymizer | None = None) -> str:
@@ -81,11 +84,21 @@ def collect_studies(paths: Iterable[str | os.PathLike[str]], *,
             stem = name.split(".")[0]
             studies.append(Study(key=unique(_slug(stem)), candidates=(entry,), source_name=name,
                                  paths=(entry.source,)))
+    broken: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
+    loose: list[tuple[str, str]] = []
+    for path, reason in found.rejected:
+        owner = found.owners.get(path)
+        if owner is not None and owner[0] in dicom:
+            broken[owner[0]].append((path, reason, owner[1]))
+        else:
+            loose.append((path, reason))
     for uid, entries in dicom.items():
         key = unique(study_key(uid, pseudonymizer))
         files = tuple(dict.fromkeys(p for e in entries if e.series for p in e.series.paths))
-        studies.append(Study(key=key, candidates=tuple(entries), source_name=key, paths=files))
-    for path, reason in found.rejected:
+        files += tuple(path for path, _, _ in broken[uid])
+        studies.append(Study(key=key, candidates=tuple(entries), source_name=key, paths=files,
+                             unreadable=tuple(broken[uid])))
+    for path, reason in loose:
         name = Path(path).name
         studies.append(Study(key=unique(_slug(name)), candidates=(), source_name=name,
                              reason=reason, paths=(path,)))

@@ -344,6 +344,10 @@ def frames_of(ds: Any, path: Path) -> list[DicomFrame]:
     if not any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         sop = ds.get("SOPClassUID")
         what = getattr(sop, "name", None) or "object"
+        if "Image Storage" in what and "Rows" in ds:
+            raise InvalidDicomError(
+                f"{path}: an image ({what}) whose file ends after "
+                f"{os.path.getsize(path):,} bytes without pixel data; it is probably truncated")
         raise UnsupportedFormatError(f"{path}: holds no pixel data ({what})")
     try:
         rows, columns = int(ds.Rows), int(ds.Columns)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -193,10 +193,15 @@ def _flat_shape(frames: Sequence[DicomFrame]) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class DicomScan:
-    """Result of scanning files and folders: the series found and the files that were not."""
+    """Result of scanning files and folders: the series found and the files that were not.
+
+    ``owners`` maps a rejected file whose header could be read to its (Study Instance UID,
+    Series Instance UID), so it can be reported with its study.
+    """
 
     series: tuple[DicomSeries, ...]
     rejected: tuple[tuple[str, str], ...]
+    owners: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def scan_dicom(paths: Iterable[str | os.PathLike[str]]) -> DicomScan:
@@ -207,6 +212,7 @@ def scan_dicom(paths: Iterable[str | os.PathLike[str]]) -> DicomScan:
     """
     frames: list[DicomFrame] = []
     rejected: list[tuple[str, str]] = []
+    owners: dict[str, tuple[str, str]] = {}
     seen: set[Path] = set()
     queue = list(iter_candidate_files(paths))
     while queue:
@@ -215,6 +221,7 @@ def scan_dicom(paths: Iterable[str | os.PathLike[str]]) -> DicomScan:
         if resolved in seen:
             continue
         seen.add(resolved)
+        ds = None
         try:
             with reading(path, "DICOM file", InvalidDicomError):
                 ds = read_header(path)
@@ -226,9 +233,23 @@ def scan_dicom(paths: Iterable[str | os.PathLike[str]]) -> DicomScan:
         except DataError as e:
             log.debug("skipping %s", e)
             rejected.append((str(path), str(e)))
+            owner = _owner(ds)
+            if owner is not None:
+                owners[str(path)] = owner
             continue
         frames.extend(found)
-    return DicomScan(series=tuple(assemble(frames)), rejected=tuple(rejected))
+    return DicomScan(series=tuple(assemble(frames)), rejected=tuple(rejected), owners=owners)
+
+
+def _owner(ds: Any) -> tuple[str, str] | None:
+    """(study UID, series UID) of a dataset whose header was read, when both are readable."""
+    if ds is None:
+        return None
+    try:
+        study, series = str(ds.get("StudyInstanceUID") or ""), str(ds.get("SeriesInstanceUID") or "")
+    except Exception:  # noqa: BLE001 - a malformed UID just means "owner unknown"
+        return None
+    return (study, series) if study else None
 
 
 def assemble(frames: Sequence[DicomFrame]) -> list[DicomSeries]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -72,10 +72,15 @@ class SourceEntry:
 
 @dataclass(frozen=True)
 class Inventory:
-    """Everything found under some paths, and the files that could not be used."""
+    """Everything found under some paths, and the files that could not be used.
+
+    ``owners``: for rejected DICOM files whose header was readable, their (Study Instance UID,
+    Series Instance UID).
+    """
 
     entries: tuple[SourceEntry, ...]
     rejected: tuple[tuple[str, str], ...] = field(default=())
+    owners: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def inventory(paths: Iterable[str | os.PathLike[str]]) -> Inventory:
@@ -96,7 +101,8 @@ def inventory(paths: Iterable[str | os.PathLike[str]]) -> Inventory:
     entries = [SourceEntry(format="dicom", source=_series_source(s), series=s)
                for s in (scan.series if scan else ())]
     return Inventory(entries=tuple(entries + others),
-                     rejected=scan.rejected if scan else ())
+                     rejected=scan.rejected if scan else (),
+                     owners=scan.owners if scan else {})
 
 
 def _series_source(series: DicomSeries) -> str:

@@ -175,3 +175,58 @@ def test_sample_data_wrong_inputs_are_rejected_or_flagged(tmp_path: Path) -> Non
     assert chest == 1
     report = next(iter(_reports(tmp_path / "chest").values()))
     assert report["status"] == "rejected" and "3D volume" in report["reason"]
+
+
+def test_twelve_xrays_a_cut_header_and_a_text_file(shared_data: Path, tmp_path: Path,
+                                                   capsys) -> None:
+    """The batch from the dependability report: nothing is lost, the exit code says so."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for cls in ("NORMAL", "PNEUMONIA"):
+        for source in sorted((shared_data / "chest_xray" / "train" / cls).glob("*.jpeg"))[:6]:
+            shutil.copy(source, folder / source.name)
+    mr = shared_data / "dicom" / "transfer_syntaxes" / "In" / "1.dcm"
+    (folder / "mr_cut.dcm").write_bytes(mr.read_bytes()[:3000])  # cut inside the header
+    (folder / "notes.txt").write_text("not an image\n")
+    out = tmp_path / "out"
+    assert main(["analyze", str(folder), "--pipeline", "chest-xray-pneumonia", "-o",
+                 str(out)]) == 1
+    assert "14 studies: 12 ok, 2 rejected, 0 failed" in capsys.readouterr().out
+    reports = _reports(out)
+    assert "truncated" in reports["mr_cut.dcm"]["reason"]
+    assert sorted(r["status"] for r in reports.values()).count("ok") == 12
+
+
+def test_study_with_some_unreadable_files_goes_on_and_lists_them(shared_data: Path,
+                                                                 tmp_path: Path) -> None:
+    """A real hippocampus MR series as DICOM with two broken slices: one cut short (refused
+    from its header), one whose compressed pixel data does not decode. The study is analysed
+    from the rest, lists both files, and is flagged: its result may not apply."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import RLELossless
+
+    from conftest import mr_series_from_nifti
+
+    image = sorted((shared_data / "hippocampus" / "images").glob("*.nii.gz"))[3]
+    files = mr_series_from_nifti(image, tmp_path / "mr")
+    cut, garbled = files[10], files[20]
+    cut.write_bytes(cut.read_bytes()[:-500])
+    ds = pydicom.dcmread(garbled)
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.PixelData = encapsulate([b"\x01\x00\x00\x00" + b"\x00" * 60 + b"\x7f" * 40])
+    ds.save_as(garbled, enforce_file_format=True)
+    out = tmp_path / "out"
+    assert main(["analyze", str(tmp_path / "mr"), "--pipeline", "hippocampus-seg", "-o",
+                 str(out)]) == 0
+    (report,) = _reports(out).values()
+    jsonschema.validate(report, load_schema())
+    assert report["status"] == "flagged"
+    assert "unreadable_files" in report["qc"]["flagged_by"]
+    listed = {u["file"]: u["reason"] for u in report["input"]["unreadable_files"]}
+    assert set(listed) == {cut.name, garbled.name}
+    assert "truncated" in listed[cut.name]
+    assert "pixel data" in listed[garbled.name]
+    assert len(report["input"]["instance_uid_sha256"]) == len(files) - 2
+    assert report["prediction"]["volumes_ml"]["anterior"] > 0
+    page = (out / report["study"] / "report.html").read_text()
+    assert cut.name in page and garbled.name in page

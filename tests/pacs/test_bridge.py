@@ -13,15 +13,20 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
 import yaml
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import generate_uid
 
-from conftest import dcmtk_tool, pydicom_test_files, require, sr_content, wait_until
+from conftest import (
+    dcmtk_tool,
+    mr_series_from_nifti,
+    pydicom_test_files,
+    require,
+    sr_content,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -141,41 +146,6 @@ def bridge(tmp_path: Path, orthanc: Orthanc) -> Iterator[BridgeProcess]:
     process.stop()
 
 
-def _mr_series(nifti: Path, folder: Path) -> list[Path]:
-    """A real hippocampus MRI written as a DICOM MR series (one file per axial slice)."""
-    image = nib.as_closest_canonical(nib.load(nifti))
-    data = np.asarray(image.dataobj, dtype=np.float32)
-    data = np.round(data / max(float(data.max()), 1.0) * 4000).astype(np.uint16)
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ image.affine  # RAS -> LPS
-    study, series = generate_uid(), generate_uid()
-    folder.mkdir(parents=True)
-    paths = []
-    for k in range(data.shape[2]):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID = MRImageStorage
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[study])
-        ds.PatientName, ds.PatientID, ds.Modality = "Bridge^Test", "BRIDGE-1", "MR"
-        ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = "20260101", 1, k + 1
-        column, row = affine[:3, 0], affine[:3, 1]
-        ds.ImageOrientationPatient = [*(column / np.linalg.norm(column)), *(row / np.linalg.norm(row))]
-        ds.ImagePositionPatient = list(affine[:3, :3] @ [0, 0, k] + affine[:3, 3])
-        ds.PixelSpacing = [float(np.linalg.norm(row)), float(np.linalg.norm(column))]
-        ds.SliceThickness = float(np.linalg.norm(affine[:3, 2]))
-        ds.Rows, ds.Columns = data.shape[1], data.shape[0]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.PixelData = np.ascontiguousarray(data[:, :, k].T).tobytes()
-        path = folder / f"{k:03d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
-
-
 def _chest(folder: Path) -> tuple[Path, str]:
     folder.mkdir(parents=True, exist_ok=True)
     ds = pydicom.dcmread(RG1)
@@ -192,7 +162,7 @@ def test_results_arrive_in_the_source_study(bridge: BridgeProcess, orthanc: Orth
     import highdicom as hd
 
     chest, chest_study = _chest(tmp_path / "chest")
-    mr = _mr_series(sorted((shared_data / "hippocampus" / "images").glob("*.nii.gz"))[0],
+    mr = mr_series_from_nifti(sorted((shared_data / "hippocampus" / "images").glob("*.nii.gz"))[0],
                     tmp_path / "mr")
     ct = sorted((shared_data / "dicom" / "ct_head_tilt").glob("*.dcm"))
     for files in ([chest], mr, ct):
