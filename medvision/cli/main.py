@@ -27,7 +27,7 @@ from medvision.cli import (
     publish,
     train,
 )
-from medvision.errors import MedvisionError
+from medvision.errors import ConfigError, MedvisionError, MissingDependencyError
 
 __all__ = ["main"]
 
@@ -80,7 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"medvision: error: {e}", file=sys.stderr)
-        return 1
+        # 2 for what the caller must fix in the command or its files (as argparse does for
+        # usage errors), 1 for everything else that failed
+        return 2 if isinstance(e, ConfigError | MissingDependencyError) else 1
     except KeyboardInterrupt:
         print("medvision: interrupted", file=sys.stderr)
         return 130
