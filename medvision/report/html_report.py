@@ -73,9 +73,11 @@ def study_html(report: Mapping[str, Any], images: Sequence[str], card: Mapping[s
         reason = f"<p><strong>Reason:</strong> {_e(report['reason'])}</p>"
     replaces = report.get("replaces")
     if replaces:
+        changed = (f"changed: {_e(', '.join(replaces['changed']))}" if replaces["changed"]
+                   else "nothing changed, re-run on request (--force)")
         reason += (f"<p>Replaces an earlier report of {_e(replaces['created'])} "
-                   f"({_e(replaces.get('pipeline', ''))}, {_e(replaces['status'])}); changed: "
-                   f"{_e(', '.join(replaces['changed']))}.</p>")
+                   f"({_e(replaces.get('pipeline', ''))}, {_e(replaces['status'])}); "
+                   f"{changed}.</p>")
     unreadable = report["input"].get("unreadable_files") or []
     if unreadable:
         reason += ("<p>Files left out (could not be decoded):</p><ul>" + "".join(
