@@ -74,3 +74,20 @@ def test_damaged_files_load_or_raise_data_error(damage: Damage) -> None:
 @given(damaged())
 def test_damaged_files_load_or_raise_data_error_long(damage: Damage) -> None:
     _check(damage)
+
+
+@pytest.mark.parametrize("name", [layout.name for layout in corpus()])
+def test_truncation_at_every_element_boundary(name: str, tmp_path: Path) -> None:
+    """Exhaustive, not sampled: the file cut at each of its data-element boundaries."""
+    from fuzzing import layout_of
+
+    layout = layout_of(name)
+    path = tmp_path / "cut.dcm"
+    for cut in layout.boundaries:
+        path.write_bytes(layout.data[:cut])
+        found = inventory([path])
+        assert len(found.entries) + len(found.rejected) == 1, cut
+        try:
+            read_volume(path)
+        except DataError as e:
+            assert path.name in str(e), (cut, str(e))
