@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import os
+import secrets
+import threading
 from pathlib import Path
 
 __all__ = ["write_text_atomic"]
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` so readers see the old file or the new one, never a part."""
+    """Write ``text`` to ``path`` so readers see the old file or the new one, never a part.
+
+    The temporary file's name is unique per process, thread and call, so concurrent writers
+    of the same target never write into each other's file (the last rename wins); a failed
+    write leaves no temporary file behind.
+    """
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, target)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}."
+                           f"{secrets.token_hex(4)}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return target

@@ -12,6 +12,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "DeliveryError",
     "ExplainError",
     "GeometryError",
     "InvalidDicomError",
@@ -76,6 +77,19 @@ class ReportError(MedvisionError):
 
 class PacsError(MedvisionError):
     """A DICOM network operation failed."""
+
+
+class DeliveryError(PacsError):
+    """A result could not be delivered to a DICOM peer.
+
+    Attributes:
+        permanent: retrying cannot help until something changes at the peer (for example it
+            does not accept the object's SOP class); the item fails at once.
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class AuditError(MedvisionError):

@@ -32,9 +32,21 @@ def add_parser(subparsers: Any) -> None:
     listen.add_argument("--signing-key", type=Path,
                         help="Ed25519 key that signs the audit log's checkpoints "
                              "(default $MEDVISION_AUDIT_SIGNING_KEY, else unsigned)")
-    status = actions.add_parser("status", help="studies and results queued in a work folder")
+    status = actions.add_parser(
+        "status", help="studies and results queued in a work folder",
+        description="Reads the work folder without writing to it, so it answers on a full "
+                    "disk. Exit code 1 when any study or result has failed.")
     status.add_argument("--workdir", required=True, type=Path)
     status.add_argument("--json", action="store_true")
+    retry = actions.add_parser(
+        "retry", help="re-queue failed results and studies",
+        description="Failed results go back to the outbox with their attempts reset; a failed "
+                    "study with nothing to send is analysed again. A running bridge picks "
+                    "them up at its next round.")
+    retry.add_argument("--workdir", required=True, type=Path)
+    target = retry.add_mutually_exclusive_group(required=True)
+    target.add_argument("study", nargs="?", help="a study key as 'pacs status' shows it")
+    target.add_argument("--all", action="store_true", help="every failed study and result")
     echo = actions.add_parser("echo", help="C-ECHO a peer")
     _peer_arguments(echo)
     send = actions.add_parser("send", help="C-STORE files to a peer")
@@ -45,7 +57,7 @@ def add_parser(subparsers: Any) -> None:
     query.add_argument("--level", default="STUDY", choices=["STUDY", "SERIES", "IMAGE"])
     query.add_argument("--match", action="append", default=[], metavar="KEYWORD=VALUE",
                        help="query keys, e.g. StudyInstanceUID=1.2.3 (repeatable)")
-    for sub in (listen, status, echo, send, query):
+    for sub in (listen, status, retry, echo, send, query):
         sub.set_defaults(run=run)
 
 
@@ -63,9 +75,9 @@ def run(args: argparse.Namespace) -> int:
                audit_key=args.audit_key, signer=signer_from_args(args)).serve_forever()
         return 0
     if action == "status":
-        from medvision.pacs.store import BridgeStore
+        from medvision.pacs.store import read_status
 
-        state = BridgeStore(args.workdir).status()
+        state = read_status(args.workdir)
         if args.json:
             print(json.dumps(state, indent=2))
         else:
@@ -73,11 +85,22 @@ def run(args: argparse.Namespace) -> int:
                 print(f"study {study['study']}: {study['state']} ({study['instances']} "
                       f"instance(s), from {study['calling_ae']}, analysis attempts "
                       f"{study['attempts']})" + (f" - {study['error']}" if study["error"] else ""))
-            pending = [o for o in state["outbox"] if o["state"] != "sent"]
-            print(f"{len(state['outbox'])} result object(s), {len(pending)} waiting to be sent")
-            for item in pending:
-                print(f"  {item['kind']} for {item['study']}: {item['attempts']} failed "
-                      f"attempt(s)" + (f", last error: {item['error']}" if item["error"] else ""))
+            waiting = [o for o in state["outbox"] if o["state"] in ("pending", "sent_awaiting")]
+            undelivered = [o for o in state["outbox"] if o["state"] == "failed"]
+            print(f"{len(state['outbox'])} result object(s), {len(waiting)} waiting to be sent "
+                  f"or confirmed, {len(undelivered)} failed")
+            for item in waiting + undelivered:
+                print(f"  {item['kind']} for {item['study']}: {item['state']}, "
+                      f"{item['attempts']} failed attempt(s)"
+                      + (f", last error: {item['error']}" if item["error"] else ""))
+        bad = any(s["state"] == "failed" for s in state["studies"]) or any(
+            o["state"] == "failed" for o in state["outbox"])
+        return 1 if bad else 0
+    if action == "retry":
+        from medvision.pacs.store import BridgeStore
+
+        count = BridgeStore(args.workdir).retry(None if args.all else args.study)
+        print(f"re-queued {count} failed result(s) or study(ies)")
         return 0
     peer = Peer(ae_title=args.called_ae, host=args.host, port=args.port)
     if action == "echo":

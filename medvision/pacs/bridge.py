@@ -19,14 +19,15 @@ from medvision.analyze.batch import commit
 from medvision.analyze.runner import AnalyzeOptions, run_study
 from medvision.analyze.studies import choose_series, collect_studies
 from medvision.audit.log import AuditLog
-from medvision.audit.records import Auditor, Pseudonymizer
+from medvision.audit.records import Auditor, AuditRecord, Pseudonymizer
 from medvision.audit.signing import Signer
-from medvision.errors import MedvisionError, PacsError
+from medvision.errors import AuditError, DeliveryError, MedvisionError, PacsError
 from medvision.infer import Predictor
 from medvision.pacs.config import BridgeConfig, Route
 from medvision.pacs.results import write_results
-from medvision.pacs.scu import store_path
-from medvision.pacs.store import BridgeStore, StudyJob
+from medvision.pacs.scu import deliver
+from medvision.pacs.store import BridgeStore, OutboxItem, StudyJob
+from medvision.pacs.throttle import ThrottledLog
 
 __all__ = ["Bridge"]
 
@@ -80,10 +81,11 @@ class Bridge:
         log_path = config.audit_log or self.store.workdir / "audit.sqlite"
         self.pseudonymizer = Pseudonymizer.from_file(audit_key or log_path.with_name("audit.key"))
         self.audit_log = AuditLog(log_path, signer=signer)
-        self._predictors: dict[str, Predictor] = {}
+        self._local = threading.local()
         self._stop = threading.Event()
         self._server: Any = None
-        self._worker: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self._errors = ThrottledLog(log, interval_s=60.0)
 
     # --- receiving -------------------------------------------------------------------------
     def _on_store(self, event: Any) -> int:
@@ -128,6 +130,16 @@ class Bridge:
         recovered = self.store.recover()
         if recovered:
             log.info("recovered %d study(ies) interrupted mid-analysis", recovered)
+        removed = self.store.clean_temporary_files()
+        if removed:
+            log.info("removed %d temporary file(s) left by interrupted writes", removed)
+        if self.config.workers > 1:
+            import os
+
+            import torch
+
+            # The workers share the cores: one intra-op thread pool each, not one per core.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.config.workers))
         ae = AE(ae_title=self.config.ae_title)
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(str(context.abstract_syntax),
@@ -139,36 +151,51 @@ class Bridge:
         self._server = ae.start_server(
             (self.config.host, self.config.port), block=False,
             evt_handlers=[(evt.EVT_C_STORE, self._on_store)], ssl_context=self._ssl_context())
-        self._worker = threading.Thread(target=self._work, name="medvision-bridge-worker",
-                                        daemon=True)
-        self._worker.start()
+        self._threads = [threading.Thread(target=self._analysis_loop, daemon=True,
+                                          name=f"medvision-bridge-analysis-{n}")
+                         for n in range(self.config.workers)]
+        self._threads.append(threading.Thread(target=self._send_loop, daemon=True,
+                                              name="medvision-bridge-sender"))
+        for thread in self._threads:
+            thread.start()
         log.info("listening as %s on %s:%d", self.config.ae_title, self.config.host,
                  self.config.port)
 
     def stop(self) -> None:
-        """Stop listening and let the worker finish its current step."""
+        """Stop listening and let the workers finish their current step."""
         self._stop.set()
         if self._server is not None:
             self._server.shutdown()
-        if self._worker is not None:
-            self._worker.join(timeout=60)
+        for thread in self._threads:
+            thread.join(timeout=120)
 
     # --- working ---------------------------------------------------------------------------
-    def _work(self) -> None:
+    def _analysis_loop(self) -> None:
         while not self._stop.is_set():
             try:
                 job = self.store.claim_ready(self.config.quiet_period_s)
-                if job is not None:
-                    self._analyse(job)
+            except Exception as e:  # noqa: BLE001 - a full disk or locked database: wait
+                self._errors.log("claiming a study", e)
+                job = None
+            if job is not None:
+                self._analyse_safely(job)
+                continue  # look for the next study at once
+            self._stop.wait(self.config.poll_interval_s)
+
+    def _send_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
                 self._send_due()
-            except Exception:  # noqa: BLE001 - the worker must keep running
-                log.exception("bridge worker step failed")
+            except Exception as e:  # noqa: BLE001 - the sender must keep running
+                self._errors.log("sending results", e)
             self._stop.wait(self.config.poll_interval_s)
 
     def _predictor(self, pipeline: str) -> Predictor:
-        if pipeline not in self._predictors:
-            self._predictors[pipeline] = Predictor.from_pipeline(pipeline)
-        return self._predictors[pipeline]
+        """One loaded pipeline per worker thread (attributions hook the model's modules)."""
+        cache: dict[str, Predictor] = self._local.__dict__.setdefault("predictors", {})
+        if pipeline not in cache:
+            cache[pipeline] = Predictor.from_pipeline(pipeline)
+        return cache[pipeline]
 
     def _route(self, study: Any) -> Route | None:
         for route in self.config.routes:
@@ -180,6 +207,19 @@ class Bridge:
                                  str(series.header.get("SeriesDescription", ""))):
                     return route
         return None
+
+    def _analyse_safely(self, job: StudyJob) -> None:
+        """Analyse; any exception lands the study in a state (retried later, or failed)."""
+        retry = self.config.retry
+        try:
+            self._analyse(job)
+        except Exception as e:  # noqa: BLE001 - never strand a study
+            permanent = isinstance(e, MedvisionError) and not isinstance(e, AuditError)
+            reason = f"{type(e).__name__}: {e}"
+            state = self.store.fail_analysis(
+                job.study_uid, reason, retry_in_s=None if permanent else retry.analysis_retry_s,
+                max_attempts=retry.analysis_max_attempts)
+            self._errors.log(f"analysing a study ({state})", e)
 
     def _analyse(self, job: StudyJob) -> None:
         paths = self.store.instance_paths(job.study_uid)
@@ -194,48 +234,80 @@ class Bridge:
             log.info("%s: no route for this study; nothing to do", study.key)
             self.store.finish_analysis(job.study_uid, [], error="no route matches the study")
             return
-        try:
-            predictor = self._predictor(route.pipeline)
-            auditor = Auditor(self.audit_log, self.pseudonymizer,
-                              actor={"calling_ae": job.calling_ae, "via": self.config.ae_title})
-            outcome = run_study(study, predictor, self.store.results, AnalyzeOptions(),
-                                self.pseudonymizer)
-            commit(outcome, auditor, self.store.results)
-            report = outcome.report
-            outputs: list[tuple[str, Path, str]] = []
-            if report["status"] in ("ok", "flagged"):
-                entry, _ = choose_series(study, predictor.pipeline)
-                assert entry is not None and entry.series is not None
-                import pydicom
+        predictor = self._predictor(route.pipeline)
+        auditor = Auditor(self.audit_log, self.pseudonymizer,
+                          actor={"calling_ae": job.calling_ae, "via": self.config.ae_title})
+        outcome = run_study(study, predictor, self.store.results, AnalyzeOptions(),
+                            self.pseudonymizer)
+        commit(outcome, auditor, self.store.results)
+        report = outcome.report
+        outputs: list[tuple[str, Path, str]] = []
+        if report["status"] in ("ok", "flagged"):
+            entry, _ = choose_series(study, predictor.pipeline)
+            assert entry is not None and entry.series is not None
+            import pydicom
 
-                left_out = {u["file"] for u in report["input"].get("unreadable_files", [])}
-                sources = [pydicom.dcmread(p) for p in entry.series.paths
-                           if Path(p).name not in left_out]
-                order = {f.sop_instance_uid: i for i, f in enumerate(entry.series.frames)}
-                sources.sort(key=lambda ds: order.get(str(ds.SOPInstanceUID), 0))
-                folder = self.store.results / study.key
-                outputs = write_results(report, sources, folder, predictor.pipeline.classes,
-                                        folder / "dicom")
-            self.store.finish_analysis(
-                job.study_uid, outputs,
-                error=None if report["status"] in ("ok", "flagged") else report["reason"])
-            log.info("%s: %s, %d result object(s) queued", study.key, report["status"], len(outputs))
-        except MedvisionError as e:
-            log.error("%s: analysis failed: %s", study.key, e)
-            self.store.finish_analysis(job.study_uid, [], error=str(e), failed=True)
+            left_out = {u["file"] for u in report["input"].get("unreadable_files", [])}
+            sources = [pydicom.dcmread(p) for p in entry.series.paths
+                       if Path(p).name not in left_out]
+            order = {f.sop_instance_uid: i for i, f in enumerate(entry.series.frames)}
+            sources.sort(key=lambda ds: order.get(str(ds.SOPInstanceUID), 0))
+            predecessors = []
+            for previous in self.store.previous_results(job.study_uid, "SR"):
+                try:
+                    predecessors.append(pydicom.dcmread(previous, stop_before_pixels=True))
+                except (OSError, pydicom.errors.InvalidDicomError) as e:
+                    log.warning("%s: an earlier SR is unreadable (%s)", study.key, e)
+            # Each analysis writes into its own folder: files already queued are never
+            # overwritten by a later analysis of the same study.
+            target = (self.store.outgoing / self.store.study_folder_name(job.study_uid)
+                      / f"analysis-{job.analysis:03d}")
+            outputs = write_results(report, sources, self.store.results / study.key,
+                                    predictor.pipeline.classes, target,
+                                    predecessors=predecessors)
+        state = self.store.finish_analysis(
+            job.study_uid, outputs, analysis=job.analysis,
+            error=None if report["status"] in ("ok", "flagged") else report["reason"])
+        log.info("%s: %s, %d result object(s), study %s", study.key, report["status"],
+                 len(outputs), state)
 
     def _send_due(self) -> None:
-        for item in self.store.due_outbox():
+        retry = self.config.retry
+        for item in self.store.due_outbox(backoff_s=retry.backoff_s,
+                                          max_backoff_s=retry.max_backoff_s):
             try:
-                store_path(self.config.destination, item.path, calling_ae=self.config.ae_title)
+                delivery = deliver(self.config.destination, item.path,
+                                   calling_ae=self.config.ae_title)
+            except DeliveryError as e:
+                state = self.store.mark_failed_send(item.sop_uid, str(e),
+                                                    max_attempts=retry.max_attempts,
+                                                    permanent=e.permanent)
+                self._send_failed(item, str(e), state)
+                continue
             except (PacsError, OSError) as e:
-                self.store.mark_failed_send(item.sop_uid, str(e),
-                                            backoff_s=self.config.retry.backoff_s,
-                                            max_backoff_s=self.config.retry.max_backoff_s)
-                log.warning("sending a %s result failed (attempt %d): %s", item.kind,
-                            item.attempts + 1, e)
-                return  # the destination is unhappy: wait for the next round
-            self.store.mark_sent(item.sop_uid)
+                state = self.store.mark_failed_send(item.sop_uid, str(e),
+                                                    max_attempts=retry.max_attempts)
+                self._send_failed(item, str(e), state)
+                return  # the destination is unreachable: wait for the next round
+            if delivery.note:
+                log.warning("%s result delivered with a %s", item.kind, delivery.note)
+            self.store.mark_sent(item.sop_uid, note=delivery.note)
+
+    def _send_failed(self, item: OutboxItem, reason: str, state: str) -> None:
+        self._errors.log(f"sending a {item.kind} result (attempt {item.attempts + 1}, {state})",
+                         reason)
+        if state != "failed":
+            return
+        auditor = Auditor(self.audit_log, self.pseudonymizer,
+                          actor={"via": self.config.ae_title})
+        try:
+            auditor.record(AuditRecord(
+                action="deliver", status="failed", actor=auditor.actor, reason=reason,
+                study_key=self.pseudonymizer.pseudonym("study", item.study_uid),
+                result={"kind": item.kind, "attempts": item.attempts + 1,
+                        "destination": self.config.destination.ae_title}))
+        except AuditError as e:
+            self._errors.log("recording a failed delivery", e)
 
     def serve_forever(self) -> None:
         """Start, then block until SIGINT/SIGTERM."""

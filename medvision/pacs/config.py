@@ -55,10 +55,17 @@ class TLSConfig(_Strict):
 
 
 class RetryConfig(_Strict):
-    """Sending results: exponential backoff between tries, capped."""
+    """Retries: sending results (exponential backoff, capped, then ``failed``) and analyses
+    that raised (a full disk, say)."""
 
     backoff_s: float = Field(default=2.0, gt=0)
     max_backoff_s: float = Field(default=300.0, gt=0)
+    max_attempts: int = Field(default=8, ge=1,
+                              description="tries per result before it is marked failed")
+    analysis_retry_s: float = Field(default=30.0, ge=0,
+                                    description="wait before analysing again after an error")
+    analysis_max_attempts: int = Field(default=3, ge=1,
+                                       description="analyses of a study before it is failed")
 
 
 class BridgeConfig(_Strict):
@@ -76,6 +83,9 @@ class BridgeConfig(_Strict):
     routes: tuple[Route, ...] = Field(min_length=1)
     retry: RetryConfig = RetryConfig()
     poll_interval_s: float = Field(default=0.5, gt=0)
+    workers: int = Field(default=2, ge=1, le=16,
+                         description="studies analysed at once (each worker loads its own "
+                                     "models)")
     audit_log: Path | None = Field(default=None, description="default: WORKDIR/audit.sqlite")
 
 

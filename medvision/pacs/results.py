@@ -40,7 +40,8 @@ def _algorithm(report: dict[str, Any]) -> tuple[str, str]:
     return f"medvision {pipeline['name']}", f"{pipeline['version']} ({__version__})"
 
 
-def _sr(report: dict[str, Any], sources: list[Any], seed: Sequence[str], path: Path) -> str:
+def _sr(report: dict[str, Any], sources: list[Any], seed: Sequence[str], path: Path,
+        predecessors: Sequence[Any] = ()) -> str:
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.sr.coding import Code
@@ -87,10 +88,22 @@ def _sr(report: dict[str, Any], sources: list[Any], seed: Sequence[str], path: P
     sr = hd.sr.Comprehensive3DSR(
         evidence=sources, content=content, series_number=9901,
         series_instance_uid=_uid(seed, "sr-series"), sop_instance_uid=_uid(seed, "sr"),
-        instance_number=1, manufacturer="medvision", is_complete=True, is_final=False,
-        is_verified=False, series_description=f"{name} findings (not for diagnostic use)")
+        instance_number=1, manufacturer="medvision", is_complete=not _partial(report),
+        is_final=False, is_verified=False,
+        series_description=f"{name} findings (not for diagnostic use)",
+        previous_versions=list(predecessors) or None)
     sr.save_as(path)
     return str(sr.SOPInstanceUID)
+
+
+def _partial(report: dict[str, Any]) -> bool:
+    """Whether the analysis knowably ran on an incomplete series (files left out, or slices
+    missing between those received): the SR's Completion Flag is then PARTIAL."""
+    qc = report.get("qc") or {}
+    if report["input"].get("unreadable_files"):
+        return True
+    return any(f["code"] == "geometry_note" and "missing slices" in f["message"]
+               for f in qc.get("flags", []))
 
 
 def _qc_measurements(report: dict[str, Any], algorithm: Any) -> list[Any]:
@@ -254,7 +267,8 @@ def _complete(ds: Any) -> Any:
 
 
 def write_results(report: dict[str, Any], sources: list[Any], study_dir: Path,
-                  classes: Sequence[str], out_dir: Path) -> list[tuple[str, Path, str]]:
+                  classes: Sequence[str], out_dir: Path, *,
+                  predecessors: Sequence[Any] = ()) -> list[tuple[str, Path, str]]:
     """Write the DICOM result objects of one analysed study.
 
     Args:
@@ -264,6 +278,10 @@ def write_results(report: dict[str, Any], sources: list[Any], study_dir: Path,
         study_dir: the analysis folder (mask.nii.gz and overlay PNGs).
         classes: the pipeline's class names.
         out_dir: where to write the ``.dcm`` files.
+        predecessors: earlier SRs of the same study that this analysis supersedes (a study
+            re-analysed after more instances arrived); referenced in the new SR's Predecessor
+            Documents Sequence. An earlier SR with the same SOP Instance UID (the same
+            analysis repeated) is not its own predecessor.
 
     Returns:
         ``(sop_instance_uid, path, kind)`` for each object written.
@@ -278,7 +296,10 @@ def write_results(report: dict[str, Any], sources: list[Any], study_dir: Path,
             *sorted(str(ds.SOPInstanceUID) for ds in sources)]
     written: list[tuple[str, Path, str]] = []
     try:
-        written.append((_sr(report, sources, seed, out_dir / "sr.dcm"), out_dir / "sr.dcm", "SR"))
+        sr_uid = _uid(seed, "sr")
+        earlier = [ds for ds in predecessors if str(ds.SOPInstanceUID) != sr_uid]
+        written.append((_sr(report, sources, seed, out_dir / "sr.dcm", earlier),
+                        out_dir / "sr.dcm", "SR"))
         mask_file = (report["prediction"] or {}).get("mask_file")
         if mask_file:
             from medvision.io import read_volume

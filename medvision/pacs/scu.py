@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medvision.errors import PacsError
+from medvision.errors import DeliveryError, PacsError
 from medvision.pacs.config import Peer
 
-__all__ = ["echo", "find", "store"]
+__all__ = ["Delivery", "deliver", "echo", "find", "store"]
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,12 @@ def _associate(peer: Peer, calling_ae: str, contexts: Any) -> Any:
             ae.add_requested_context(context)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
     if not assoc.is_established:
-        raise PacsError(f"{peer.ae_title}@{peer.host}:{peer.port}: association rejected or "
-                        "aborted (check AE titles, host and port)")
+        where = f"{peer.ae_title}@{peer.host}:{peer.port}"
+        if assoc.is_rejected:
+            raise PacsError(f"{where}: the peer rejected the association (it may not know our "
+                            f"AE title {calling_ae}, or the called AE title is wrong)")
+        raise PacsError(f"{where}: no association (connection refused, timed out or aborted: "
+                        "is the peer running on that host and port?)")
     return assoc
 
 
@@ -105,8 +110,58 @@ def find(peer: Peer, query: dict[str, str], *, level: str = "STUDY",
     return matches
 
 
-def store_path(peer: Peer, path: Path, *, calling_ae: str) -> None:
-    """Send one file; raise PacsError unless the peer reports success."""
-    status = store(peer, [path], calling_ae=calling_ae)[str(path)]
-    if status != 0:
-        raise PacsError(f"{peer.ae_title} answered C-STORE with status 0x{status & 0xFFFF:04X}")
+@dataclass(frozen=True)
+class Delivery:
+    """The peer's answer to one C-STORE that counts as delivered."""
+
+    status: int
+    category: str
+
+    @property
+    def note(self) -> str | None:
+        """A warning worth keeping with the item, or ``None`` for plain success."""
+        return None if self.status == 0 else f"{self.category} status 0x{self.status:04X}"
+
+
+def deliver(peer: Peer, path: Path, *, calling_ae: str) -> Delivery:
+    """Send one file and interpret the answer by its status category (PS3.7 C.4.2).
+
+    Success and Warning (0xB000, 0xB006, 0xB007: stored, with a remark) are delivered.
+
+    Raises:
+        DeliveryError: a Failure status, no answer, or (``permanent``) a peer that accepts
+            the object's SOP class in none of the offered transfer syntaxes.
+        PacsError: no association could be made.
+    """
+    import pydicom
+    from pynetdicom.status import code_to_category
+
+    try:
+        ds = pydicom.dcmread(path)
+    except (pydicom.errors.InvalidDicomError, OSError) as e:
+        raise DeliveryError(f"{path}: cannot read the result for sending ({e})") from e
+    sop_class = str(ds.SOPClassUID)
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    offered = [syntax] + [s for s in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2") if s != syntax]
+    assoc = _associate(peer, calling_ae, [(sop_class, offered)])
+    name = getattr(ds.SOPClassUID, "name", sop_class)
+    try:
+        accepted = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class]
+        if not accepted:
+            raise DeliveryError(
+                f"{peer.ae_title} does not accept {name} ({sop_class}) in any of the transfer "
+                "syntaxes offered; configure the peer to store this SOP class",
+                permanent=True)
+        status = assoc.send_c_store(ds)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if not status or "Status" not in status:
+        raise DeliveryError(f"{peer.ae_title}: no answer to C-STORE (association aborted or "
+                            "timed out)")
+    code = int(status.Status)
+    category = code_to_category(code)
+    if category in ("Success", "Warning"):
+        return Delivery(status=code, category=category)
+    raise DeliveryError(f"{peer.ae_title} answered C-STORE with {category} status "
+                        f"0x{code:04X}")

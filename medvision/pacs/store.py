@@ -1,23 +1,32 @@
 """The bridge's durable state: a spool of received instances and a SQLite job table.
 
-An instance is acknowledged only after its file is on disk (temporary file, fsync, atomic
-rename, fsync of the folder) and its row is committed. Study states::
+An instance is acknowledged only after its file is on disk (temporary file with a unique
+name, fsync, atomic rename, fsync of the folder) and its row is committed. Study states::
 
-    receiving --(quiet period)--> processing --(results written)--> sending --> done
-                                       +--(error)--> failed (kept with the reason)
-        ^                              |                                ^
-        +-------- new instance --------+---- restart (crash) ----------+
+    receiving --(quiet period)--> processing --(results queued)--> sending --> done
+        ^                              |                               |
+        |                              +--(error: retried later)-------+--> failed
+        +------ new instance, crash recovery, `pacs retry` ------------+
 
-A study caught in ``processing`` by a crash goes back to ``receiving`` on start and is
-analysed again; results carry UIDs derived from their inputs, so a second run produces the same
-objects and the outbox (one row per result SOP Instance UID) sends each once.
+Every path ends in ``done`` or ``failed``: an analysis that raises goes back to ``receiving``
+with a delay (so a full disk recovers without a restart) until ``max_attempts``, then
+``failed`` with the reason. Result objects go to an outbox (one row per result SOP Instance
+UID) whose items are ``pending`` -> ``sent`` (or ``committed`` with storage commitment) or,
+after ``max_attempts`` tries or a permanent refusal, ``failed``; ``pacs retry`` re-queues them.
+The files an outbox row points to are never rewritten: each analysis writes into its own
+folder.
+
+Backoff is computed from the last try and the attempt count with the *current* settings, so
+changing ``retry`` in the configuration applies to items already waiting.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +36,7 @@ from typing import Any
 
 from medvision.errors import PacsError
 
-__all__ = ["BridgeStore", "OutboxItem", "StudyJob"]
+__all__ = ["BridgeStore", "OutboxItem", "StudyJob", "read_status"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -44,6 +53,12 @@ CREATE TABLE IF NOT EXISTS outbox (
     error TEXT
 );
 """
+#: Columns added after the first release, with their definitions (added to older databases).
+_MIGRATIONS = {
+    "studies": {"retry_after": "REAL NOT NULL DEFAULT 0", "analyses": "INTEGER NOT NULL DEFAULT 0"},
+    "outbox": {"last_try": "REAL NOT NULL DEFAULT 0", "queued": "REAL NOT NULL DEFAULT 0",
+               "note": "TEXT", "analysis": "INTEGER NOT NULL DEFAULT 0"},
+}
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,7 @@ class StudyJob:
     folder: Path
     calling_ae: str
     instances: int
+    analysis: int = 1
 
 
 @dataclass(frozen=True)
@@ -75,6 +91,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def backoff_delay(attempts: int, *, backoff_s: float, max_backoff_s: float) -> float:
+    """Seconds to wait after ``attempts`` failed tries: doubling, capped."""
+    if attempts <= 0:
+        return 0.0
+    return float(min(max_backoff_s, backoff_s * 2 ** min(attempts - 1, 30)))
+
+
 class BridgeStore:
     """Spool folder and job database under one working directory."""
 
@@ -82,12 +105,18 @@ class BridgeStore:
         self.workdir = Path(workdir)
         self.spool = self.workdir / "spool"
         self.results = self.workdir / "results"
+        self.outgoing = self.workdir / "outgoing"
         self.db_path = self.workdir / "jobs.sqlite"
         try:
-            self.spool.mkdir(parents=True, exist_ok=True)
-            self.results.mkdir(parents=True, exist_ok=True)
+            for folder in (self.spool, self.results, self.outgoing):
+                folder.mkdir(parents=True, exist_ok=True)
             with self._db() as db:
                 db.executescript(_SCHEMA)
+                for table, columns in _MIGRATIONS.items():
+                    present = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+                    for name, definition in columns.items():
+                        if name not in present:
+                            db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
         except (OSError, sqlite3.Error) as e:
             raise PacsError(f"{self.workdir}: cannot open the bridge's work folder ({e})") from e
 
@@ -106,39 +135,67 @@ class BridgeStore:
         """Spool folder of a study: a hash, so no identifier appears in paths."""
         return hashlib.sha256(study_uid.encode()).hexdigest()[:20]
 
+    # --- receiving -------------------------------------------------------------------------
     def store_instance(self, *, study_uid: str, sop_uid: str, data: bytes,
                        calling_ae: str) -> Path:
-        """Write one received instance durably and record it (idempotent for repeats)."""
+        """Write one received instance durably and record it (idempotent for repeats).
+
+        The temporary file's name is unique per process, thread and call, so the same
+        instance arriving on several associations at once is written several times and
+        committed once. A failed write leaves no temporary file behind.
+
+        Raises:
+            OSError: the file could not be written (disk full...).
+            PacsError: the job database could not be updated.
+        """
         folder = self.spool / self.study_folder_name(study_uid)
         folder.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha256(sop_uid.encode()).hexdigest()[:32] + ".dcm"
         target = folder / name
-        tmp = folder / f".{name}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
+        tmp = folder / (f".{name}.{os.getpid()}.{threading.get_ident()}."
+                        f"{secrets.token_hex(4)}.tmp")
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         _fsync_dir(folder)
         now = time.time()
-        with self._db() as db:
-            db.execute("BEGIN IMMEDIATE")
-            new = db.execute("INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?)",
-                             (sop_uid, study_uid, str(target), now)).rowcount
-            row = db.execute("SELECT state FROM studies WHERE study_uid = ?",
-                             (study_uid,)).fetchone()
-            if row is None:
-                db.execute("INSERT INTO studies (study_uid, folder, calling_ae, first_received, "
-                           "last_received, instances, state, updated) VALUES "
-                           "(?, ?, ?, ?, ?, 1, 'receiving', ?)",
-                           (study_uid, str(folder), calling_ae, now, now, now))
-            else:
-                db.execute("UPDATE studies SET last_received = ?, instances = instances + ?, "
-                           "state = CASE WHEN ? THEN 'receiving' ELSE state END, updated = ? "
-                           "WHERE study_uid = ?", (now, new, bool(new), now, study_uid))
-            db.execute("COMMIT")
+        try:
+            with self._db() as db:
+                db.execute("BEGIN IMMEDIATE")
+                new = db.execute("INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?)",
+                                 (sop_uid, study_uid, str(target), now)).rowcount
+                row = db.execute("SELECT state FROM studies WHERE study_uid = ?",
+                                 (study_uid,)).fetchone()
+                if row is None:
+                    db.execute("INSERT INTO studies (study_uid, folder, calling_ae, "
+                               "first_received, last_received, instances, state, updated) "
+                               "VALUES (?, ?, ?, ?, ?, 1, 'receiving', ?)",
+                               (study_uid, str(folder), calling_ae, now, now, now))
+                elif new:  # a new instance: (re)open the study for analysis
+                    db.execute("UPDATE studies SET last_received = ?, instances = instances + 1, "
+                               "state = 'receiving', attempts = 0, retry_after = 0, error = NULL, "
+                               "updated = ? WHERE study_uid = ?", (now, now, study_uid))
+                db.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise PacsError(f"{self.db_path}: cannot record an instance ({e})") from e
         return target
 
+    def clean_temporary_files(self) -> int:
+        """Remove temporary files left by writes that were interrupted; returns how many."""
+        removed = 0
+        for folder in (self.spool, self.outgoing):
+            for path in folder.rglob(".*.tmp"):
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    # --- analysing -------------------------------------------------------------------------
     def recover(self) -> int:
         """After a crash: studies caught mid-analysis are analysed again. Returns how many."""
         with self._db() as db:
@@ -146,73 +203,182 @@ class BridgeStore:
                               "WHERE state = 'processing'", (time.time(),)).rowcount
 
     def claim_ready(self, quiet_period_s: float) -> StudyJob | None:
-        """The oldest study quiet for ``quiet_period_s``, moved to ``processing``."""
+        """The oldest study quiet for ``quiet_period_s`` (and past any retry delay), moved to
+        ``processing``; safe to call from several worker threads."""
+        now = time.time()
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
-            row = db.execute("SELECT study_uid, folder, calling_ae, instances FROM studies "
-                             "WHERE state = 'receiving' AND last_received <= ? "
-                             "ORDER BY last_received LIMIT 1",
-                             (time.time() - quiet_period_s,)).fetchone()
+            row = db.execute("SELECT study_uid, folder, calling_ae, instances, analyses "
+                             "FROM studies WHERE state = 'receiving' AND last_received <= ? "
+                             "AND retry_after <= ? ORDER BY last_received LIMIT 1",
+                             (now - quiet_period_s, now)).fetchone()
             if row is None:
                 db.execute("COMMIT")
                 return None
             db.execute("UPDATE studies SET state = 'processing', attempts = attempts + 1, "
-                       "updated = ? WHERE study_uid = ?", (time.time(), row[0]))
+                       "analyses = analyses + 1, updated = ? WHERE study_uid = ?",
+                       (now, row[0]))
             db.execute("COMMIT")
         return StudyJob(study_uid=row[0], folder=Path(row[1]), calling_ae=row[2],
-                        instances=row[3])
+                        instances=row[3], analysis=int(row[4]) + 1)
 
     def finish_analysis(self, study_uid: str, outputs: list[tuple[str, Path, str]], *,
-                        error: str | None = None, failed: bool = False) -> None:
-        """Queue the results (sop_uid, path, kind) and move the study on, in one transaction.
+                        error: str | None = None, analysis: int = 0) -> str:
+        """Queue the results ``(sop_uid, path, kind)`` and move the study on, in one
+        transaction; returns the study's new state.
 
-        A study that received new instances meanwhile stays ``receiving`` (it is analysed
-        again with everything).
+        A result already queued (same SOP Instance UID: the same inputs gave the same object)
+        is not queued again. The study is ``sending`` while any of its results waits, else
+        ``done`` (or ``failed`` when an earlier result could not be delivered). A study that
+        received new instances meanwhile stays ``receiving``.
         """
         now = time.time()
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             for sop_uid, path, kind in outputs:
-                db.execute("INSERT INTO outbox (sop_uid, study_uid, path, kind, state, next_try) "
-                           "VALUES (?, ?, ?, ?, 'pending', ?) ON CONFLICT(sop_uid) DO NOTHING",
-                           (sop_uid, study_uid, str(path), kind, now))
-            state = "failed" if failed else "sending" if outputs else "done"
+                db.execute("INSERT INTO outbox (sop_uid, study_uid, path, kind, state, next_try, "
+                           "queued, analysis) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?) "
+                           "ON CONFLICT(sop_uid) DO NOTHING",
+                           (sop_uid, study_uid, str(path), kind, now, now, analysis))
+            state = self._settled_state(db, study_uid)
             db.execute("UPDATE studies SET state = ?, error = ?, updated = ? "
                        "WHERE study_uid = ? AND state = 'processing'",
                        (state, error, now, study_uid))
             db.execute("COMMIT")
+        return state
 
-    def due_outbox(self) -> list[OutboxItem]:
-        """Results whose next try is due."""
-        with self._db() as db:
-            rows = db.execute("SELECT sop_uid, study_uid, path, kind, attempts FROM outbox "
-                              "WHERE state = 'pending' AND next_try <= ? ORDER BY next_try",
-                              (time.time(),)).fetchall()
-        return [OutboxItem(r[0], r[1], Path(r[2]), r[3], r[4]) for r in rows]
-
-    def mark_sent(self, sop_uid: str) -> None:
-        """One result delivered; a study whose results are all delivered is done."""
+    def fail_analysis(self, study_uid: str, error: str, *, retry_in_s: float | None,
+                      max_attempts: int) -> str:
+        """An analysis raised: try again in ``retry_in_s`` (until ``max_attempts``), else
+        ``failed``. ``retry_in_s=None`` fails at once. Returns the new state."""
+        now = time.time()
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
-            study = db.execute("UPDATE outbox SET state = 'sent', error = NULL WHERE sop_uid = ? "
-                               "RETURNING study_uid", (sop_uid,)).fetchone()
-            if study is not None:
-                left = db.execute("SELECT COUNT(*) FROM outbox WHERE study_uid = ? AND "
-                                  "state != 'sent'", (study[0],)).fetchone()[0]
-                if left == 0:
-                    db.execute("UPDATE studies SET state = 'done', updated = ? WHERE "
-                               "study_uid = ? AND state = 'sending'", (time.time(), study[0]))
+            row = db.execute("SELECT attempts, state FROM studies WHERE study_uid = ?",
+                             (study_uid,)).fetchone()
+            if row is None or row[1] != "processing":
+                db.execute("COMMIT")
+                return str(row[1]) if row else "unknown"
+            final = retry_in_s is None or int(row[0]) >= max_attempts
+            state = "failed" if final else "receiving"
+            db.execute("UPDATE studies SET state = ?, error = ?, retry_after = ?, updated = ? "
+                       "WHERE study_uid = ?",
+                       (state, error, now + (retry_in_s or 0.0), now, study_uid))
             db.execute("COMMIT")
+        return state
 
-    def mark_failed_send(self, sop_uid: str, error: str, *, backoff_s: float,
-                         max_backoff_s: float) -> None:
-        """A send failed: try again later (exponential backoff, capped); stays queued."""
+    @staticmethod
+    def _settled_state(db: sqlite3.Connection, study_uid: str) -> str:
+        counts = dict(db.execute("SELECT state, COUNT(*) FROM outbox WHERE study_uid = ? "
+                                 "GROUP BY state", (study_uid,)).fetchall())
+        if counts.get("pending") or counts.get("sent_awaiting"):
+            return "sending"
+        return "failed" if counts.get("failed") else "done"
+
+    def previous_results(self, study_uid: str, kind: str) -> list[Path]:
+        """Files of earlier results of ``kind`` for a study, oldest first."""
         with self._db() as db:
-            attempts = db.execute("SELECT attempts FROM outbox WHERE sop_uid = ?",
-                                  (sop_uid,)).fetchone()[0] + 1
-            delay = min(max_backoff_s, backoff_s * 2 ** (attempts - 1))
-            db.execute("UPDATE outbox SET attempts = ?, next_try = ?, error = ? WHERE sop_uid = ?",
-                       (attempts, time.time() + delay, error, sop_uid))
+            rows = db.execute("SELECT path FROM outbox WHERE study_uid = ? AND kind = ? "
+                              "ORDER BY queued", (study_uid, kind)).fetchall()
+        return [Path(r[0]) for r in rows]
+
+    # --- sending ---------------------------------------------------------------------------
+    def due_outbox(self, *, backoff_s: float = 2.0, max_backoff_s: float = 300.0
+                   ) -> list[OutboxItem]:
+        """Results whose next try is due under the given (current) retry settings."""
+        now = time.time()
+        with self._db() as db:
+            rows = db.execute("SELECT sop_uid, study_uid, path, kind, attempts, last_try "
+                              "FROM outbox WHERE state = 'pending' ORDER BY queued").fetchall()
+        return [OutboxItem(r[0], r[1], Path(r[2]), r[3], r[4]) for r in rows
+                if r[5] + backoff_delay(r[4], backoff_s=backoff_s,
+                                        max_backoff_s=max_backoff_s) <= now]
+
+    def mark_sent(self, sop_uid: str, *, note: str | None = None,
+                  awaiting_commitment: bool = False) -> str | None:
+        """One result delivered (``note``: a warning status worth keeping). With
+        ``awaiting_commitment`` it waits for the peer's storage commitment before it counts.
+        Returns the study's state."""
+        state = "sent_awaiting" if awaiting_commitment else "sent"
+        return self._settle(sop_uid, "UPDATE outbox SET state = ?, error = NULL, note = ?, "
+                            "last_try = ? WHERE sop_uid = ?", (state, note, time.time(), sop_uid))
+
+    def mark_committed(self, sop_uid: str) -> str | None:
+        """The peer confirmed (storage commitment) that it keeps the object."""
+        return self._settle(sop_uid, "UPDATE outbox SET state = 'committed' WHERE sop_uid = ? "
+                            "AND state IN ('sent_awaiting', 'sent', 'pending')", (sop_uid,))
+
+    def mark_failed_send(self, sop_uid: str, error: str, *, max_attempts: int,
+                         permanent: bool = False) -> str:
+        """A try failed: ``pending`` again (its delay grows with the attempts) or, after
+        ``max_attempts`` tries or a ``permanent`` refusal, ``failed``. Returns the item's state."""
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute("SELECT attempts, study_uid FROM outbox WHERE sop_uid = ?",
+                             (sop_uid,)).fetchone()
+            if row is None:
+                db.execute("COMMIT")
+                return "unknown"
+            attempts = int(row[0]) + 1
+            state = "failed" if permanent or attempts >= max_attempts else "pending"
+            db.execute("UPDATE outbox SET attempts = ?, last_try = ?, error = ?, state = ? "
+                       "WHERE sop_uid = ?", (attempts, time.time(), error, state, sop_uid))
+            self._update_study(db, row[1])
+            db.execute("COMMIT")
+        return state
+
+    def _settle(self, sop_uid: str, sql: str, params: tuple[Any, ...]) -> str | None:
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute(sql, params)
+            row = db.execute("SELECT study_uid FROM outbox WHERE sop_uid = ?",
+                             (sop_uid,)).fetchone()
+            state = self._update_study(db, row[0]) if row else None
+            db.execute("COMMIT")
+        return state
+
+    def _update_study(self, db: sqlite3.Connection, study_uid: str) -> str:
+        """Move a ``sending`` study on when none of its results waits any more."""
+        state = self._settled_state(db, study_uid)
+        if state != "sending":
+            failed = db.execute("SELECT error FROM outbox WHERE study_uid = ? AND "
+                                "state = 'failed' LIMIT 1", (study_uid,)).fetchone()
+            db.execute("UPDATE studies SET state = ?, error = COALESCE(?, error), updated = ? "
+                       "WHERE study_uid = ? AND state = 'sending'",
+                       (state, f"result not delivered: {failed[0]}" if failed else None,
+                        time.time(), study_uid))
+        return state
+
+    def awaiting_commitment(self) -> list[OutboxItem]:
+        """Sent results whose storage commitment has not been confirmed yet."""
+        with self._db() as db:
+            rows = db.execute("SELECT sop_uid, study_uid, path, kind, attempts FROM outbox "
+                              "WHERE state = 'sent_awaiting'").fetchall()
+        return [OutboxItem(r[0], r[1], Path(r[2]), r[3], r[4]) for r in rows]
+
+    def retry(self, study: str | None = None) -> int:
+        """Re-queue failed results and failed studies (all, or one study by its key as
+        ``pacs status`` shows it); returns how many were re-queued."""
+        now = time.time()
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            uids = [r[0] for r in db.execute("SELECT study_uid FROM studies")
+                    if study is None or self.study_folder_name(r[0]) == study]
+            count = 0
+            for uid in uids:
+                count += db.execute("UPDATE outbox SET state = 'pending', attempts = 0, "
+                                    "last_try = 0 WHERE study_uid = ? AND state = 'failed'",
+                                    (uid,)).rowcount
+                if db.execute("SELECT COUNT(*) FROM outbox WHERE study_uid = ? AND "
+                              "state = 'pending'", (uid,)).fetchone()[0]:
+                    db.execute("UPDATE studies SET state = 'sending', error = NULL, updated = ? "
+                               "WHERE study_uid = ? AND state IN ('failed', 'done')", (now, uid))
+                else:
+                    count += db.execute("UPDATE studies SET state = 'receiving', attempts = 0, "
+                                        "retry_after = 0, error = NULL, updated = ? WHERE "
+                                        "study_uid = ? AND state = 'failed'", (now, uid)).rowcount
+            db.execute("COMMIT")
+        return count
 
     def instance_paths(self, study_uid: str) -> list[Path]:
         """Spool files of a study."""
@@ -223,13 +389,43 @@ class BridgeStore:
 
     def status(self) -> dict[str, Any]:
         """Studies by state (keys are hashes, not UIDs) and the outbox."""
-        with self._db() as db:
-            studies = [{"study": self.study_folder_name(r[0]), "state": r[1], "instances": r[2],
-                        "attempts": r[3], "error": r[4], "calling_ae": r[5]}
-                       for r in db.execute("SELECT study_uid, state, instances, attempts, error, "
-                                           "calling_ae FROM studies ORDER BY first_received")]
-            outbox = [{"study": self.study_folder_name(r[0]), "kind": r[1], "state": r[2],
-                       "attempts": r[3], "error": r[4]}
-                      for r in db.execute("SELECT study_uid, kind, state, attempts, error "
-                                          "FROM outbox ORDER BY next_try")]
-        return {"studies": studies, "outbox": outbox}
+        return read_status(self.workdir)
+
+
+def read_status(workdir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The work folder's state, read-only: it writes nothing, so it answers on a full disk.
+
+    Raises:
+        PacsError: no job database there, or it cannot be read.
+    """
+    path = Path(workdir) / "jobs.sqlite"
+    if not path.is_file():
+        raise PacsError(f"{workdir}: no bridge work folder here (no jobs.sqlite)")
+    try:
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        connection.execute("SELECT 1 FROM studies LIMIT 1")
+    except sqlite3.Error:
+        # A read-only WAL database needs its -shm file; without a writer running (or with
+        # no space to create it) read the file as immutable instead.
+        try:
+            connection = sqlite3.connect(f"file:{path}?immutable=1", uri=True, timeout=30)
+        except sqlite3.Error as e:
+            raise PacsError(f"{path}: cannot open the job database ({e})") from e
+    try:
+        columns = {r[1] for r in connection.execute("PRAGMA table_info(outbox)")}
+        note = "note" if "note" in columns else "NULL"
+        name = BridgeStore.study_folder_name
+        studies = [{"study": name(r[0]), "state": r[1], "instances": r[2], "attempts": r[3],
+                    "error": r[4], "calling_ae": r[5]}
+                   for r in connection.execute("SELECT study_uid, state, instances, attempts, "
+                                               "error, calling_ae FROM studies "
+                                               "ORDER BY first_received")]
+        outbox = [{"study": name(r[0]), "kind": r[1], "state": r[2], "attempts": r[3],
+                   "error": r[4], "note": r[5]}
+                  for r in connection.execute(f"SELECT study_uid, kind, state, attempts, error, "
+                                              f"{note} FROM outbox ORDER BY next_try")]
+    except sqlite3.Error as e:
+        raise PacsError(f"{path}: cannot read the job database ({e})") from e
+    finally:
+        connection.close()
+    return {"studies": studies, "outbox": outbox}
