@@ -16,6 +16,8 @@ __all__ = ["Delivery", "deliver", "echo", "find", "store"]
 
 log = logging.getLogger(__name__)
 
+VERIFICATION = "1.2.840.10008.1.1"
+
 
 def _associate(peer: Peer, calling_ae: str, contexts: Any) -> Any:
     from pynetdicom import AE
@@ -143,7 +145,9 @@ def deliver(peer: Peer, path: Path, *, calling_ae: str) -> Delivery:
     sop_class = str(ds.SOPClassUID)
     syntax = str(ds.file_meta.TransferSyntaxUID)
     offered = [syntax] + [s for s in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2") if s != syntax]
-    assoc = _associate(peer, calling_ae, [(sop_class, offered)])
+    # Verification too, so a peer that refuses the object's SOP class still accepts the
+    # association and its refusal can be told apart from a network failure.
+    assoc = _associate(peer, calling_ae, [(sop_class, offered), VERIFICATION])
     name = getattr(ds.SOPClassUID, "name", sop_class)
     try:
         accepted = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class]
