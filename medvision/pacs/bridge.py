@@ -85,6 +85,8 @@ class Bridge:
         self._stop = threading.Event()
         self._server: Any = None
         self._threads: list[threading.Thread] = []
+        self._active: set[str] = set()
+        self._active_lock = threading.Lock()
         self._errors = ThrottledLog(log, interval_s=60.0)
 
     # --- receiving -------------------------------------------------------------------------
@@ -107,7 +109,7 @@ class Bridge:
                                       sop_uid=str(ds.SOPInstanceUID), data=data,
                                       calling_ae=calling)
         except (OSError, PacsError) as e:
-            log.error("could not store an instance from %s: %s", calling, e)
+            self._errors.log(f"storing an instance from {calling} (answered 0xA700)", e)
             return OUT_OF_RESOURCES
         return 0x0000
 
@@ -172,15 +174,25 @@ class Bridge:
     # --- working ---------------------------------------------------------------------------
     def _analysis_loop(self) -> None:
         while not self._stop.is_set():
+            job = None
             try:
-                job = self.store.claim_ready(self.config.quiet_period_s)
+                # A study left in 'processing' by a step that could not even record its
+                # failure (a full disk) goes back to the queue here, without a restart.
+                with self._active_lock:
+                    self.store.recover(keep=set(self._active))
+                    job = self.store.claim_ready(self.config.quiet_period_s)
+                    if job is not None:
+                        self._active.add(job.study_uid)
+                if job is not None:
+                    try:
+                        self._analyse_safely(job)
+                    finally:
+                        with self._active_lock:
+                            self._active.discard(job.study_uid)
             except Exception as e:  # noqa: BLE001 - a full disk or locked database: wait
-                self._errors.log("claiming a study", e)
-                job = None
-            if job is not None:
-                self._analyse_safely(job)
-                continue  # look for the next study at once
-            self._stop.wait(self.config.poll_interval_s)
+                self._errors.log("working on the queue", e)
+            if job is None:
+                self._stop.wait(self.config.poll_interval_s)
 
     def _send_loop(self) -> None:
         while not self._stop.is_set():

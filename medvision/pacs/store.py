@@ -196,11 +196,17 @@ class BridgeStore:
         return removed
 
     # --- analysing -------------------------------------------------------------------------
-    def recover(self) -> int:
-        """After a crash: studies caught mid-analysis are analysed again. Returns how many."""
+    def recover(self, keep: set[str] | frozenset[str] = frozenset()) -> int:
+        """Studies left in ``processing`` (by a crash, or by a failure that could not be
+        recorded) go back to the queue, except those in ``keep`` (being analysed now).
+        Returns how many."""
         with self._db() as db:
-            return db.execute("UPDATE studies SET state = 'receiving', updated = ? "
-                              "WHERE state = 'processing'", (time.time(),)).rowcount
+            stuck = [r[0] for r in db.execute(
+                "SELECT study_uid FROM studies WHERE state = 'processing'") if r[0] not in keep]
+            for uid in stuck:
+                db.execute("UPDATE studies SET state = 'receiving', updated = ? "
+                           "WHERE study_uid = ? AND state = 'processing'", (time.time(), uid))
+            return len(stuck)
 
     def claim_ready(self, quiet_period_s: float) -> StudyJob | None:
         """The oldest study quiet for ``quiet_period_s`` (and past any retry delay), moved to

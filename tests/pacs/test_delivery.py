@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -252,3 +253,67 @@ def test_compressed_studies_are_stored_and_analysed(peer: ScriptedPeer, bridge_f
     (sr,) = peer.of_class(COMPREHENSIVE_3D_SR)
     assert len(peer.of_class("1.2.840.10008.5.1.4.1.1.66.4")) == 1  # and a SEG
     assert sr.StudyInstanceUID == pydicom.dcmread(files[0]).StudyInstanceUID
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MB tmpfs: a disk that really fills up (needs root, as CI has)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    require(done.returncode == 0, f"cannot mount a tmpfs here ({done.stderr.strip()})")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    with filler.open("wb", buffering=0) as handle:
+        for chunk in (65536, 4096, 1):
+            try:
+                while True:
+                    handle.write(b"\0" * chunk)
+            except OSError:
+                pass
+    return filler
+
+
+def test_full_disk_refuses_keeps_answering_and_recovers_without_restart(
+        peer: ScriptedPeer, bridge_for, small_disk: Path, shared_data: Path,
+        tmp_path: Path) -> None:
+    images = sorted((shared_data / "hippocampus" / "images").glob("*.nii.gz"))
+    first = mr_series_from_nifti(images[9], tmp_path / "first")
+    second = mr_series_from_nifti(images[10], tmp_path / "second")
+    bridge = BridgeProcess(small_disk, peer.port, quiet_period_s=2.0, workers=1,
+                           retry={"backoff_s": 0.2, "max_backoff_s": 0.5, "max_attempts": 50,
+                                  "analysis_retry_s": 0.5, "analysis_max_attempts": 1000})
+    bridge.log = tmp_path / "bridge.log"  # the log itself must not need the full disk
+    bridge.start()
+    try:
+        bridge.send(first)  # received while there is room; analysed after the quiet period
+        filler = _fill(small_disk)  # ... by which time the disk is full
+        refused = subprocess.run([dcmtk_tool("storescu"), "-v", "-nh", "-aet", "STORESCU", "-aec",
+                                  "MEDVISION", "127.0.0.1", str(bridge.port),
+                                  *map(str, second)], capture_output=True, text=True)
+        responses = [line for line in (refused.stdout + refused.stderr).splitlines()
+                     if "Store Response" in line]
+        assert len(responses) == len(second), responses[:3]
+        assert all("Refused: OutOfResources" in line for line in responses), responses[:3]
+        code, status = bridge.status()  # answers, on a full disk
+        assert code in (0, 1) and len(status["studies"]) == 1
+        lines_before = len(bridge.log.read_text().splitlines())
+        time.sleep(5)  # the bridge keeps failing (and retrying) on the full disk meanwhile
+        errors = [line for line in bridge.log.read_text().splitlines()[lines_before:]
+                  if line.startswith("ERROR")]
+        assert len(errors) <= 6, errors  # rate-limited, not one line per half second
+        assert not list((small_disk / "bridge" / "spool").rglob("*.tmp"))
+        assert bridge.proc is not None and bridge.proc.poll() is None
+        filler.unlink()  # space returns; no restart
+        bridge.send(second)
+        wait_until(lambda: bridge.states() == {"done"} and len(bridge.status()[1]["studies"])
+                   == 2, 180, "the bridge did not recover")
+        assert len(peer.of_class(COMPREHENSIVE_3D_SR)) == 2
+        assert set(peer.received.values()) == {1}
+    finally:
+        bridge.stop()
