@@ -1,11 +1,15 @@
-"""Receiving throughput: the medvision bridge's Store SCP against dcmtk's storescp.
+"""The bridge: receiving throughput against dcmtk's storescp, and send-to-SR latency.
 
-Both receive the same files in the same run: 10 concurrent associations (dcmtk storescu
-processes) of 50 instances each. The bridge writes every instance durably (fsync, atomic
-rename, SQLite row) before it answers; storescp writes files without fsync. Prints instances/s
-for each and the ratio. Analysis is switched off (no route matches) so only receiving counts.
+1. Receiving: both receive the same files in the same run: 10 concurrent associations (dcmtk
+   storescu processes) of 50 instances each. The bridge writes every instance durably (fsync,
+   atomic rename, SQLite row) before it answers; storescp writes files without fsync. Prints
+   instances/s for each and the ratio. Analysis is off (no route matches).
+2. Latency: 8 real hippocampus MR studies (DICOM series) sent at once; for each, the seconds
+   from the start of sending until its SR reaches the destination (a pynetdicom Store SCP in
+   this process). One analysis worker against the worker pool (``workers: 2``), same run;
+   prints median and max of each and the ratio of the medians.
 
-    .venv/bin/python bench/bench_pacs.py [--associations 10] [--instances 50]
+    .venv/bin/python bench/bench_pacs.py [--associations 10] [--instances 50] [--studies 8]
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -103,10 +108,58 @@ def _serve_and_send(server: list[str], port: int, called: str,
         proc.kill()
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _latencies(tmp: Path, studies: list[list[Path]], workers: int) -> list[float]:
+    """Send every study at once to a bridge with ``workers``; seconds until each SR arrives."""
+    sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "pacs")]
+    from scripted_peer import COMPREHENSIVE_3D_SR, ScriptedPeer
+
+    peer = ScriptedPeer().start()
+    arrivals: dict[str, float] = {}
+    handler = peer._on_store
+
+    def timed(event: object) -> int:
+        status = handler(event)
+        ds = event.dataset  # type: ignore[attr-defined]
+        if str(ds.SOPClassUID) == COMPREHENSIVE_3D_SR:
+            arrivals.setdefault(str(ds.StudyInstanceUID), time.perf_counter())
+        return status
+
+    peer._on_store = timed  # type: ignore[method-assign]
+    peer.stop()
+    peer.start()
+    port = _port()
+    config = {"ae_title": "MEDVISION", "port": port, "quiet_period_s": 1.0,
+              "poll_interval_s": 0.2, "workers": workers,
+              "destination": {"ae_title": "PACS", "host": "127.0.0.1", "port": peer.port},
+              "routes": [{"pipeline": "hippocampus-seg", "modalities": ["MR"]}]}
+    folder = tmp / f"latency-{workers}"
+    folder.mkdir()
+    (folder / "bridge.yaml").write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen([str(BIN / "medvision"), "pacs", "listen", "--config",
+                             str(folder / "bridge.yaml"), "--workdir", str(folder / "work")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port)
+        started = time.perf_counter()
+        _send_all(port, "MEDVISION", studies)
+        deadline = time.monotonic() + 600
+        while len(arrivals) < len(studies) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        peer.stop()
+    return sorted(t - started for t in arrivals.values())
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--associations", type=int, default=10)
     parser.add_argument("--instances", type=int, default=50)
+    parser.add_argument("--studies", type=int, default=8)
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     args = parser.parse_args(argv)
     if not shutil.which(_dcmtk("storescp")):
         print("needs dcmtk (apt-get install dcmtk)")
@@ -129,10 +182,28 @@ def main(argv: list[str]) -> int:
                                   str(tmp / "bridge.yaml"), "--workdir", str(tmp / "bridge")],
                                  port, "MEDVISION", groups)
         stored = len(list((tmp / "bridge" / "spool").rglob("*.dcm")))
-    print(f"{args.associations} associations x {args.instances} instances: storescp "
-          f"{total / dcmtk_s:.0f} inst/s ({received} stored), medvision bridge "
-          f"{total / ours_s:.0f} inst/s ({stored} stored, fsync each); "
-          f"ratio bridge/storescp {dcmtk_s / ours_s:.2f}")
+        print(f"{args.associations} associations x {args.instances} instances: storescp "
+              f"{total / dcmtk_s:.0f} inst/s ({received} stored), medvision bridge "
+              f"{total / ours_s:.0f} inst/s ({stored} stored, fsync each); "
+              f"ratio bridge/storescp {dcmtk_s / ours_s:.2f}")
+        images = sorted((args.data / "hippocampus" / "images").glob("*.nii.gz"))
+        if len(images) < args.studies:
+            print(f"latency: needs {args.studies} hippocampus images under {args.data}")
+            return 0
+        sys.path[:0] = [str(REPO / "tests")]
+        from conftest import mr_series_from_nifti
+
+        studies = [mr_series_from_nifti(image, tmp / "mr" / f"{n:02d}")
+                   for n, image in enumerate(images[: args.studies])]
+        results = {w: _latencies(tmp, studies, w) for w in (1, 2)}
+        for workers, times in results.items():
+            if len(times) < len(studies):
+                print(f"latency with {workers} worker(s): only {len(times)} SRs arrived")
+                return 1
+            print(f"send-to-SR latency, {len(studies)} studies at once, {workers} worker(s): "
+                  f"median {statistics.median(times):.1f} s, max {max(times):.1f} s")
+        print(f"ratio of medians, 1 worker / 2 workers: "
+              f"{statistics.median(results[1]) / statistics.median(results[2]):.2f}")
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from medvision.errors import AuditError, DeliveryError, MedvisionError, PacsErro
 from medvision.infer import Predictor
 from medvision.pacs.config import BridgeConfig, Route
 from medvision.pacs.results import write_results
-from medvision.pacs.scu import deliver
+from medvision.pacs.scu import STORAGE_COMMITMENT, deliver, request_commitment
 from medvision.pacs.store import BridgeStore, OutboxItem, StudyJob
 from medvision.pacs.throttle import ThrottledLog
 
@@ -147,12 +148,21 @@ class Bridge:
             ae.add_supported_context(str(context.abstract_syntax),
                                      list(ACCEPTED_TRANSFER_SYNTAXES))
         ae.add_supported_context(Verification)
+        # The destination's storage commitment reports arrive as N-EVENT-REPORTs on
+        # associations it opens to us.
+        ae.add_supported_context(STORAGE_COMMITMENT, scu_role=True, scp_role=True)
         if self.config.allowed_calling_aes:
-            ae.require_calling_aet = list(self.config.allowed_calling_aes)
+            allowed = list(self.config.allowed_calling_aes)
+            if self.config.destination.storage_commitment:
+                # the destination opens associations to us for its commitment reports
+                allowed.append(self.config.destination.ae_title)
+            ae.require_calling_aet = allowed
         ae.maximum_associations = 32
         self._server = ae.start_server(
             (self.config.host, self.config.port), block=False,
-            evt_handlers=[(evt.EVT_C_STORE, self._on_store)], ssl_context=self._ssl_context())
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store),
+                          (evt.EVT_N_EVENT_REPORT, self._on_commitment_report)],
+            ssl_context=self._ssl_context())
         self._threads = [threading.Thread(target=self._analysis_loop, daemon=True,
                                           name=f"medvision-bridge-analysis-{n}")
                          for n in range(self.config.workers)]
@@ -303,7 +313,60 @@ class Bridge:
                 return  # the destination is unreachable: wait for the next round
             if delivery.note:
                 log.warning("%s result delivered with a %s", item.kind, delivery.note)
-            self.store.mark_sent(item.sop_uid, note=delivery.note)
+            self.store.mark_sent(item.sop_uid, note=delivery.note,
+                                 awaiting_commitment=self.config.destination.storage_commitment)
+        if self.config.destination.storage_commitment:
+            self._request_commitments()
+
+    def _request_commitments(self) -> None:
+        """Ask the destination to commit to what was sent; re-send what it never confirmed."""
+        import pydicom
+
+        peer, retry = self.config.destination, self.config.retry
+        now = time.time()
+        for item, asked in self.store.awaiting_commitment(requested=True):
+            if now - asked > peer.commitment_timeout_s:
+                self.store.commitment_failed(
+                    item.sop_uid, f"no storage commitment report within "
+                    f"{peer.commitment_timeout_s:.0f} s", max_attempts=retry.max_attempts)
+        waiting = [item for item, _ in self.store.awaiting_commitment(requested=False)]
+        if not waiting:
+            return
+        objects = []
+        for item in waiting:
+            ds = pydicom.dcmread(item.path, stop_before_pixels=True)
+            objects.append((str(ds.SOPClassUID), item.sop_uid))
+        try:
+            transaction = request_commitment(peer, objects, calling_ae=self.config.ae_title)
+        except DeliveryError as e:
+            for item in waiting:
+                self.store.commitment_failed(item.sop_uid, str(e),
+                                             max_attempts=1 if e.permanent else
+                                             retry.max_attempts)
+            self._errors.log("requesting storage commitment", e)
+            return
+        self.store.mark_commitment_requested([item.sop_uid for item in waiting], transaction)
+
+    def _on_commitment_report(self, event: Any) -> tuple[int, Any]:
+        """N-EVENT-REPORT from the destination: which results it committed to keep."""
+        try:
+            info = event.event_information
+            committed = [str(i.ReferencedSOPInstanceUID)
+                         for i in info.get("ReferencedSOPSequence", [])]
+            failed = [(str(i.ReferencedSOPInstanceUID), int(i.get("FailureReason", 0x0110)))
+                      for i in info.get("FailedSOPSequence", [])]
+        except Exception as e:  # noqa: BLE001 - a malformed report is refused, not fatal
+            self._errors.log("reading a storage commitment report", e)
+            return 0x0110, None
+        for uid in committed:
+            self.store.mark_committed(uid)
+        for uid, reason in failed:
+            self.store.commitment_failed(uid, f"the destination did not commit to keep it "
+                                         f"(failure reason 0x{reason:04X})",
+                                         max_attempts=self.config.retry.max_attempts)
+        log.info("storage commitment report: %d committed, %d failed", len(committed),
+                 len(failed))
+        return 0x0000, None
 
     def _send_failed(self, item: OutboxItem, reason: str, state: str) -> None:
         self._errors.log(f"sending a {item.kind} result (attempt {item.attempts + 1}, {state})",

@@ -23,6 +23,11 @@ class Peer(_Strict):
     ae_title: str = Field(max_length=16)
     host: str = "127.0.0.1"
     port: int = Field(ge=1, le=65535)
+    storage_commitment: bool = Field(
+        default=False, description="ask the peer to confirm it keeps each result (DICOM "
+                                   "Storage Commitment); a result counts only when confirmed")
+    commitment_timeout_s: float = Field(
+        default=300.0, gt=0, description="wait this long for the confirmation, then send again")
 
 
 class Route(_Strict):

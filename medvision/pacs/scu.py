@@ -12,11 +12,15 @@ from typing import Any
 from medvision.errors import DeliveryError, PacsError
 from medvision.pacs.config import Peer
 
-__all__ = ["Delivery", "deliver", "echo", "find", "store"]
+__all__ = ["STORAGE_COMMITMENT", "Delivery", "deliver", "echo", "find", "request_commitment",
+           "store"]
 
 log = logging.getLogger(__name__)
 
 VERIFICATION = "1.2.840.10008.1.1"
+#: Storage Commitment Push Model SOP Class, and its well-known SOP Instance.
+STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
+STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 
 
 def _associate(peer: Peer, calling_ae: str, contexts: Any) -> Any:
@@ -169,3 +173,42 @@ def deliver(peer: Peer, path: Path, *, calling_ae: str) -> Delivery:
         return Delivery(status=code, category=category)
     raise DeliveryError(f"{peer.ae_title} answered C-STORE with {category} status "
                         f"0x{code:04X}")
+
+
+def request_commitment(peer: Peer, objects: list[tuple[str, str]], *,
+                       calling_ae: str) -> str:
+    """Ask ``peer`` to commit to keeping ``objects`` (``(SOP Class UID, SOP Instance UID)``):
+    an N-ACTION of the Storage Commitment Push Model. The answer comes later, as an
+    N-EVENT-REPORT on an association the peer opens to us. Returns the Transaction UID.
+
+    Raises:
+        DeliveryError: the peer does not offer storage commitment (``permanent``) or
+            refused the request.
+        PacsError: no association.
+    """
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+
+    request = Dataset()
+    request.TransactionUID = generate_uid()
+    references = []
+    for sop_class, sop_uid in objects:
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = sop_class, sop_uid
+        references.append(item)
+    request.ReferencedSOPSequence = references
+    assoc = _associate(peer, calling_ae, [STORAGE_COMMITMENT, VERIFICATION])
+    try:
+        if not any(cx.abstract_syntax == STORAGE_COMMITMENT for cx in assoc.accepted_contexts):
+            raise DeliveryError(f"{peer.ae_title} does not offer Storage Commitment; turn "
+                                "storage_commitment off for it", permanent=True)
+        status, _ = assoc.send_n_action(request, 1, STORAGE_COMMITMENT,
+                                        STORAGE_COMMITMENT_INSTANCE)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if not status or int(status.Status) != 0:
+        code = int(status.Status) if status else -1
+        raise DeliveryError(f"{peer.ae_title} refused the storage commitment request "
+                            f"(status 0x{code & 0xFFFF:04X})")
+    return str(request.TransactionUID)

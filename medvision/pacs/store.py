@@ -57,7 +57,8 @@ CREATE TABLE IF NOT EXISTS outbox (
 _MIGRATIONS = {
     "studies": {"retry_after": "REAL NOT NULL DEFAULT 0", "analyses": "INTEGER NOT NULL DEFAULT 0"},
     "outbox": {"last_try": "REAL NOT NULL DEFAULT 0", "queued": "REAL NOT NULL DEFAULT 0",
-               "note": "TEXT", "analysis": "INTEGER NOT NULL DEFAULT 0"},
+               "note": "TEXT", "analysis": "INTEGER NOT NULL DEFAULT 0",
+               "commit_tx": "TEXT", "commit_requested": "REAL NOT NULL DEFAULT 0"},
 }
 
 
@@ -311,8 +312,9 @@ class BridgeStore:
 
     def mark_committed(self, sop_uid: str) -> str | None:
         """The peer confirmed (storage commitment) that it keeps the object."""
-        return self._settle(sop_uid, "UPDATE outbox SET state = 'committed' WHERE sop_uid = ? "
-                            "AND state IN ('sent_awaiting', 'sent', 'pending')", (sop_uid,))
+        return self._settle(sop_uid, "UPDATE outbox SET state = 'committed', error = NULL "
+                            "WHERE sop_uid = ? AND state IN ('sent_awaiting', 'sent')",
+                            (sop_uid,))
 
     def mark_failed_send(self, sop_uid: str, error: str, *, max_attempts: int,
                          permanent: bool = False) -> str:
@@ -355,12 +357,34 @@ class BridgeStore:
                         time.time(), study_uid))
         return state
 
-    def awaiting_commitment(self) -> list[OutboxItem]:
-        """Sent results whose storage commitment has not been confirmed yet."""
+    def awaiting_commitment(self, *, requested: bool) -> list[tuple[OutboxItem, float]]:
+        """Sent results waiting for storage commitment: those not asked for yet
+        (``requested=False``) or those asked for, with when."""
         with self._db() as db:
-            rows = db.execute("SELECT sop_uid, study_uid, path, kind, attempts FROM outbox "
-                              "WHERE state = 'sent_awaiting'").fetchall()
-        return [OutboxItem(r[0], r[1], Path(r[2]), r[3], r[4]) for r in rows]
+            rows = db.execute("SELECT sop_uid, study_uid, path, kind, attempts, "
+                              "commit_requested FROM outbox WHERE state = 'sent_awaiting' AND "
+                              + ("commit_requested > 0" if requested else "commit_requested = 0")
+                              ).fetchall()
+        return [(OutboxItem(r[0], r[1], Path(r[2]), r[3], r[4]), float(r[5])) for r in rows]
+
+    def mark_commitment_requested(self, sop_uids: list[str], transaction_uid: str) -> None:
+        """Storage commitment was asked for these results under ``transaction_uid``."""
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            for uid in sop_uids:
+                db.execute("UPDATE outbox SET commit_tx = ?, commit_requested = ? "
+                           "WHERE sop_uid = ? AND state = 'sent_awaiting'",
+                           (transaction_uid, time.time(), uid))
+            db.execute("COMMIT")
+
+    def commitment_failed(self, sop_uid: str, reason: str, *, max_attempts: int) -> str:
+        """The peer did not commit (or did not answer in time): send the object again, up to
+        ``max_attempts`` in all."""
+        with self._db() as db:
+            db.execute("UPDATE outbox SET state = 'pending', commit_tx = NULL, "
+                       "commit_requested = 0 WHERE sop_uid = ? AND state = 'sent_awaiting'",
+                       (sop_uid,))
+        return self.mark_failed_send(sop_uid, reason, max_attempts=max_attempts)
 
     def retry(self, study: str | None = None) -> int:
         """Re-queue failed results and failed studies (all, or one study by its key as

@@ -43,18 +43,20 @@ def _free_port() -> int:
 
 
 class Orthanc:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, **extra: object) -> None:
         require(shutil.which("Orthanc") is not None, "Orthanc is not installed (apt-get install orthanc)")
         self.http, self.dicom = _free_port(), _free_port()
         config = {"Name": "medvision-test", "StorageDirectory": str(root / "db"),
                   "IndexDirectory": str(root / "db"), "HttpPort": self.http,
                   "DicomPort": self.dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
                   "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
-                  "DicomAlwaysAllowStore": True, "Plugins": [], "HttpServerEnabled": True}
+                  "DicomAlwaysAllowStore": True, "Plugins": [], "HttpServerEnabled": True,
+                  **extra}
         root.mkdir(parents=True, exist_ok=True)
         (root / "orthanc.json").write_text(json.dumps(config))
-        self.proc = subprocess.Popen(["Orthanc", str(root / "orthanc.json")],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.log = (root / "orthanc.log").open("ab")
+        self.proc = subprocess.Popen(["Orthanc", "--verbose", str(root / "orthanc.json")],
+                                     stdout=self.log, stderr=self.log)
         wait_until(self._up, 60, "Orthanc did not start")
 
     def _up(self) -> bool:
@@ -347,3 +349,56 @@ def test_tls_listener_requires_a_client_certificate(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(timeout=60)
         log.close()
+
+
+@pytest.mark.parametrize("orthanc_drops_sr", [False, True])
+def test_storage_commitment_against_orthanc(tmp_path: Path, orthanc_drops_sr: bool) -> None:
+    """With storage_commitment on, a result counts only once Orthanc's N-EVENT-REPORT says it
+    keeps it. An Orthanc whose filter drops SRs still answers the C-STORE with Success; only
+    the commitment report shows the SR is not there, and the bridge sends it again until
+    max_attempts, then marks it failed."""
+    require(dcmtk_tool("storescu") is not None, "dcmtk is not installed (apt-get install dcmtk)")
+    bridge_port = _free_port()
+    extra: dict[str, object] = {
+        "DicomModalities": {"medvision": ["MEDVISION", "127.0.0.1", bridge_port]}}
+    if orthanc_drops_sr:
+        script = tmp_path / "drop_sr.lua"
+        script.write_text("function ReceivedInstanceFilter(dicom, origin, info)\n"
+                          "  return dicom.Modality ~= 'SR'\nend\n")
+        extra["LuaScripts"] = [str(script)]
+    orthanc = Orthanc(tmp_path / "orthanc", **extra)
+    try:
+        bridge = BridgeProcess(tmp_path, orthanc)
+        bridge.port = bridge_port
+        settings = yaml.safe_load(bridge.config.read_text())
+        settings["port"] = bridge_port
+        settings["destination"]["storage_commitment"] = True
+        settings["retry"] = {"backoff_s": 0.2, "max_backoff_s": 0.5, "max_attempts": 2}
+        bridge.config.write_text(yaml.safe_dump(settings))
+        bridge.start()
+        try:
+            chest, study_uid = _chest(tmp_path / "chest")
+            assert bridge.storescu([chest]).returncode == 0
+
+            def outbox() -> dict[str, dict]:
+                return {o["kind"]: o for o in json.loads(subprocess.run(
+                    [MEDVISION, "pacs", "status", "--workdir", str(bridge.workdir), "--json"],
+                    capture_output=True, text=True).stdout)["outbox"]}
+
+            final = {"committed", "failed"}
+            wait_until(lambda: len(outbox()) == 2 and {o["state"] for o in
+                                                       outbox().values()} <= final,
+                       90, "storage commitment never settled")
+            items = outbox()
+            assert items["SC"]["state"] == "committed"
+            if orthanc_drops_sr:
+                assert items["SR"]["state"] == "failed" and items["SR"]["attempts"] == 2
+                assert "did not commit" in items["SR"]["error"]
+                assert "SR" not in orthanc.modalities(study_uid)
+            else:
+                assert items["SR"]["state"] == "committed"
+                assert "SR" in orthanc.modalities(study_uid)
+        finally:
+            bridge.stop()
+    finally:
+        orthanc.stop()
