@@ -37,6 +37,9 @@ def test_flagged_sr_carries_qc_ood_and_threshold(flagged_study: tuple[Path, dict
     source = pydicom.dcmread(RG1)
     written = write_results(report, [source], folder, ("NORMAL", "PNEUMONIA"), tmp_path)
     assert {kind for _, _, kind in written} == {"SR", "SC"}
+    overlay = pydicom.dcmread(next(path for _, path, kind in written if kind == "SC"))
+    assert len(overlay.SeriesDescription) <= 64  # LO
+    assert "NOT FOR DIAGNOSIS" in overlay.SeriesDescription
     sr = pydicom.dcmread(next(path for _, path, kind in written if kind == "SR"))
     items = sr_content(sr)
     assert items["Model finding"] == report["prediction"]["label"]
