@@ -22,7 +22,13 @@ from medvision.analyze.studies import choose_series, collect_studies
 from medvision.audit.log import AuditLog
 from medvision.audit.records import Auditor, AuditRecord, Pseudonymizer
 from medvision.audit.signing import Signer
-from medvision.errors import AuditError, DeliveryError, MedvisionError, PacsError
+from medvision.errors import (
+    AuditError,
+    ConfigError,
+    DataError,
+    DeliveryError,
+    PacsError,
+)
 from medvision.infer import Predictor
 from medvision.pacs.config import BridgeConfig, Route
 from medvision.pacs.results import write_results
@@ -70,6 +76,9 @@ ACCEPTED_TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.4.91",  # JPEG 2000
     "1.2.840.10008.1.2.5",     # RLE Lossless
 )
+
+
+_LOAD_LOCK = threading.Lock()
 
 
 class Bridge:
@@ -136,6 +145,7 @@ class Bridge:
         removed = self.store.clean_temporary_files()
         if removed:
             log.info("removed %d temporary file(s) left by interrupted writes", removed)
+        self._import_heavy_modules()
         if self.config.workers > 1:
             import os
 
@@ -213,11 +223,29 @@ class Bridge:
             self._stop.wait(self.config.poll_interval_s)
 
     def _predictor(self, pipeline: str) -> Predictor:
-        """One loaded pipeline per worker thread (attributions hook the model's modules)."""
+        """One loaded pipeline per worker thread (attributions hook the model's modules).
+
+        Loading is serialised: MONAI's lazy imports are not safe to run from two threads at
+        once (a half-initialised ``monai.networks.nets`` raises a circular-import error).
+        """
         cache: dict[str, Predictor] = self._local.__dict__.setdefault("predictors", {})
         if pipeline not in cache:
-            cache[pipeline] = Predictor.from_pipeline(pipeline)
+            with _LOAD_LOCK:
+                cache[pipeline] = Predictor.from_pipeline(pipeline)
         return cache[pipeline]
+
+    @staticmethod
+    def _import_heavy_modules() -> None:
+        """Import what analyses use, once, here, before any worker thread starts."""
+        import importlib
+
+        for name in ("torch", "monai.networks.nets", "monai.transforms", "monai.inferers",
+                     "captum.attr", "highdicom", "matplotlib.figure",
+                     "matplotlib.backends.backend_agg"):
+            try:
+                importlib.import_module(name)
+            except ImportError as e:  # the analysis itself will say what is missing
+                log.warning("could not import %s in advance: %s", name, e)
 
     def _route(self, study: Any) -> Route | None:
         for route in self.config.routes:
@@ -236,7 +264,9 @@ class Bridge:
         try:
             self._analyse(job)
         except Exception as e:  # noqa: BLE001 - never strand a study
-            permanent = isinstance(e, MedvisionError) and not isinstance(e, AuditError)
+            # Input and configuration problems do not go away by retrying; anything else
+            # (a full disk, an unwritable audit log, a model that failed to load) may.
+            permanent = isinstance(e, DataError | ConfigError)
             reason = f"{type(e).__name__}: {e}"
             state = self.store.fail_analysis(
                 job.study_uid, reason, retry_in_s=None if permanent else retry.analysis_retry_s,

@@ -14,13 +14,11 @@ __all__ = ["key_images"]
 _AXES = {0: "sagittal", 1: "coronal", 2: "axial"}
 
 
-def _plt() -> Any:
-    import matplotlib
+def _figure(width: float, height: float) -> Any:
+    """A stand-alone figure (no pyplot state), so threads can draw at the same time."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=(width, height), dpi=120)
 
 
 def _window(image: np.ndarray) -> tuple[float, float]:
@@ -51,7 +49,6 @@ def key_images(volume: Volume, out_dir: Path, *, saliency: Volume | None = None,
                mask: Volume | None = None, classes: tuple[str, ...] = ()) -> list[Path]:
     """Write ``key_<plane>.png`` (the image) and ``overlay_<plane>.png`` (with saliency and
     contours) for the planes through the saliency's (or mask's) centre of mass."""
-    plt = _plt()
     grey = np.asarray(volume.array).mean(axis=0)
     sal = np.asarray(saliency.array[0]) if saliency is not None else None
     labels = np.asarray(mask.array[0]) if mask is not None else None
@@ -65,8 +62,8 @@ def key_images(volume: Volume, out_dir: Path, *, saliency: Volume | None = None,
                 continue
             height, width = image.shape
             scale = 4.5 / max(height, width)
-            fig, ax = plt.subplots(figsize=(max(width * scale, 1.5), max(height * scale, 1.5)),
-                                   dpi=120)
+            fig = _figure(max(width * scale, 1.5), max(height * scale, 1.5))
+            ax = fig.subplots()
             ax.imshow(image, cmap="gray", vmin=lo, vmax=hi, origin="upper" if axis < 0
                       else "lower", interpolation="nearest")
             if kind == "overlay":
@@ -87,6 +84,5 @@ def key_images(volume: Volume, out_dir: Path, *, saliency: Volume | None = None,
             path = out_dir / f"{kind}_{name}.png"
             fig.tight_layout()
             fig.savefig(path)
-            plt.close(fig)
             paths.append(path)
     return paths
