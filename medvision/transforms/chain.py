@@ -11,6 +11,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from monai.transforms import MapTransform
 
 from medvision.config import Pipeline
 from medvision.io import Volume, read_volume
@@ -43,15 +44,20 @@ def volume_to_tensor(volume: Volume, *, channels: int) -> Any:
                       meta={"filename_or_obj": volume.source})
 
 
-class LoadVolumed:
+class LoadVolumed(MapTransform):
     """Dictionary transform: replace paths (or arrays) under ``keys`` by MetaTensors.
 
     Reading goes through :func:`medvision.io.read_volume`, so training sees DICOM, NIfTI and
     PNG/JPEG exactly as analysis will. Arrays (MedMNIST ``.npz`` items) are wrapped as they are
     with an identity affine.
+
+    It is a MONAI ``MapTransform`` (deterministic): MONAI's ``CacheDataset`` and
+    ``PersistentDataset`` cache the chain up to the first random or non-MONAI transform, so a
+    plain class here made them cache nothing and every epoch re-read and re-scaled every image.
     """
 
     def __init__(self, keys: Sequence[Hashable], *, channels: Sequence[int]) -> None:
+        super().__init__(keys)
         self.keys = tuple(keys)
         self.channels = tuple(channels)
 
