@@ -10,11 +10,12 @@ DEMO_OUT ?= demo_out
 setup: $(STAMP)
 
 # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+# Everything else at the exact versions in constraints.txt; the package with all its extras.
+$(STAMP): pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[all,test,dev]'
 	touch $(STAMP)
 
 demo: setup

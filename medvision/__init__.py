@@ -1,12 +1,57 @@
-"""medvision: diagnose medical images with MONAI models and explain every prediction."""
+"""medvision: diagnose medical images with MONAI models and explain every prediction.
 
+The common jobs, from Python::
+
+    import medvision
+
+    volume = medvision.read_volume("scan/")                 # DICOM folder, NIfTI, PNG...
+    pipeline = medvision.load_pipeline("chest-xray-pneumonia")
+    predictor = medvision.Predictor.from_pipeline("chest-xray-pneumonia")
+    results = medvision.analyze(["scans/"], predictor, "out/", auditor=...)
+
+Names are imported when first used, so ``import medvision`` (and the ``medvision`` command's
+start) does not load PyTorch or MONAI until a job needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
 import logging
+from typing import TYPE_CHECKING, Any
 
 from medvision.errors import MedvisionError
-from medvision.io import Volume, read_volume, write_volume
 
 __version__ = "0.1.0"
 
-__all__ = ["MedvisionError", "Volume", "__version__", "read_volume", "write_volume"]
+__all__ = ["MedvisionError", "Predictor", "Volume", "__version__", "analyze", "load_pipeline",
+           "read_volume", "write_volume"]
+
+_LAZY = {
+    "Volume": "medvision.io",
+    "read_volume": "medvision.io",
+    "write_volume": "medvision.io",
+    "load_pipeline": "medvision.config",
+    "Predictor": "medvision.infer",
+    "analyze": "medvision.analyze",
+}
+
+if TYPE_CHECKING:
+    from medvision.analyze import analyze
+    from medvision.config import load_pipeline
+    from medvision.infer import Predictor
+    from medvision.io import Volume, read_volume, write_volume
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'medvision' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -12,12 +12,14 @@ import difflib
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from medvision.errors import ConfigError
+from medvision.vocabulary import EXPLANATION_METHODS
 
 __all__ = [
     "AugmentConfig",
@@ -36,8 +38,6 @@ __all__ = [
     "pipeline_dir",
 ]
 
-#: Where shipped pipelines live: ``<repository>/pipelines/<name>/``.
-PIPELINES_ROOT = Path(__file__).resolve().parents[1] / "pipelines"
 
 
 class _Strict(BaseModel):
@@ -162,7 +162,7 @@ class InputRules(_Strict):
 class ExplanationConfig(_Strict):
     """The Captum attribution written next to every prediction."""
 
-    method: Literal["gradcam", "integrated_gradients", "saliency", "occlusion"] = "gradcam"
+    method: Literal[EXPLANATION_METHODS] = "gradcam"  # type: ignore[valid-type]
     layer: str | None = Field(default=None, description="GradCAM: module name, e.g. layer4")
     steps: int = Field(default=32, ge=2, description="Integrated Gradients: path steps")
     internal_batch_size: int = Field(default=8, ge=1)
@@ -272,23 +272,28 @@ def _describe(error: ValidationError, source: str) -> str:
     return f"{source}: invalid pipeline file: " + "; ".join(lines)
 
 
-def pipeline_dir(name_or_path: str | os.PathLike[str]) -> Path:
-    """The folder of a pipeline given by name (under ``pipelines/``) or by path."""
+def pipeline_dir(name_or_path: str | os.PathLike[str], *,
+                 search: Sequence[str | os.PathLike[str]] = ()) -> Path:
+    """The folder of a pipeline given by path, or by name (see :mod:`medvision.catalog`:
+    the ``search`` folders first, then installed pipeline packages)."""
+    from medvision.catalog import find_pipelines
+
     path = Path(name_or_path)
     if path.is_file():
         return path.parent
     if path.is_dir():
         return path
-    shipped = PIPELINES_ROOT / str(name_or_path)
-    if shipped.is_dir():
-        return shipped
-    known = sorted(p.parent.name for p in PIPELINES_ROOT.glob("*/pipeline.yaml"))
+    known = find_pipelines(search)
+    if str(name_or_path) in known:
+        return known[str(name_or_path)].folder
     raise ConfigError(f"no pipeline '{name_or_path}': not a file or folder, and not one of the "
-                      f"shipped pipelines ({', '.join(known) or 'none'})")
+                      f"installed pipelines ({', '.join(sorted(known)) or 'none'}); see "
+                      "'medvision pipelines list'")
 
 
-def load_pipeline(name_or_path: str | os.PathLike[str]) -> Pipeline:
-    """Load and validate a pipeline by name or path.
+def load_pipeline(name_or_path: str | os.PathLike[str], *,
+                  search: Sequence[str | os.PathLike[str]] = ()) -> Pipeline:
+    """Load and validate a pipeline by name or path (``search``: extra pipeline folders).
 
     Raises:
         ConfigError: missing file, bad YAML, or invalid content (the message names the file
@@ -297,7 +302,7 @@ def load_pipeline(name_or_path: str | os.PathLike[str]) -> Pipeline:
     import yaml
 
     path = Path(name_or_path)
-    file = path if path.is_file() else pipeline_dir(name_or_path) / "pipeline.yaml"
+    file = path if path.is_file() else pipeline_dir(name_or_path, search=search) / "pipeline.yaml"
     if not file.is_file():
         raise ConfigError(f"{file}: pipeline file not found")
     try:

@@ -64,7 +64,8 @@ def run_on_cluster(studies: Sequence[Study], predictor: Predictor, out: Path,
     try:
         from distributed import Client, as_completed
     except ImportError as e:
-        raise MissingDependencyError("--scheduler needs dask[distributed]") from e
+        raise MissingDependencyError("--scheduler needs dask distributed: "
+                                     "pip install 'medvision[dask]'") from e
     if predictor.folder is None:
         raise MissingDependencyError("a predictor loaded from a pipeline folder is needed")
     batch = uuid.uuid4().hex[:8]

@@ -82,6 +82,10 @@ def deidentify(paths: Iterable[str | os.PathLike[str]], out_dir: str | os.PathLi
         DataError: an output exists and ``force`` is false.
     """
     import pydicom
+
+    from medvision.extras import require
+
+    require("dicognito", "deid", "de-identification")
     from dicognito.anonymizer import Anonymizer
 
     from medvision.io.dicom_files import iter_candidate_files

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from medvision.cli.audit_options import add_audit_arguments, auditor_from_args
-from medvision.explain import METHODS
+from medvision.vocabulary import EXPLANATION_METHODS
 
 __all__ = ["add_parser", "run"]
 
@@ -33,7 +33,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--pipeline", required=True, help="pipeline name or path")
     parser.add_argument("-o", "--output", required=True, help="output folder")
     parser.add_argument("--weights", help="weights to use instead of the pipeline's")
-    parser.add_argument("--explain", choices=METHODS, help="override the saliency method")
+    parser.add_argument("--explain", choices=EXPLANATION_METHODS, help="override the saliency method")
     parser.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                         help="what runs the predictions (onnx: needs 'medvision export')")
     parser.add_argument("--faithfulness", action="store_true",
@@ -44,6 +44,9 @@ def add_parser(subparsers: Any) -> None:
                         help="keep an existing report made differently (other pipeline, "
                              "weights, method, backend, options or inputs) and report the "
                              "study as a conflict instead of analysing it again")
+    parser.add_argument("--json", action="store_true",
+                        help="the tally and one row per study as JSON on stdout (logs stay on "
+                             "stderr)")
     parser.add_argument("--fail-on", choices=["flagged"], action="append", default=[],
                         help="also count flagged studies as failures in the exit code")
     parser.add_argument("--scheduler", metavar="tcp://HOST:PORT",
@@ -64,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     auditor = auditor_from_args(args)
     predictor = Predictor.from_pipeline(args.pipeline, weights=args.weights,
+                                        search=args.pipelines_dir,
                                         backend=args.backend)
     results = analyze(args.inputs, predictor, args.output, auditor=auditor, options=AnalyzeOptions(
         explain_method=args.explain, faithfulness=args.faithfulness, force=args.force,
@@ -71,6 +75,18 @@ def run(args: argparse.Namespace) -> int:
         scheduler=args.scheduler)
     counts = {status: sum(r.status == status for r in results)
               for status in ("ok", "flagged", "rejected", "failed", "conflict")}
+    failing = {"rejected", "failed", "conflict"} | set(args.fail_on)
+    code = 1 if any(r.status in failing for r in results) else 0
+    if args.json:
+        import json
+
+        print(json.dumps({
+            "counts": counts, "summary": str(Path(args.output) / "summary.html"),
+            "studies": [{"study": r.study, "status": r.status, "reason": r.reason,
+                         "label": r.label, "score": r.score, "qc": r.qc,
+                         "folder": str(r.folder), "skipped": r.skipped, "replaced": r.replaced}
+                        for r in results]}, indent=2))
+        return code
     skipped = sum(r.skipped and r.status != "conflict" for r in results)
     replaced = sum(r.replaced for r in results)
     notes = [f"{skipped} unchanged, skipped" if skipped else "",
@@ -83,5 +99,4 @@ def run(args: argparse.Namespace) -> int:
         if result.status != "ok":
             print(f"  {result.study}: {result.status}: {result.reason}")
     print(f"summary: {Path(args.output) / 'summary.html'}")
-    failing = {"rejected", "failed", "conflict"} | set(args.fail_on)
-    return 1 if any(r.status in failing for r in results) else 0
+    return code

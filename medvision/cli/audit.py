@@ -39,7 +39,9 @@ def add_parser(subparsers: Any) -> None:
         epilog="example:\n  medvision audit verify --log audit.sqlite --public-key "
                "keys/audit-signing.pub --anchors /mnt/worm/medvision-anchors",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    verify.add_argument("--log", type=Path, default=None, help="audit log (SQLite)")
+    verify.add_argument("--audit-log", "--log", dest="log", type=Path, default=None,
+                        help="audit log (SQLite); default as for the commands that write it")
+    verify.add_argument("--json", action="store_true", help="the result as JSON on stdout")
     verify.add_argument("--public-key", type=Path, help="audit-signing.pub from 'audit keygen'")
     verify.add_argument("--anchors", type=Path, metavar="DIR",
                         help="folder of anchored checkpoints ('audit anchor --to DIR')")
@@ -50,13 +52,15 @@ def add_parser(subparsers: Any) -> None:
                     "overwriting one). Put DIR on storage the log's writer cannot change "
                     "(another machine, write-once or object-locked storage): then even a "
                     "holder of the signing key cannot rewrite or truncate what was anchored.")
-    anchor.add_argument("--log", type=Path, default=None, help="audit log (SQLite)")
+    anchor.add_argument("--audit-log", "--log", dest="log", type=Path, default=None,
+                        help="audit log (SQLite)")
     anchor.add_argument("--to", type=Path, required=True, metavar="DIR", help="anchor folder")
     anchor.add_argument("--public-key", type=Path,
                         help="verify the whole log with this key before anchoring")
     anchor.set_defaults(run=run)
     report = actions.add_parser("report", help="write an audit report")
-    report.add_argument("--log", type=Path, default=None, help="audit log (SQLite)")
+    report.add_argument("--audit-log", "--log", dest="log", type=Path, default=None,
+                        help="audit log (SQLite)")
     report.add_argument("--public-key", type=Path, help="also verify the signatures")
     report.add_argument("--since", type=_when, help="ISO date or time (UTC), inclusive")
     report.add_argument("--until", type=_when, help="ISO date or time (UTC), exclusive")
@@ -93,6 +97,12 @@ def run(args: argparse.Namespace) -> int:
     result = log.verify(verifier=verifier, anchors=anchors)
     verified = _verified_text(result)
     if args.audit_action == "verify":
+        if args.json:
+            print(json.dumps({"log": str(log.path), "ok": result.ok, "records": result.records,
+                              "first_bad": result.first_bad, "problem": result.problem,
+                              "checkpoints": result.checkpoints, "anchors": result.anchors,
+                              "notes": list(result.notes)}, indent=2))
+            return 0 if result.ok else 1
         print(f"{log.path}: {result.records} records, chain {verified}")
         for note in result.notes:
             print(f"  note: {note}")

@@ -7,10 +7,12 @@ import logging
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medvision.errors import DataError, SeriesAssemblyError
-from medvision.io import SourceEntry, inventory, write_volume
+
+if TYPE_CHECKING:
+    from medvision.io import SourceEntry
 
 __all__ = ["add_parser", "run"]
 
@@ -72,6 +74,8 @@ def _choose(entries: tuple[SourceEntry, ...], wanted: str | None) -> SourceEntry
 
 def run(args: argparse.Namespace) -> int:
     """Convert; returns 1 when any series failed."""
+    from medvision.io import inventory, write_volume
+
     found = inventory(args.paths)
     if not found.entries:
         reasons = "; ".join(reason for _, reason in found.rejected[:3])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ def add_parser(subparsers: Any) -> None:
                              "for a folder 'all' (default) or 'val', the pipeline's "
                              "patient-grouped validation split of that folder")
     parser.add_argument("--force", action="store_true", help="overwrite an evaluation")
+    parser.add_argument("--json", action="store_true", help="the metrics as JSON on stdout")
     add_audit_arguments(parser)
     parser.set_defaults(run=run)
 
@@ -38,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from medvision.train import discover_items, split_items
     from medvision.train.evaluate import evaluate
 
-    predictor = Predictor.from_pipeline(args.pipeline, weights=args.weights)
+    predictor = Predictor.from_pipeline(args.pipeline, weights=args.weights,
+                                        search=args.pipelines_dir)
     pipeline = predictor.pipeline
     if pipeline.data.layout == "npz":
         items = discover_items(pipeline, args.data, split=args.split or "test")
@@ -59,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
                seconds=time.perf_counter() - started)
     keys = ("accuracy", "auc", "f1", "ece") if pipeline.task == "classification" \
         else ("dice",)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return 0
     parts = [f"{k} {metrics[k]['value']:.4f} [{metrics[k]['ci95'][0]:.4f}, "
              f"{metrics[k]['ci95'][1]:.4f}]" for k in keys]
     print(f"{metrics['n']} cases: " + "; ".join(parts) + f"; see {args.output}/summary.html")

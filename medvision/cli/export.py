@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from medvision.infer import Predictor
     from medvision.infer.onnx_backend import OnnxModel, export_onnx
 
-    predictor = Predictor.from_pipeline(args.pipeline, weights=args.weights)
+    predictor = Predictor.from_pipeline(args.pipeline, weights=args.weights,
+                                        search=args.pipelines_dir)
     pipeline = predictor.pipeline
     target = args.output or predictor.weights.with_suffix(".onnx")
     if target.exists() and not args.force:

@@ -7,8 +7,6 @@ import json
 import sys
 from typing import Any
 
-from medvision.io import inventory
-
 __all__ = ["add_parser", "run"]
 
 
@@ -26,6 +24,8 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """List what ``args.paths`` hold; exit 1 when nothing readable was found."""
+    from medvision.io import inventory
+
     found = inventory(args.paths)
     series = [entry.describe() for entry in found.entries]
     rejected = [{"path": path, "reason": reason} for path, reason in found.rejected]

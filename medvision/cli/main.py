@@ -10,9 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from medvision import __version__
 from medvision.cli import (
@@ -24,6 +27,7 @@ from medvision.cli import (
     export,
     info,
     pacs,
+    pipelines,
     publish,
     train,
 )
@@ -31,8 +35,8 @@ from medvision.errors import ConfigError, MedvisionError, MissingDependencyError
 
 __all__ = ["main"]
 
-SUBCOMMANDS: tuple[ModuleType, ...] = (info, convert, train, evaluate, publish, export,
-                                        analyze, pacs, audit, deid)
+SUBCOMMANDS: tuple[ModuleType, ...] = (info, convert, pipelines, train, evaluate, publish,
+                                        export, analyze, pacs, audit, deid)
 
 log = logging.getLogger("medvision")
 
@@ -53,27 +57,68 @@ def _configure_logging(level: str, as_json: bool) -> None:
     root.setLevel(level.upper())
 
 
+def _common_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """Options every command takes, before or after the subcommand's name."""
+    default: Any = argparse.SUPPRESS  # a subcommand's copy must not reset the top's value
+    parser.add_argument("-v", "--verbose", action="count", default=0 if top else default,
+                        help="more log output (-v: INFO, -vv: DEBUG)")
+    parser.add_argument("-q", "--quiet", action="store_true", default=False if top else default,
+                        help="only errors in the log")
+    parser.add_argument("--pipelines-dir", action="append", type=Path, metavar="DIR",
+                        default=[] if top else default,
+                        help="a folder of pipelines (<name>/pipeline.yaml) searched before the "
+                             "installed ones; repeatable; also $MEDVISION_PIPELINES "
+                             "(os.pathsep-separated)")
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = []
+    for action in parser._actions:  # noqa: SLF001 - argparse offers no public walk
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            for sub in dict.fromkeys(action.choices.values()):
+                found.append(sub)
+                found.extend(_subparsers(sub))
+    return found
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with every subcommand registered."""
     parser = argparse.ArgumentParser(
         prog="medvision", description="Diagnose medical images and explain every prediction.",
+        epilog="Exit codes: 0 success; 1 something failed (a study not ok, a broken audit "
+               "chain, a failed result); 2 usage or configuration error (or a missing "
+               "optional dependency). Run 'medvision COMMAND --help' for examples.",
         allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"medvision {__version__}")
-    parser.add_argument("--log-level", default="WARNING",
+    parser.add_argument("--log-level", default=None,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity")
     parser.add_argument("--log-json", action="store_true", help="log as JSON lines")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    _common_options(parser, top=True)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in SUBCOMMANDS:
         module.add_parser(subparsers)
+    for sub in _subparsers(parser):
+        _common_options(sub, top=False)
     return parser
+
+
+def _level(args: argparse.Namespace) -> str:
+    if args.log_level:
+        return str(args.log_level)
+    if args.quiet:
+        return "ERROR"
+    return {0: "WARNING", 1: "INFO"}.get(args.verbose, "DEBUG")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``medvision`` command; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.log_level, args.log_json)
+    env = os.environ.get("MEDVISION_PIPELINES")
+    if env:
+        args.pipelines_dir = [*args.pipelines_dir, *(Path(p) for p in env.split(os.pathsep) if p)]
+    _configure_logging(_level(args), args.log_json)
     try:
         return int(args.run(args))
     except MedvisionError as e:

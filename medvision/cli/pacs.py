@@ -63,9 +63,13 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the action."""
+    from medvision.extras import require
     from medvision.pacs.config import Peer
 
     action = args.pacs_action
+    require("pynetdicom", "pacs", f"'medvision pacs {action}'")
+    if action == "listen":
+        require("highdicom", "pacs", "'medvision pacs listen'")
     if action == "listen":
         from medvision.cli.audit_options import signer_from_args
         from medvision.pacs.bridge import Bridge

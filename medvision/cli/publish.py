@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from medvision.train import DataSplit, discover_items, split_items
     from medvision.train.publish import publish
 
-    folder = pipeline_dir(args.pipeline)
+    folder = pipeline_dir(args.pipeline, search=args.pipelines_dir)
     split = None
     if args.data:
         pipeline = load_pipeline(folder)

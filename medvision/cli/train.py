@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from medvision.cli.audit_options import add_audit_arguments, items_digest, record_run
-from medvision.config import load_pipeline
 from medvision.errors import MedvisionError
 
 __all__ = ["add_parser", "run"]
@@ -38,9 +37,10 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train; prints the best epoch and metric."""
+    from medvision.config import load_pipeline
     from medvision.train import DataSplit, discover_items, split_items, train
 
-    pipeline = load_pipeline(args.pipeline)
+    pipeline = load_pipeline(args.pipeline, search=args.pipelines_dir)
     if args.epochs:
         # Averaging needs at least one ordinary epoch before it; a short override keeps that.
         swa = min(pipeline.training.swa_epochs, args.epochs - 1)

@@ -19,10 +19,11 @@ from medvision.config import ExplanationConfig
 from medvision.errors import ExplainError
 from medvision.infer.predictor import Prediction, Predictor, Prepared
 from medvision.io import Volume
+from medvision.vocabulary import EXPLANATION_METHODS
 
 __all__ = ["METHODS", "RegionScore", "SaliencyMap", "attribute", "explain", "explained_model"]
 
-METHODS = ("gradcam", "integrated_gradients", "saliency", "occlusion")
+METHODS = EXPLANATION_METHODS
 
 
 @dataclass(frozen=True, eq=False)

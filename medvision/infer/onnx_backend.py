@@ -31,6 +31,9 @@ def export_onnx(model: Any, spatial_size: tuple[int, ...], channels: int,
     """
     import torch
 
+    from medvision.extras import require
+
+    require("onnx", "onnx", "ONNX export")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros((1, channels, *spatial_size))
@@ -55,8 +58,8 @@ class OnnxModel:
         try:
             import onnxruntime as ort
         except ImportError as e:
-            raise MissingDependencyError("the onnx backend needs onnxruntime "
-                                         "(pip install onnxruntime)") from e
+            raise MissingDependencyError("the onnx backend needs onnxruntime: "
+                                         "pip install 'medvision[onnx]'") from e
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: no ONNX model; create it with "

@@ -89,8 +89,11 @@ class Predictor:
     @classmethod
     def from_pipeline(cls, name_or_path: str | os.PathLike[str], *,
                       weights: str | os.PathLike[str] | None = None,
-                      backend: str = "torch") -> Predictor:
+                      backend: str = "torch",
+                      search: Sequence[str | os.PathLike[str]] = ()) -> Predictor:
         """Load a pipeline and its weights (default: ``model.safetensors`` beside it).
+
+        ``search``: extra folders of pipelines to look in, before installed packages.
 
         The calibration temperature (``calibration.json``) and the OOD guard
         (``ood.safetensors``) are read from beside the weights when present. With
@@ -101,8 +104,8 @@ class Predictor:
             ConfigError: invalid pipeline.
             CheckpointError: no weights, or weights that do not fit the network.
         """
-        pipeline = load_pipeline(name_or_path)
-        folder = pipeline_dir(name_or_path)
+        folder = pipeline_dir(name_or_path, search=search)
+        pipeline = load_pipeline(folder)
         path = Path(weights) if weights is not None else folder / WEIGHTS_FILE
         if not path.is_file():
             raise CheckpointError(

@@ -89,6 +89,9 @@ def write_nifti(volume: Volume, path: str | os.PathLike[str]) -> Path:
 
 def read_itk(path: Path) -> Volume:
     """Read NRRD, MetaImage (MHA/MHD) and other SimpleITK formats into RAS+ geometry."""
+    from medvision.extras import require
+
+    require("SimpleITK", "itk", f"reading {path.suffix or 'this format'} files")
     import SimpleITK as sitk
 
     with reading(path, "image (SimpleITK)", UnreadableFileError):

@@ -1,0 +1,81 @@
+"""``medvision pipelines list|show``: the pipelines this installation can run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``pipelines`` with ``list`` and ``show``."""
+    parser = subparsers.add_parser(
+        "pipelines", help="list the installed pipelines, or show one's model card",
+        description="Pipelines come from --pipelines-dir / $MEDVISION_PIPELINES folders first, "
+                    "then from installed packages (the 'medvision.pipelines' entry points; "
+                    "medvision's own are one of them).")
+    actions = parser.add_subparsers(dest="pipelines_action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="name, version, task, source, summary",
+                                 epilog="example:\n  medvision pipelines list --json",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    listing.add_argument("--json", action="store_true", help="JSON on stdout")
+    listing.set_defaults(run=run)
+    show = actions.add_parser("show", help="print a pipeline's model card",
+                              epilog="example:\n  medvision pipelines show chest-xray-pneumonia",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    show.add_argument("name", help="pipeline name")
+    show.set_defaults(run=run)
+
+
+def _summary(card: str) -> str:
+    """The first paragraph of a model card after its title."""
+    paragraph: list[str] = []
+    for line in card.splitlines():
+        if line.startswith("#"):
+            if paragraph:
+                break
+            continue
+        if not line.strip():
+            if paragraph:
+                break
+            continue
+        paragraph.append(line.strip())
+    return " ".join(paragraph)
+
+
+def run(args: argparse.Namespace) -> int:
+    """List or show."""
+    from medvision.catalog import find_pipelines
+    from medvision.config import load_pipeline
+    from medvision.errors import ConfigError
+
+    found = find_pipelines(args.pipelines_dir)
+    if args.pipelines_action == "show":
+        if args.name not in found:
+            raise ConfigError(f"no pipeline '{args.name}' (installed: "
+                              f"{', '.join(sorted(found)) or 'none'})")
+        card = found[args.name].folder / "MODEL_CARD.md"
+        print(card.read_text() if card.is_file() else f"{args.name}: no MODEL_CARD.md")
+        return 0
+    rows = []
+    for name, entry in sorted(found.items()):
+        pipeline = load_pipeline(entry.folder)
+        card = entry.folder / "MODEL_CARD.md"
+        rows.append({"name": name, "version": pipeline.version, "task": pipeline.task,
+                     "spatial_dims": pipeline.spatial_dims, "classes": list(pipeline.classes),
+                     "source": entry.source, "folder": str(entry.folder),
+                     "weights": (entry.folder / "model.safetensors").is_file(),
+                     "summary": _summary(card.read_text()) if card.is_file()
+                     else pipeline.description})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        weights = "" if row["weights"] else " (no weights)"
+        print(f"{row['name']} {row['version']}: {row['task']}, {row['spatial_dims']}D"
+              f"{weights}; from {row['source']}")
+        if row["summary"]:
+            print(f"    {str(row['summary'])[:200]}")
+    return 0

@@ -1,0 +1,14 @@
+"""Packaging details pyproject.toml cannot say: the shipped pipelines, kept in ``pipelines/`` at
+the repository root, install as the package ``medvision_pipelines`` (with their weights and
+model cards as package data). Everything else is in pyproject.toml."""
+
+from setuptools import find_packages, setup
+
+setup(
+    packages=[*find_packages(include=["medvision", "medvision.*"]), "medvision_pipelines"],
+    package_dir={"medvision_pipelines": "pipelines"},
+    package_data={
+        "medvision": ["py.typed", "report/report.schema.json"],
+        "medvision_pipelines": ["*/*.yaml", "*/*.md", "*/*.json", "*/*.safetensors"],
+    },
+)
