@@ -42,10 +42,10 @@ bench: setup
 DATA ?= ../shared/data
 RUNS ?= runs
 define reproduce
-	$(BIN)/medvision train $(1) --data $(2) -o $(RUNS)/$(1) \
+	$(BIN)/medvision train --pipeline $(1) --data $(2) -o $(RUNS)/$(1) \
 		$$(test -f $(RUNS)/$(1)/state.json && echo --resume)
 	$(BIN)/medvision publish $(RUNS)/$(1) --pipeline $(1) --data $(2)
-	$(BIN)/medvision evaluate $(1) --data $(2) --split val -o $(RUNS)/$(1)-eval-val --force
+	$(BIN)/medvision evaluate --pipeline $(1) --data $(2) --split val -o $(RUNS)/$(1)-eval-val --force
 endef
 
 model-chest: setup

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,10 @@ def add_parser(subparsers: Any) -> None:
     report.add_argument("--public-key", type=Path, help="also verify the signatures")
     report.add_argument("--since", type=_when, help="ISO date or time (UTC), inclusive")
     report.add_argument("--until", type=_when, help="ISO date or time (UTC), exclusive")
-    report.add_argument("--format", choices=["html", "csv", "json"], default="html")
-    report.add_argument("-o", "--output", type=Path, required=True, help="report file")
+    report.add_argument("--format", choices=["html", "csv", "json"], default=None,
+                        help="default: from the output's extension, else html")
+    report.add_argument("-o", "--output", type=Path, required=True,
+                        help="report file, or - for standard output")
     report.add_argument("--force", action="store_true", help="overwrite the report file")
     report.set_defaults(run=run)
 
@@ -118,8 +121,13 @@ def run(args: argparse.Namespace) -> int:
         path = write_anchor(checkpoint, args.to)
         print(f"anchored record {checkpoint.seq} ({checkpoint.hash[:16]}...) in {path}")
         return 0
-    if args.output.exists() and not args.force:
+    to_stdout = str(args.output) == "-"
+    if not to_stdout and args.output.exists() and not args.force:
         raise AuditError(f"{args.output} exists; pass --force to overwrite")
+    if args.format is None:
+        suffix = args.output.suffix.lower().lstrip(".")
+        args.format = {"htm": "html", "html": "html", "csv": "csv", "json": "json"}.get(
+            suffix, "html")
     records = select_records(log.records(), since=args.since, until=args.until)
     if args.format == "csv":
         text = render_csv(records)
@@ -128,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
         summary["verification"] = verified
         text = json.dumps(summary, indent=2) if args.format == "json" else \
             render_html(summary, verified=verified)
+    if to_stdout:
+        sys.stdout.write(text)
+        return 0 if result.ok else 1
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
     print(f"wrote {args.output} ({len(records)} records; chain {verified})")

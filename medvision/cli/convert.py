@@ -14,6 +14,8 @@ from medvision.errors import DataError, SeriesAssemblyError
 if TYPE_CHECKING:
     from medvision.io import SourceEntry
 
+from medvision.cli.conventions import examples
+
 __all__ = ["add_parser", "run"]
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ def add_parser(subparsers: Any) -> None:
                         help="gantry tilt / uneven spacing: resample onto a regular grid "
                              "(default) or refuse")
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    examples(parser, 'medvision convert scans/series1 -o series1.nii.gz', 'medvision convert scans/ -o nifti/')
     parser.set_defaults(run=run)
 
 

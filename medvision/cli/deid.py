@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from medvision.cli.audit_options import add_audit_arguments, auditor_from_args
+from medvision.cli.conventions import examples
 
 __all__ = ["add_parser", "run"]
 
@@ -26,6 +27,7 @@ def add_parser(subparsers: Any) -> None:
                         help="accept instances without a Burned In Annotation value")
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
     add_audit_arguments(parser)
+    examples(parser, 'medvision deid scans/ -o deidentified/ --key-file deid.key')
     parser.set_defaults(run=run)
 
 

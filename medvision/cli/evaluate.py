@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from medvision.cli.audit_options import add_audit_arguments, items_digest, record_run
+from medvision.cli.conventions import add_pipeline_argument, examples, pipeline_of
 
 __all__ = ["add_parser", "run"]
 
@@ -20,7 +21,7 @@ def add_parser(subparsers: Any) -> None:
         description="Write metrics.json (every scalar with a bootstrap 95%% CI), plots and "
                     "summary.html. Uses the pipeline's shipped weights unless --weights is "
                     "given.")
-    parser.add_argument("pipeline", help="pipeline name (under pipelines/) or path")
+    add_pipeline_argument(parser, what="the pipeline to evaluate")
     parser.add_argument("--data", required=True, help="labelled data folder or .npz file")
     parser.add_argument("-o", "--output", required=True, help="evaluation folder")
     parser.add_argument("--weights", help="safetensors weights (default: the pipeline's)")
@@ -31,6 +32,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite an evaluation")
     parser.add_argument("--json", action="store_true", help="the metrics as JSON on stdout")
     add_audit_arguments(parser)
+    examples(parser, 'medvision evaluate --pipeline hippocampus-seg --data ../shared/data/hippocampus --split val -o eval', 'medvision evaluate --pipeline chest-xray-pneumonia --data DATA -o eval --json')
     parser.set_defaults(run=run)
 
 
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from medvision.train import discover_items, split_items
     from medvision.train.evaluate import evaluate
 
-    predictor = Predictor.from_pipeline(args.pipeline, weights=args.weights,
+    predictor = Predictor.from_pipeline(pipeline_of(args), weights=args.weights,
                                         search=args.pipelines_dir)
     pipeline = predictor.pipeline
     if pipeline.data.layout == "npz":

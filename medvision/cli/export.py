@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from medvision.cli.conventions import add_pipeline_argument, examples, pipeline_of
+
 __all__ = ["add_parser", "run"]
 
 
@@ -15,12 +17,13 @@ def add_parser(subparsers: Any) -> None:
         "export", help="export a pipeline's network (ONNX)",
         description="Writes the network as ONNX beside its weights (model.onnx), where "
                     "'analyze --backend onnx' looks for it, and checks it against PyTorch.")
-    parser.add_argument("pipeline", help="pipeline name or path")
+    add_pipeline_argument(parser, what="the pipeline to export")
     parser.add_argument("--format", choices=["onnx"], default="onnx")
     parser.add_argument("--weights", help="weights to export instead of the pipeline's")
     parser.add_argument("-o", "--output", type=Path,
                         help="output file (default: beside the weights, .onnx)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing file")
+    examples(parser, 'medvision export --pipeline chest-xray-pneumonia --format onnx')
     parser.set_defaults(run=run)
 
 
@@ -33,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from medvision.infer import Predictor
     from medvision.infer.onnx_backend import OnnxModel, export_onnx
 
-    predictor = Predictor.from_pipeline(args.pipeline, weights=args.weights,
+    predictor = Predictor.from_pipeline(pipeline_of(args), weights=args.weights,
                                         search=args.pipelines_dir)
     pipeline = predictor.pipeline
     target = args.output or predictor.weights.with_suffix(".onnx")

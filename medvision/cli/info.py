@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from medvision.cli.conventions import examples
+
 __all__ = ["add_parser", "run"]
 
 
@@ -19,6 +21,7 @@ def add_parser(subparsers: Any) -> None:
                     "syntax and warnings. Reads headers only.")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="files, folders or DICOMDIRs")
     parser.add_argument("--json", action="store_true", help="print JSON with a 'series' list")
+    examples(parser, 'medvision info scans/', 'medvision info scans/ --json')
     parser.set_defaults(run=run)
 
 

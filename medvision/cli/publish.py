@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from medvision.cli.conventions import examples
+
 __all__ = ["add_parser", "run"]
 
 
@@ -19,6 +21,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("run_dir", help="a training run folder")
     parser.add_argument("--pipeline", required=True, help="pipeline name or folder to ship into")
     parser.add_argument("--data", help="the training data (to fit the OOD guard)")
+    examples(parser, 'medvision publish runs/chest --pipeline chest-xray-pneumonia --data DATA')
     parser.set_defaults(run=run)
 
 

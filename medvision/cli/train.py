@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from medvision.cli.audit_options import add_audit_arguments, items_digest, record_run
+from medvision.cli.conventions import add_pipeline_argument, examples, pipeline_of
 from medvision.errors import MedvisionError
 
 __all__ = ["add_parser", "run"]
@@ -20,7 +21,7 @@ def add_parser(subparsers: Any) -> None:
         description="Train from a pipeline file. Checkpoints after every epoch; --resume "
                     "continues an interrupted run; the best epoch by the validation metric is "
                     "kept as best.safetensors; per-epoch metrics go to metrics.csv.")
-    parser.add_argument("pipeline", help="pipeline name (under pipelines/) or path")
+    add_pipeline_argument(parser, what="the pipeline to train")
     parser.add_argument("--data", required=True,
                         help="data folder (class folders, or images/ + labels/) or .npz file")
     parser.add_argument("-o", "--output", required=True, help="run folder")
@@ -32,6 +33,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--limit", type=int,
                         help="use at most this many training and validation items (smoke runs)")
     add_audit_arguments(parser)
+    examples(parser, 'medvision train --pipeline chest-xray-pneumonia --data ../shared/data/chest_xray/train -o runs/chest', 'medvision train --pipeline chest-xray-pneumonia --data DATA -o runs/chest --resume')
     parser.set_defaults(run=run)
 
 
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from medvision.config import load_pipeline
     from medvision.train import DataSplit, discover_items, split_items, train
 
-    pipeline = load_pipeline(args.pipeline, search=args.pipelines_dir)
+    pipeline = load_pipeline(pipeline_of(args), search=args.pipelines_dir)
     if args.epochs:
         # Averaging needs at least one ordinary epoch before it; a short override keeps that.
         swa = min(pipeline.training.swa_epochs, args.epochs - 1)

@@ -119,3 +119,30 @@ def test_analyze_json_on_stdout(shared_data: Path, tmp_path: Path,
     assert sum(result["counts"].values()) == 1
     (study,) = result["studies"]
     assert study["status"] in ("ok", "flagged") and study["label"] in ("NORMAL", "PNEUMONIA")
+
+
+def test_pipeline_is_named_the_same_way_everywhere(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # --pipeline for train/evaluate/export as for analyze; a bare name still works
+    assert main(["export", "--pipeline", "no-such-pipeline"]) == 2
+    assert "no pipeline 'no-such-pipeline'" in capsys.readouterr().err
+    assert main(["export", "a", "--pipeline", "b"]) == 2
+    assert "two pipelines given" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path), "-o", str(tmp_path / "run")]) == 2
+    assert "no pipeline given" in capsys.readouterr().err
+
+
+def test_audit_report_to_stdout_with_format_from_extension(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]
+                                                           ) -> None:
+    from medvision.audit import AuditLog, Auditor, AuditRecord, Pseudonymizer
+
+    log = AuditLog(tmp_path / "audit.sqlite")
+    auditor = Auditor(log, Pseudonymizer(b"k" * 32), actor={"user": "u"})
+    auditor.record(AuditRecord(action="analyze", status="ok", actor=auditor.actor))
+    assert main(["audit", "report", "--audit-log", str(log.path), "--format", "json",
+                 "-o", "-"]) == 0
+    assert json.loads(capsys.readouterr().out)["verification"] == "intact"
+    assert main(["audit", "report", "--audit-log", str(log.path), "-o",
+                 str(tmp_path / "r.csv")]) == 0
+    assert (tmp_path / "r.csv").read_text().startswith(("seq", "time", "action", "study"))

@@ -1,0 +1,39 @@
+"""What every subcommand does the same way: how a pipeline is named, how examples are shown."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_pipeline_argument", "examples", "pipeline_of"]
+
+
+def examples(parser: argparse.ArgumentParser, *lines: str) -> None:
+    """End ``parser``'s ``--help`` with examples (its description keeps its own wrapping)."""
+    parser.epilog = "examples:\n" + "\n".join(f"  {line}" for line in lines)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def add_pipeline_argument(parser: argparse.ArgumentParser, *, what: str = "the pipeline") -> None:
+    """``--pipeline NAME|PATH``, as every command takes it (a bare first argument is still
+    accepted, as older scripts give it)."""
+    parser.add_argument("--pipeline", dest="pipeline", metavar="NAME|PATH",
+                        help=f"{what}: a name from 'medvision pipelines list', or a folder")
+    parser.add_argument("pipeline_positional", nargs="?", metavar="PIPELINE",
+                        help=argparse.SUPPRESS)
+
+
+def pipeline_of(args: argparse.Namespace) -> str:
+    """The pipeline named by ``--pipeline`` or the bare argument.
+
+    Raises:
+        ConfigError: neither, or two different ones.
+    """
+    from medvision.errors import ConfigError
+
+    named, bare = getattr(args, "pipeline", None), getattr(args, "pipeline_positional", None)
+    if named and bare and named != bare:
+        raise ConfigError(f"two pipelines given ('{bare}' and --pipeline '{named}'); give one")
+    if not (named or bare):
+        raise ConfigError("no pipeline given: use --pipeline NAME (see 'medvision pipelines "
+                          "list')")
+    return str(named or bare)
