@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from medvision.cli.audit_options import default_log_path
+from medvision.cli.conventions import examples
 from medvision.errors import AuditError
 
 __all__ = ["add_parser", "run"]
@@ -29,6 +30,7 @@ def add_parser(subparsers: Any) -> None:
         description="Writes DIR/audit-signing.key (mode 0600; keep it apart from the log) and "
                     "DIR/audit-signing.pub (give it to auditors). Never overwrites a key.")
     keygen.add_argument("directory", type=Path, metavar="DIR")
+    examples(keygen, "medvision audit keygen /etc/medvision/keys")
     keygen.set_defaults(run=run)
     verify = actions.add_parser(
         "verify", help="check the hash chain and signatures; exit 1 if anything fails",
@@ -37,9 +39,10 @@ def add_parser(subparsers: Any) -> None:
                     "and match the chain, and every record must be covered by one (a log "
                     "rewritten with recomputed hashes fails). With --anchors the log must "
                     "still hold every anchored head.",
-        epilog="example:\n  medvision audit verify --log audit.sqlite --public-key "
-               "keys/audit-signing.pub --anchors /mnt/worm/medvision-anchors",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    )
+    examples(verify, "medvision audit verify --audit-log audit.sqlite --public-key "
+                     "keys/audit-signing.pub --anchors /mnt/worm/medvision-anchors",
+             "medvision audit verify --json")
     verify.add_argument("--audit-log", "--log", dest="log", type=Path, default=None,
                         help="audit log (SQLite); default as for the commands that write it")
     verify.add_argument("--json", action="store_true", help="the result as JSON on stdout")
@@ -58,6 +61,8 @@ def add_parser(subparsers: Any) -> None:
     anchor.add_argument("--to", type=Path, required=True, metavar="DIR", help="anchor folder")
     anchor.add_argument("--public-key", type=Path,
                         help="verify the whole log with this key before anchoring")
+    examples(anchor, "medvision audit anchor --audit-log audit.sqlite --to /mnt/worm/anchors "
+                     "--public-key keys/audit-signing.pub")
     anchor.set_defaults(run=run)
     report = actions.add_parser("report", help="write an audit report")
     report.add_argument("--audit-log", "--log", dest="log", type=Path, default=None,
@@ -70,6 +75,8 @@ def add_parser(subparsers: Any) -> None:
     report.add_argument("-o", "--output", type=Path, required=True,
                         help="report file, or - for standard output")
     report.add_argument("--force", action="store_true", help="overwrite the report file")
+    examples(report, "medvision audit report --audit-log audit.sqlite -o audit.html",
+             "medvision audit report --since 2026-11-01 --format json -o -")
     report.set_defaults(run=run)
 
 

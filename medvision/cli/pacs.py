@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from medvision.cli.conventions import examples
+
 __all__ = ["add_parser", "run"]
 
 
@@ -28,6 +30,9 @@ def add_parser(subparsers: Any) -> None:
                     "sends SR/SEG/overlay results to the configured destination.")
     listen.add_argument("--config", required=True, type=Path, help="bridge settings (YAML)")
     listen.add_argument("--workdir", required=True, type=Path, help="spool and job database")
+    listen.add_argument("--audit-log", type=Path,
+                        help="audit log (SQLite); default: the settings' audit_log, else "
+                             "WORKDIR/audit.sqlite")
     listen.add_argument("--audit-key", type=Path, help="pseudonymisation key file")
     listen.add_argument("--signing-key", type=Path,
                         help="Ed25519 key that signs the audit log's checkpoints "
@@ -57,6 +62,14 @@ def add_parser(subparsers: Any) -> None:
     query.add_argument("--level", default="STUDY", choices=["STUDY", "SERIES", "IMAGE"])
     query.add_argument("--match", action="append", default=[], metavar="KEYWORD=VALUE",
                        help="query keys, e.g. StudyInstanceUID=1.2.3 (repeatable)")
+    examples(listen, "medvision pacs listen --config docs/examples/bridge.yaml --workdir "
+                     "/var/lib/medvision-bridge --signing-key keys/audit-signing.key")
+    examples(status, "medvision pacs status --workdir /var/lib/medvision-bridge --json")
+    examples(retry, "medvision pacs retry --workdir /var/lib/medvision-bridge --all")
+    examples(echo, "medvision pacs echo --port 4242 --called-ae ORTHANC")
+    examples(send, "medvision pacs send --port 4242 --called-ae ORTHANC scans/*.dcm")
+    examples(query, "medvision pacs query --port 4242 --called-ae ORTHANC --match "
+                    "ModalitiesInStudy=CR")
     for sub in (listen, status, retry, echo, send, query):
         sub.set_defaults(run=run)
 
@@ -75,7 +88,10 @@ def run(args: argparse.Namespace) -> int:
         from medvision.pacs.bridge import Bridge
         from medvision.pacs.config import load_bridge_config
 
-        Bridge(load_bridge_config(args.config), args.workdir,
+        config = load_bridge_config(args.config)
+        if args.audit_log is not None:
+            config = config.model_copy(update={"audit_log": args.audit_log})
+        Bridge(config, args.workdir,
                audit_key=args.audit_key, signer=signer_from_args(args)).serve_forever()
         return 0
     if action == "status":
