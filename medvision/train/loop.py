@@ -264,10 +264,16 @@ def train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str],
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
-        running, seen = 0.0, 0
+        running, seen, waiting = 0.0, 0, 0.0
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=not show,
                    leave=False)
-        for batch in bar:
+        batches = iter(bar)
+        while True:
+            asked = time.perf_counter()  # time spent waiting for the loader, not computing
+            batch = next(batches, None)
+            waiting += time.perf_counter() - asked
+            if batch is None:
+                break
             image = batch["image"]
             label = batch["label"]
             if pipeline.task == "classification":
@@ -285,6 +291,7 @@ def train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str],
         row = {"epoch": epoch, "train_loss": running / max(seen, 1),
                "lr": optimizer.param_groups[0]["lr"], "train_seconds": round(train_seconds, 2),
                "samples_per_second": round(seen / train_seconds, 2) if train_seconds else 0.0,
+               "data_wait_share": round(waiting / train_seconds, 4) if train_seconds else 0.0,
                **{f"val_{k}": v for k, v in val.items()}}
         state["history"].append(row)
         _append_csv(run / "metrics.csv", row)

@@ -53,6 +53,7 @@ def test_train_one_epoch_then_resume(shared_data: Path, tmp_path: Path, capsys) 
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert 0.0 <= float(rows[-1]["val_auc"]) <= 1.0
+    assert all(0.0 <= float(r["data_wait_share"]) <= 1.0 for r in rows)
     state = json.loads((run / "state.json").read_text())
     assert state["epoch"] == 2 and state["optimizer_param_groups"][0]["lr"] >= 0
 
