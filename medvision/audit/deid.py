@@ -51,9 +51,10 @@ def _mark(ds: object) -> None:
     from pydicom.sequence import Sequence
 
     ds.PatientIdentityRemoved = "YES"  # type: ignore[attr-defined]
-    ds.DeidentificationMethod = ("medvision deid: PS3.15 Basic Application Level "  # type: ignore[attr-defined]
-                                 "Confidentiality Profile (dicognito), private tags removed, "
-                                 "dates shifted per patient")
+    # LO allows 64 characters per value; the attribute is multi-valued, one step a value
+    ds.DeidentificationMethod = [  # type: ignore[attr-defined]
+        "medvision deid (dicognito)", "PS3.15 Basic Application Level Confidentiality Profile",
+        "private tags removed", "dates shifted per patient"]
     codes = []
     for value, meaning in (("113100", "Basic Application Confidentiality Profile"),
                            ("113107", "Retain Longitudinal Temporal Information Modified Dates Option")):

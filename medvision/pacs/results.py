@@ -201,11 +201,20 @@ def _parametric_map(report: dict[str, Any], sources: list[Any], saliency: np.nda
         manufacturer="medvision", manufacturer_model_name=name, software_versions=version,
         device_serial_number="0", contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping], window_center=(low + high) / 2,
-        window_width=max(high - low, 1e-6), content_label="SALIENCY",
+        # a window narrower than 1 needs LINEAR_EXACT; saliency spans [0, 1] anyway
+        window_width=max(high - low, 1.0), content_label="SALIENCY",
         content_description=f"{method} saliency, not for diagnostic use"[:64],
         series_description=f"{name} saliency map - NOT FOR DIAGNOSTIC USE")
+    _laterality(pm, sources[0])
     pm.save_as(path)
     return str(pm.SOPInstanceUID)
+
+
+def _laterality(ds: Any, source: Any) -> None:
+    """General Series Laterality (Type 2C: present, possibly empty, for paired body parts):
+    the source series' value, else empty."""
+    if "Laterality" not in ds:
+        ds.Laterality = source.get("Laterality", "")
 
 
 def _ai_family() -> Any:
@@ -241,6 +250,7 @@ def _overlay(report: dict[str, Any], source: Any, png: Path, seed: Sequence[str]
     ds.ImageComments = f"{report['saliency']['method']} saliency of {report['prediction']['label']}; not for diagnostic use"
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.BurnedInAnnotation = "YES"
+    _laterality(ds, source)
     ds.PatientOrientation = ""
     source_ref = Dataset()
     source_ref.ReferencedSOPClassUID = source.SOPClassUID

@@ -74,3 +74,54 @@ def test_withheld_result_sr_says_so_and_nothing_else(flagged_study: tuple[Path, 
     assert items["Model finding"] == "Result withheld (input out of distribution)"
     assert not any(name.startswith("Probability") for name in items)
     assert items["Out of distribution"] == "Yes"
+
+
+@pytest.fixture(scope="module")
+def dciodvfy() -> str:
+    import shutil
+
+    from conftest import require
+
+    path = shutil.which("dciodvfy")
+    require(path is not None, "dciodvfy is not installed (apt-get install dicom3tools)")
+    return str(path)
+
+
+def _errors(dciodvfy: str, path: Path) -> list[str]:
+    out = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_every_result_object_passes_dciodvfy(dciodvfy: str, shared_data: Path,
+                                             tmp_path: Path,
+                                             flagged_study: tuple[Path, dict]) -> None:
+    """SR, SEG, Parametric Map and overlays of a real MR series, and the chest SR and overlay:
+    no error from dicom3tools' validator (warnings about the private code scheme remain)."""
+    from conftest import mr_series_from_nifti
+
+    image = sorted((shared_data / "hippocampus" / "images").glob("*.nii.gz"))[0]
+    files = mr_series_from_nifti(image, tmp_path / "mr")
+    assert main(["analyze", str(tmp_path / "mr"), "--pipeline", "hippocampus-seg", "-o",
+                 str(tmp_path / "out")]) == 0
+    folder = next((tmp_path / "out").glob("*/report.json")).parent
+    report = json.loads((folder / "report.json").read_text())
+    sources = sorted((pydicom.dcmread(f) for f in files), key=lambda d: int(d.InstanceNumber))
+    written = write_results(report, sources, folder, ("background", "anterior", "posterior"),
+                            tmp_path / "dcm")
+    assert {kind for _, _, kind in written} == {"SR", "SEG", "PM", "SC"}
+    chest_folder, chest_report = flagged_study
+    written += write_results(chest_report, [pydicom.dcmread(RG1)], chest_folder,
+                             ("NORMAL", "PNEUMONIA"), tmp_path / "chest")
+    for _, path, kind in written:
+        assert _errors(dciodvfy, path) == [], kind
+
+
+def test_deidentified_copies_pass_dciodvfy(dciodvfy: str, tmp_path: Path) -> None:
+    sources = [p for p in pydicom_test_files() if p.name in ("CT_small.dcm", "MR_small.dcm")]
+    assert main(["deid", *map(str, sources), "-o", str(tmp_path / "out"), "--key-file",
+                 str(tmp_path / "deid.key")]) == 0
+    outputs = sorted((tmp_path / "out").rglob("*.dcm"))
+    assert len(outputs) == 2
+    for path in outputs:
+        assert _errors(dciodvfy, path) == [], path.name
+        assert all(len(v) <= 64 for v in pydicom.dcmread(path).DeidentificationMethod)
