@@ -8,6 +8,7 @@ checked by one mechanism.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -166,9 +167,17 @@ def read_header(path: Path) -> Any:
         # pydicom converts values lazily, so a malformed element (bad VR, wrong length)
         # would raise on first use, anywhere. Converting the ones medvision reads here keeps
         # such errors at this boundary (all of them would cost 5x the parse time).
-        for keyword in _USED_KEYWORDS:
-            ds.get(keyword)
+        used = _used_tags()
+        for tag in [t for t in ds.keys() if t in used]:
+            ds[tag]
         return ds
+
+
+@functools.cache
+def _used_tags() -> frozenset[int]:
+    from pydicom.datadict import tag_for_keyword
+
+    return frozenset(t for k in _USED_KEYWORDS if (t := tag_for_keyword(k)) is not None)
 
 
 def _with_transfer_syntax(ds: Any) -> Any:
