@@ -175,9 +175,7 @@ def _process(study: Study, predictor: Predictor, folder: Path, options: AnalyzeO
         timings["load_s"] = time.perf_counter() - t0
         report["input"] = _input_section(study, entry, volume)
         if options.include_phi and entry.series is not None:
-            ds = entry.series.frames[0].dataset
-            report["input"]["phi"] = {k: str(ds.get(k, "")) for k in
-                                      ("PatientName", "PatientID", "PatientBirthDate")}
+            report["input"]["phi"] = _phi(entry.series.frames[0].dataset)
         flags = check_input(volume, pipeline)
         rejects = [f for f in flags if f.severity == "reject"]
         if rejects:
@@ -245,6 +243,17 @@ def _process(study: Study, predictor: Predictor, folder: Path, options: AnalyzeO
     })
     timings["figures_s"] = time.perf_counter() - t0
     return report, [p.name for p in images], entry
+
+
+def _phi(ds: Any) -> dict[str, str]:
+    """Name, ID and birth date (``--include-phi``); a malformed value is left empty."""
+    out = {}
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate"):
+        try:
+            out[keyword] = str(ds.get(keyword, ""))
+        except Exception:  # noqa: BLE001 - malformed identity values are not an error here
+            out[keyword] = ""
+    return out
 
 
 def _flag_reason(codes: Sequence[str], qc: dict[str, Any], withheld: bool) -> str:
@@ -373,8 +382,9 @@ def run_study(study: Study, predictor: Predictor, out: Path, options: AnalyzeOpt
     run = run_fingerprint(predictor, options, study)
     report = _finish(study, predictor, staging, body, images, timings, started, run, previous)
     try:
-        patient, study_key, inputs = _input_digest(study, entry, pseudonymizer)
-    except DataError as e:  # a file changed or vanished since it was read
+        with reading(study.key, "identifiers for the audit record", InvalidDicomError):
+            patient, study_key, inputs = _input_digest(study, entry, pseudonymizer)
+    except DataError as e:  # a file changed or vanished, or a malformed identifier
         log.warning("study %s: cannot hash its inputs (%s)", study.key, e)
         patient, study_key = None, pseudonymizer.pseudonym("study", study.key)
         inputs = {"source_name": study.source_name, "error": str(e)}

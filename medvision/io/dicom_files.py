@@ -8,7 +8,6 @@ checked by one mechanism.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -59,19 +58,6 @@ SUMMARY_KEYWORDS = (
 
 #: The most frames one instance may hold (each frame becomes an object before any pixel is read).
 MAX_FRAMES = 100_000
-
-#: Attributes read after the header is parsed (series assembly, pixels, reports, audit).
-_USED_KEYWORDS = (
-    *SUMMARY_KEYWORDS, "SOPInstanceUID", "PatientID", "PatientName", "PatientBirthDate",
-    "Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated", "HighBit",
-    "PlanarConfiguration", "RescaleSlope", "RescaleIntercept", "RescaleType",
-    "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "ImagerPixelSpacing",
-    "EchoNumbers", "TemporalPositionIdentifier", "AcquisitionNumber", "InstanceNumber",
-    "GridFrameOffsetVector", "DoseGridScaling", "PerFrameFunctionalGroupsSequence",
-    "SharedFunctionalGroupsSequence", "ModalityLUTSequence", "DirectoryRecordSequence",
-    "PatientOrientation", "BurnedInAnnotation", "WindowCenter", "WindowWidth",
-)
-
 
 @dataclass(frozen=True)
 class DicomFrame:
@@ -163,21 +149,10 @@ def read_header(path: Path) -> Any:
                 raise InvalidDicomError(
                     f"{path}: not a DICOM file (no DICM marker and no DICOM image attributes)"
                 ) from None
-        ds = _with_transfer_syntax(ds)
         # pydicom converts values lazily, so a malformed element (bad VR, wrong length)
-        # would raise on first use, anywhere. Converting the ones medvision reads here keeps
-        # such errors at this boundary (all of them would cost 5x the parse time).
-        used = _used_tags()
-        for tag in [t for t in ds.keys() if t in used]:
-            ds[tag]
-        return ds
-
-
-@functools.cache
-def _used_tags() -> frozenset[int]:
-    from pydicom.datadict import tag_for_keyword
-
-    return frozenset(t for k in _USED_KEYWORDS if (t := tag_for_keyword(k)) is not None)
+        # raises on first use: the attributes assembly needs are read inside the scan's
+        # guard (frames_of, series keys), and header_summary skips a malformed one.
+        return _with_transfer_syntax(ds)
 
 
 def _with_transfer_syntax(ds: Any) -> Any:
@@ -216,10 +191,13 @@ def header_summary(ds: Any) -> dict[str, Any]:
     """An allowlisted, JSON-friendly summary of a dataset's technical attributes."""
     out: dict[str, Any] = {}
     for keyword in SUMMARY_KEYWORDS:
-        value = ds.get(keyword)
-        if value is None or value == "":
-            continue
-        out[keyword] = _plain(value)
+        try:
+            value = ds.get(keyword)
+            if value is None or value == "":
+                continue
+            out[keyword] = _plain(value)
+        except Exception as e:  # noqa: BLE001 - a malformed optional value is left out
+            log.debug("header value %s unreadable: %s", keyword, e)
     meta = getattr(ds, "file_meta", None)
     tsuid = meta.get("TransferSyntaxUID") if meta is not None else None
     if tsuid is not None:

@@ -229,7 +229,8 @@ def scan_dicom(paths: Iterable[str | os.PathLike[str]]) -> DicomScan:
                     queue.extend(dicomdir_files(ds, path))
                     continue
                 found = frames_of(ds, path)
-                header_summary(ds)  # converts what assembly reads, inside this guard
+                for keyword in ("SeriesInstanceUID", "StudyInstanceUID", "SeriesNumber"):
+                    ds.get(keyword)  # read by assembly: a malformed value fails here
         except DataError as e:
             log.debug("skipping %s", e)
             rejected.append((str(path), str(e)))
