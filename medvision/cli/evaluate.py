@@ -27,8 +27,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--weights", help="safetensors weights (default: the pipeline's)")
     parser.add_argument("--split", choices=["all", "train", "val", "test"],
                         help="which items: for an .npz file its official split (default test); "
-                             "for a folder 'all' (default) or 'val', the pipeline's "
-                             "patient-grouped validation split of that folder")
+                             "for a folder 'all' (default) or 'train'/'val', the pipeline's "
+                             "validation split of that folder (grouped by patient when the "
+                             "pipeline has data.group_pattern); a folder has no 'test' split")
     parser.add_argument("--force", action="store_true", help="overwrite an evaluation")
     parser.add_argument("--json", action="store_true", help="the metrics as JSON on stdout")
     add_audit_arguments(parser)
@@ -48,6 +49,11 @@ def run(args: argparse.Namespace) -> int:
     if pipeline.data.layout == "npz":
         items = discover_items(pipeline, args.data, split=args.split or "test")
     else:
+        if args.split == "test":
+            from medvision.errors import ConfigError
+
+            raise ConfigError(f"{args.data}: a folder has no official test split; evaluate "
+                              "on a separate test folder with --split all (the default)")
         items = discover_items(pipeline, args.data)
         if args.split in ("train", "val"):
             split = split_items(pipeline, items)

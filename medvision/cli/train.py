@@ -73,8 +73,14 @@ def run(args: argparse.Namespace) -> int:
                        pipeline.validation_metric: result.best_metric,
                        "skipped_items": len(result.skipped)},
                seconds=time.perf_counter() - started)
-    print(f"trained {result.epochs_run} epoch(s) in {result.seconds:.0f} s; best epoch "
-          f"{result.best_epoch}: {pipeline.validation_metric} {result.best_metric:.4f}; "
+    if result.averaged_epochs:  # best.safetensors is the weight average, not one epoch
+        chosen = (f"weights averaged over the last {result.averaged_epochs} epoch(s): "
+                  f"{pipeline.validation_metric} {result.best_metric:.4f} (best single epoch "
+                  f"{result.best_epoch} kept as best_epoch.safetensors)")
+    else:
+        chosen = (f"best epoch {result.best_epoch}: {pipeline.validation_metric} "
+                  f"{result.best_metric:.4f}")
+    print(f"trained {result.epochs_run} epoch(s) in {result.seconds:.0f} s; {chosen}; "
           f"weights in {result.run_dir / 'best.safetensors'}")
     if result.skipped:
         print(f"{len(result.skipped)} unreadable item(s) skipped (see "

@@ -56,6 +56,7 @@ class TrainResult:
     history: tuple[dict[str, float], ...]
     seconds: float
     skipped: tuple[tuple[str, str], ...] = ()
+    averaged_epochs: int = 0
 
 
 def _loss(pipeline: Pipeline) -> Any:
@@ -330,7 +331,9 @@ def train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str],
     return TrainResult(run_dir=run, epochs_run=state["epoch"], best_epoch=state["best_epoch"],
                        best_metric=float(state["best_metric"] or float("nan")),
                        history=tuple(state["history"]),
-                       seconds=float(state.get("seconds", 0.0)), skipped=tuple(skipped))
+                       seconds=float(state.get("seconds", 0.0)), skipped=tuple(skipped),
+                       averaged_epochs=int(state.get("swa_count") or 0) if "swa" in state
+                       else 0)
 
 
 def _readable_split(split: DataSplit) -> tuple[DataSplit, list[tuple[str, str]]]:

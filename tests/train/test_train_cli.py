@@ -128,7 +128,8 @@ def test_transfer_learning_with_frozen_layers(shared_data: Path, tmp_path: Path)
     assert not torch.equal(before["layer4.0.conv1.weight"], after["layer4.0.conv1.weight"])
 
 
-def test_weight_average_of_last_epochs(shared_data: Path, tmp_path: Path) -> None:
+def test_weight_average_of_last_epochs(shared_data: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
     """swa_epochs: the last epochs run at the constant averaging rate, their weights are
     averaged (batch-norm statistics recomputed) and the average becomes best.safetensors."""
     import yaml
@@ -144,6 +145,8 @@ def test_weight_average_of_last_epochs(shared_data: Path, tmp_path: Path) -> Non
     pipeline_file.write_text(yaml.safe_dump(spec))
     run = tmp_path / "run"
     assert main(["train", str(pipeline_file), "--data", str(data), "-o", str(run)]) == 0
+    printed = capsys.readouterr().out
+    assert "weights averaged over the last 2 epoch(s)" in printed  # not "best epoch N"
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert len(rows) == 3  # early stopping does not cut the averaging epochs short
     lr = spec["optimizer"]["lr"]
@@ -221,3 +224,10 @@ def test_corrupt_images_are_skipped_and_counted(shared_data: Path, tmp_path: Pat
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["skipped_items"]) == 3 and metrics["n"] == 16
     assert "3 unreadable item(s) skipped" in (out / "summary.html").read_text()
+
+
+def test_a_folder_has_no_test_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "NORMAL").mkdir()
+    assert main(["evaluate", "--pipeline", "chest-xray-pneumonia", "--data", str(tmp_path),
+                 "--split", "test", "-o", str(tmp_path / "eval")]) == 2
+    assert "no official test split" in capsys.readouterr().err
