@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from medvision.errors import MedvisionError
@@ -32,7 +34,6 @@ _LAZY = {
     "write_volume": "medvision.io",
     "load_pipeline": "medvision.config",
     "Predictor": "medvision.infer",
-    "analyze": "medvision.analyze",
 }
 
 if TYPE_CHECKING:
@@ -40,6 +41,27 @@ if TYPE_CHECKING:
     from medvision.config import load_pipeline
     from medvision.infer import Predictor
     from medvision.io import Volume, read_volume, write_volume
+
+
+class _Package(types.ModuleType):
+    """The ``medvision`` module's class: ``medvision.analyze`` is the batch function.
+
+    The name is also the ``medvision.analyze`` sub-package's, and importing a sub-package
+    rebinds the parent's attribute to the module; this property keeps the function (the
+    import system's assignment is accepted and ignored; ``from medvision.analyze import ...``
+    is unaffected).
+    """
+
+    @property
+    def analyze(self) -> Any:
+        return importlib.import_module("medvision.analyze.batch").analyze
+
+    @analyze.setter
+    def analyze(self, _module: Any) -> None:
+        pass
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

@@ -431,12 +431,15 @@ def read_status(workdir: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(workdir) / "jobs.sqlite"
     if not path.is_file():
         raise PacsError(f"{workdir}: no bridge work folder here (no jobs.sqlite)")
+    connection = None
     try:
         connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
         connection.execute("SELECT 1 FROM studies LIMIT 1")
     except sqlite3.Error:
         # A read-only WAL database needs its -shm file; without a writer running (or with
         # no space to create it) read the file as immutable instead.
+        if connection is not None:
+            connection.close()
         try:
             connection = sqlite3.connect(f"file:{path}?immutable=1", uri=True, timeout=30)
         except sqlite3.Error as e:

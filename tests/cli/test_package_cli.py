@@ -146,3 +146,17 @@ def test_audit_report_to_stdout_with_format_from_extension(tmp_path: Path,
     assert main(["audit", "report", "--audit-log", str(log.path), "-o",
                  str(tmp_path / "r.csv")]) == 0
     assert (tmp_path / "r.csv").read_text().startswith(("seq", "time", "action", "study"))
+
+
+def test_public_api_names_resolve_whatever_was_imported_first(tmp_path: Path) -> None:
+    code = """
+import sys
+import medvision
+assert "torch" not in sys.modules  # importing the package loads nothing heavy
+import medvision.analyze.batch  # the sub-package of the same name as the function
+from medvision import Predictor, analyze, load_pipeline, read_volume
+assert callable(medvision.analyze) and medvision.analyze is analyze
+assert analyze.__module__ == "medvision.analyze.batch"
+print(sorted(n for n in ("Predictor", "load_pipeline", "read_volume") if callable(getattr(medvision, n))))
+"""
+    assert _run_python(code, tmp_path).strip() == "['Predictor', 'load_pipeline', 'read_volume']"
