@@ -76,6 +76,8 @@ def find_pipelines(extra: Sequence[str | os.PathLike[str]] = ()) -> dict[str, Pi
     found: dict[str, PipelineEntry] = {}
     for root, source in pipeline_roots(extra):
         if not root.is_dir():
+            log.warning("%s: no such pipelines folder (from %s)", root,
+                        "a package" if "entry point" in source else "--pipelines-dir")
             continue
         for file in sorted(root.glob("*/pipeline.yaml")):
             name = file.parent.name

@@ -50,6 +50,8 @@ def test_user_pipelines_folder_by_option_and_environment(tmp_path: Path,
     assert "my-adrenal" in {r["name"] for r in json.loads(capsys.readouterr().out)}
     assert main(["pipelines", "show", "no-such-pipeline"]) == 2
     assert "no pipeline 'no-such-pipeline'" in capsys.readouterr().err
+    assert main(["pipelines", "list", "--pipelines-dir", str(tmp_path / "typo")]) == 0
+    assert f"{tmp_path / 'typo'}: no such pipelines folder" in capsys.readouterr().err
 
 
 def test_info_and_audit_verify_do_not_import_torch(tmp_path: Path) -> None:
