@@ -170,3 +170,14 @@ def test_backend_is_part_of_the_run(shared_data: Path, tmp_path: Path) -> None:
     run = run_fingerprint(predictor, AnalyzeOptions(), study)
     assert run["backend"] == "torch"
     assert run_fingerprint(predictor, AnalyzeOptions(faithfulness=True), study) != run
+
+
+def test_a_damaged_earlier_report_is_analysed_again(shared_data: Path, tmp_path: Path) -> None:
+    source = sorted((shared_data / "chest_xray" / "train" / "NORMAL").glob("*.jpeg"))[0]
+    out = tmp_path / "out"
+    args = ["analyze", str(source), "--pipeline", "chest-xray-pneumonia", "-o", str(out)]
+    assert main(args) == 0
+    report = out / source.stem / "report.json"
+    report.write_text(report.read_text()[:100])  # cut short, say by a full disk
+    assert main(args) == 0
+    jsonschema.validate(json.loads(report.read_text()), load_schema())
