@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +41,8 @@ def main(argv: list[str]) -> int:
 
     torch.manual_seed(0)
     random_model = build_model(trained.pipeline).eval()
-    randomised = Predictor(pipeline=trained.pipeline, model=random_model,
-                           weights=trained.weights, weights_sha256="randomised",
-                           temperature=1.0, guard=None, folder=trained.folder)
+    randomised = Predictor(bundle=replace(trained.bundle, weights_sha256="randomised",
+                                          temperature=1.0, guard=None), model=random_model)
     correlations, faithful, random_order = [], [], []
     for path in inputs(args.pipeline, args.n):
         volume = read_volume(path)

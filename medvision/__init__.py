@@ -21,9 +21,8 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
+from medvision._version import __version__
 from medvision.errors import MedvisionError
-
-__version__ = "0.1.0"
 
 __all__ = ["MedvisionError", "Predictor", "Volume", "__version__", "analyze", "load_pipeline",
            "read_volume", "write_volume"]

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from medvision import __version__
+from medvision._version import __version__
 from medvision.analyze.studies import Study, choose_series
 from medvision.atomic import write_text_atomic
 from medvision.audit.records import Pseudonymizer

@@ -94,8 +94,8 @@ def _verified_text(result: Any) -> str:
 def run(args: argparse.Namespace) -> int:
     """Generate keys, verify, anchor or report."""
     from medvision.audit.log import AuditLog
-    from medvision.audit.report import audit_summary, render_csv, render_html, select_records
     from medvision.audit.signing import Verifier, keygen, read_anchors, write_anchor
+    from medvision.report.audit import audit_summary, render_csv, render_html, select_records
 
     if args.audit_action == "keygen":
         private, public = keygen(args.directory)

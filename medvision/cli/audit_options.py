@@ -100,6 +100,6 @@ def _software() -> dict[str, str]:
     import monai
     import torch
 
-    from medvision import __version__
+    from medvision._version import __version__
 
     return {"medvision": __version__, "torch": torch.__version__, "monai": monai.__version__}

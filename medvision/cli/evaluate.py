@@ -39,9 +39,9 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the headline metrics."""
+    from medvision.evaluate.run import evaluate
     from medvision.infer import Predictor
     from medvision.train import discover_items, split_items
-    from medvision.train.evaluate import evaluate
 
     predictor = Predictor.from_pipeline(pipeline_of(args), weights=args.weights,
                                         search=args.pipelines_dir)

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from medvision import __version__
+from medvision._version import __version__
 from medvision.cli import (
     analyze,
     audit,

@@ -10,19 +10,15 @@ from typing import Any
 
 import numpy as np
 
-from medvision.config import Pipeline, load_pipeline, pipeline_dir
-from medvision.errors import CheckpointError, ModelError
-from medvision.infer.qc import FeatureGuard
+from medvision.config import Pipeline
+from medvision.errors import ModelError
 from medvision.io import Volume
-from medvision.models import build_model, load_weights, weights_sha256
-from medvision.train.calibration import read_temperature
+from medvision.models.bundle import ModelBundle
+from medvision.models.ood import FeatureGuard
 from medvision.transforms import build_transforms
 from medvision.transforms.chain import preprocess_transforms, volume_to_tensor
 
-__all__ = ["Prediction", "Prepared", "Predictor", "WEIGHTS_FILE"]
-
-#: A shipped pipeline's weights, inside ``pipelines/<name>/``.
-WEIGHTS_FILE = "model.safetensors"
+__all__ = ["Prediction", "Prepared", "Predictor"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,16 +66,41 @@ class Prediction:
 
 @dataclass(frozen=True, eq=False)
 class Predictor:
-    """A pipeline with its trained network (in eval mode), calibration and OOD guard."""
+    """A model bundle with its network built (in eval mode), ready to predict."""
 
-    pipeline: Pipeline
+    bundle: ModelBundle
     model: Any
-    weights: Path
-    weights_sha256: str
-    temperature: float
-    guard: FeatureGuard | None = None
-    folder: Path | None = None
     backend: Any = None
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The pipeline the network was trained with."""
+        return self.bundle.pipeline
+
+    @property
+    def weights(self) -> Path:
+        """The weights file."""
+        return self.bundle.weights
+
+    @property
+    def weights_sha256(self) -> str:
+        """SHA-256 of the weights file."""
+        return self.bundle.weights_sha256
+
+    @property
+    def temperature(self) -> float:
+        """Calibration temperature (1.0: uncalibrated)."""
+        return self.bundle.temperature
+
+    @property
+    def guard(self) -> FeatureGuard | None:
+        """The out-of-distribution guard, when the bundle has one."""
+        return self.bundle.guard
+
+    @property
+    def folder(self) -> Path | None:
+        """The bundle's folder."""
+        return self.bundle.folder
 
     @property
     def backend_name(self) -> str:
@@ -91,12 +112,9 @@ class Predictor:
                       weights: str | os.PathLike[str] | None = None,
                       backend: str = "torch",
                       search: Sequence[str | os.PathLike[str]] = ()) -> Predictor:
-        """Load a pipeline and its weights (default: ``model.safetensors`` beside it).
+        """Load a pipeline's :class:`~medvision.models.ModelBundle` and build its network.
 
-        ``search``: extra folders of pipelines to look in, before installed packages.
-
-        The calibration temperature (``calibration.json``) and the OOD guard
-        (``ood.safetensors``) are read from beside the weights when present. With
+        ``search``: extra folders of pipelines to look in, before installed packages. With
         ``backend="onnx"`` predictions run in onnxruntime from the ``.onnx`` file beside the
         weights (``medvision export``); explanations still use PyTorch.
 
@@ -104,26 +122,21 @@ class Predictor:
             ConfigError: invalid pipeline.
             CheckpointError: no weights, or weights that do not fit the network.
         """
-        folder = pipeline_dir(name_or_path, search=search)
-        pipeline = load_pipeline(folder)
-        path = Path(weights) if weights is not None else folder / WEIGHTS_FILE
-        if not path.is_file():
-            raise CheckpointError(
-                f"{path}: no trained weights for pipeline '{pipeline.name}'; train it with "
-                "'medvision train' and pass --weights RUN/best.safetensors")
-        model = build_model(pipeline)
-        load_weights(model, path)
-        model.eval()
+        bundle = ModelBundle.load(name_or_path, weights=weights, search=tuple(search))
+        return cls.from_bundle(bundle, backend=backend)
+
+    @classmethod
+    def from_bundle(cls, bundle: ModelBundle, *, backend: str = "torch") -> Predictor:
+        """A predictor for an already loaded bundle."""
         runner = None
         if backend == "onnx":
             from medvision.infer.onnx_backend import OnnxModel
 
-            runner = OnnxModel(path.with_suffix(".onnx"), threads=pipeline.training.threads)
+            runner = OnnxModel(bundle.weights.with_suffix(".onnx"),
+                               threads=bundle.pipeline.training.threads)
         elif backend != "torch":
             raise ModelError(f"unknown backend '{backend}' (torch or onnx)")
-        return cls(pipeline=pipeline, model=model, weights=path,
-                   weights_sha256=weights_sha256(path), temperature=read_temperature(path),
-                   guard=FeatureGuard.load(path), folder=folder, backend=runner)
+        return cls(bundle=bundle, model=bundle.build_network(), backend=runner)
 
     def logits(self, image: Any) -> Any:
         """Network output for a preprocessed batch: sliding window for volumes larger than

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from medvision import __version__
+from medvision._version import __version__
 from medvision.errors import ReportError
 
 __all__ = ["write_results"]

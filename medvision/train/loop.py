@@ -32,7 +32,7 @@ from medvision.atomic import write_text_atomic
 from medvision.config import Pipeline, config_hash
 from medvision.errors import CheckpointError, ConfigError, DataError
 from medvision.models import build_model, load_weights, save_weights
-from medvision.train.calibration import fit_temperature, write_temperature
+from medvision.models.calibration import fit_temperature, write_temperature
 from medvision.train.checkpoint_state import load_training_state, save_training_state
 from medvision.train.data import DataSplit, readable_items
 from medvision.transforms import build_transforms

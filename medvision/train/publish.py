@@ -7,10 +7,9 @@ evaluation (see docs/training.md).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +17,9 @@ import numpy as np
 
 from medvision.config import Pipeline, load_pipeline
 from medvision.errors import CheckpointError, ConfigError
-from medvision.infer.qc import FeatureGuard
 from medvision.models import build_model, load_weights, weights_sha256
-from medvision.train.calibration import CALIBRATION_FILE
+from medvision.models.bundle import MAX_SHIPPED_BYTES, RUN_WEIGHTS_FILE, ModelBundle
+from medvision.models.ood import FeatureGuard
 from medvision.train.data import DataSplit
 from medvision.transforms import build_transforms
 
@@ -57,54 +56,31 @@ def fit_guard(pipeline: Pipeline, weights: str | os.PathLike[str], split: DataSp
                         threshold=threshold, quantile=guard.quantile)
 
 
-#: Shipped weights stay under 25 MB; larger float32 files are stored as float16.
-MAX_SHIPPED_BYTES = 24 * 1024 * 1024
-
-
-def _save_half(source: Path, target: Path) -> None:
-    """Copy safetensors weights with floating-point tensors stored as float16.
-
-    Loading casts them back to the network's float32 parameters; the rounding (relative 5e-4)
-    is far below what changes a prediction, and evaluate reports the shipped file's metrics.
-    """
-    from safetensors.torch import load_file, save_file
-
-    state = load_file(str(source))
-    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    save_file(half, str(target), metadata={"stored_as": "float16"})
-
-
 def publish(run_dir: str | os.PathLike[str], target: str | os.PathLike[str], *,
             split: DataSplit | None) -> dict[str, Any]:
-    """Copy a run's best weights and calibration into ``target`` and fit the OOD guard there.
+    """Write a run's bundle (best weights, calibration, OOD guard fitted on ``split``) into
+    the pipeline folder ``target``.
 
     Returns a summary (weights SHA-256, temperature, guard threshold).
     """
     run, folder = Path(run_dir), Path(target)
-    weights = run / "best.safetensors"
-    if not weights.is_file():
-        raise CheckpointError(f"{run}: no best.safetensors to publish")
-    trained = load_pipeline(run / "pipeline.yaml")
+    if not (run / RUN_WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"{run}: no {RUN_WEIGHTS_FILE} to publish")
+    trained = ModelBundle.load(run, weights=run / RUN_WEIGHTS_FILE)
     pipeline = load_pipeline(folder)
     for part in ("model", "classes", "preprocess", "in_channels", "spatial_dims"):
-        if getattr(trained, part) != getattr(pipeline, part):
+        if getattr(trained.pipeline, part) != getattr(pipeline, part):
             raise ConfigError(f"{run}: trained with a different '{part}' than {folder}")
-    folder.mkdir(parents=True, exist_ok=True)
-    target_weights = folder / "model.safetensors"
-    stored = "float32"
-    if weights.stat().st_size > MAX_SHIPPED_BYTES:
-        _save_half(weights, target_weights)
-        stored = "float16"
-    else:
-        shutil.copyfile(weights, target_weights)
-    summary: dict[str, Any] = {"weights_sha256": weights_sha256(target_weights),
-                               "stored_as": stored,
-                               "bytes": target_weights.stat().st_size}
-    if (run / CALIBRATION_FILE).is_file():
-        shutil.copyfile(run / CALIBRATION_FILE, folder / CALIBRATION_FILE)
-        summary["temperature"] = json.loads((run / CALIBRATION_FILE).read_text())["temperature"]
+    guard = None
     if split is not None and pipeline.qc.feature_layer:
-        guard = fit_guard(pipeline, weights, split)
-        guard.save(folder)
+        guard = fit_guard(pipeline, trained.weights, split)
+    bundle = replace(trained, pipeline=pipeline, guard=guard, card=None)
+    weights = bundle.save(folder)
+    stored = "float16" if trained.weights.stat().st_size > MAX_SHIPPED_BYTES else "float32"
+    summary: dict[str, Any] = {"weights_sha256": weights_sha256(weights), "stored_as": stored,
+                               "bytes": weights.stat().st_size}
+    if trained.calibration:
+        summary["temperature"] = trained.temperature
+    if guard is not None:
         summary["ood"] = guard.describe()
     return summary

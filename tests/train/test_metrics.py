@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medvision.train.calibration import fit_temperature
-from medvision.train.metrics import (
+from medvision.metrics import (
     binary_auc,
     bootstrap,
     classification_metrics,
     expected_calibration_error,
     segmentation_metrics,
 )
+from medvision.models.calibration import fit_temperature
 
 
 def test_binary_metrics_by_hand() -> None:

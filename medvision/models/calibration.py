@@ -6,10 +6,14 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["fit_temperature", "read_temperature", "write_temperature"]
+from medvision.errors import CheckpointError
+
+__all__ = ["CALIBRATION_FILE", "fit_temperature", "read_calibration", "read_temperature",
+           "write_temperature"]
 
 CALIBRATION_FILE = "calibration.json"
 
@@ -42,9 +46,26 @@ def write_temperature(folder: str | os.PathLike[str], temperature: float, *,
     return path
 
 
+def read_calibration(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The calibration record in ``folder`` (``None`` when there is none).
+
+    Raises:
+        CheckpointError: the file exists but is not a calibration record.
+    """
+    path = Path(folder) / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        temperature = float(record["temperature"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable calibration ({e})") from e
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise CheckpointError(f"{path}: temperature {temperature} is not a positive number")
+    return dict(record)
+
+
 def read_temperature(weights: str | os.PathLike[str]) -> float:
     """The temperature stored beside ``weights`` (1.0 when there is none)."""
-    path = Path(weights).parent / CALIBRATION_FILE
-    if not path.is_file():
-        return 1.0
-    return float(json.loads(path.read_text()).get("temperature", 1.0))
+    record = read_calibration(Path(weights).parent)
+    return float(record["temperature"]) if record else 1.0

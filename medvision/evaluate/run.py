@@ -14,9 +14,9 @@ import numpy as np
 
 from medvision.errors import ConfigError, DataError
 from medvision.infer import Predictor
+from medvision.metrics import classification_metrics, segmentation_metrics
+from medvision.report.evaluation_figures import classification_plots, dice_boxplot
 from medvision.train.data import readable_items
-from medvision.train.metrics import classification_metrics, segmentation_metrics
-from medvision.train.plots import classification_plots, dice_boxplot
 
 __all__ = ["evaluate"]
 

@@ -1,0 +1,3 @@
+"""The package version (one place; setup reads it from here too)."""
+
+__version__ = "0.1.0"

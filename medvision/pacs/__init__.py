@@ -1,0 +1,1 @@
+"""The hospital bridge: DICOM in (C-STORE SCP), analysis, standard DICOM results out."""
