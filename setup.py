@@ -8,7 +8,7 @@ setup(
     packages=[*find_packages(include=["medvision", "medvision.*"]), "medvision_pipelines"],
     package_dir={"medvision_pipelines": "pipelines"},
     package_data={
-        "medvision": ["py.typed", "report/report.schema.json"],
+        "medvision": ["py.typed", "report/report.schema.json", "report/templates/*"],
         "medvision_pipelines": ["*/*.yaml", "*/*.md", "*/*.json", "*/*.safetensors"],
     },
 )

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from medvision.errors import ConfigError
-from medvision.vocabulary import EXPLANATION_METHODS
+from medvision.vocabulary import ExplanationMethod, Task
 
 __all__ = [
     "AugmentConfig",
@@ -103,22 +103,53 @@ class ModelConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+#: Each loss: the tasks it is implemented for, and the options it honours.
+LOSSES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "cross_entropy": (frozenset({"classification"}),
+                      frozenset({"class_weights", "label_smoothing"})),
+    "focal": (frozenset({"classification", "segmentation"}), frozenset({"class_weights"})),
+    "dice_ce": (frozenset({"segmentation"}), frozenset({"class_weights", "label_smoothing"})),
+    "dice_focal": (frozenset({"segmentation"}), frozenset({"class_weights"})),
+}
+
+#: Learning-rate schedules (per epoch): cosine annealing after an optional linear warm-up;
+#: constant after the warm-up; one-cycle (Smith 2018): from lr/25 up to lr over the warm-up
+#: (default 30% of the epochs), then cosine down to lr/10^4.
+SCHEDULES = ("cosine", "constant", "onecycle")
+
+
 class LossConfig(_Strict):
+    """The training loss; which losses fit which task, and which options each honours, is in
+    :data:`LOSSES` (a combination not listed is a configuration error)."""
+
     name: Literal["cross_entropy", "focal", "dice_ce", "dice_focal"] = "cross_entropy"
     class_weights: tuple[float, ...] | None = None
     label_smoothing: float = 0.0
 
 
 class OptimizerConfig(_Strict):
+    """The optimizer; ``momentum`` applies to ``sgd`` only (Nesterov)."""
+
     name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
-    momentum: float = 0.9
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _honoured(self) -> OptimizerConfig:
+        if "momentum" in self.model_fields_set and self.name != "sgd":
+            raise ValueError(f"optimizer.momentum applies to sgd only, not {self.name} "
+                             "(Adam-type optimizers use their own moment estimates)")
+        return self
 
 
 class ScheduleConfig(_Strict):
+    """The learning-rate schedule (see :data:`SCHEDULES`)."""
+
     name: Literal["cosine", "constant", "onecycle"] = "cosine"
-    warmup_epochs: int = Field(default=0, ge=0)
+    warmup_epochs: int | None = Field(
+        default=None, ge=0, description="linear warm-up epochs (default: 0; onecycle: 30% "
+                                        "of the epochs)")
 
 
 class TrainingConfig(_Strict):
@@ -162,7 +193,7 @@ class InputRules(_Strict):
 class ExplanationConfig(_Strict):
     """The Captum attribution written next to every prediction."""
 
-    method: Literal[EXPLANATION_METHODS] = "gradcam"  # type: ignore[valid-type]
+    method: ExplanationMethod = ExplanationMethod.GRADCAM
     layer: str | None = Field(default=None, description="GradCAM: module name, e.g. layer4")
     steps: int = Field(default=32, ge=2, description="Integrated Gradients: path steps")
     internal_batch_size: int = Field(default=8, ge=1)
@@ -192,13 +223,57 @@ class QCConfig(_Strict):
         description="QC warnings that may change the result: any of them flags the study")
 
 
+class CodeConfig(_Strict):
+    """A coded concept: SNOMED CT (``SCT``), DICOM (``DCM``), RadLex (``RADLEX``), LOINC
+    (``LN``), or the private scheme ``99MEDVISION`` where no standard concept exists."""
+
+    scheme: str = Field(min_length=1, max_length=16)
+    value: str = Field(min_length=1, max_length=64)
+    meaning: str = Field(min_length=1, max_length=64)
+
+
+class ClassLabel(_Strict):
+    """How results name one class: its code (the SR finding, the SEG segmented property
+    type), the SEG category, and its display colour (RGB 0-255)."""
+
+    code: CodeConfig | None = None
+    category: CodeConfig | None = Field(
+        default=None, description="SEG segmented property category (default: SCT Tissue)")
+    colour: tuple[int, int, int] | None = Field(default=None, description="RGB, 0-255")
+
+    @model_validator(mode="after")
+    def _colour_range(self) -> ClassLabel:
+        if self.colour is not None and not all(0 <= c <= 255 for c in self.colour):
+            raise ValueError(f"colour {self.colour}: each value must lie in 0-255")
+        return self
+
+
+class ReportConfig(_Strict):
+    """Codes and colours results use, per class name (classes not listed get a private code
+    and a default colour)."""
+
+    classes: dict[str, ClassLabel] = Field(default_factory=dict)
+
+    def colour(self, name: str, index: int) -> tuple[int, int, int]:
+        """The class's colour: declared, else the default palette's."""
+        from_config = self.classes.get(name)
+        if from_config is not None and from_config.colour is not None:
+            return from_config.colour
+        return _DEFAULT_COLOURS[index % len(_DEFAULT_COLOURS)]
+
+
+#: Label colours when a pipeline declares none (index 0: the background).
+_DEFAULT_COLOURS = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),
+                    (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230))
+
+
 class Pipeline(_Strict):
     """A whole pipeline file."""
 
     name: str
     version: str = "0.1.0"
     description: str = ""
-    task: Literal["classification", "segmentation"]
+    task: Task
     spatial_dims: Literal[2, 3]
     in_channels: int = Field(default=1, ge=1)
     classes: tuple[str, ...] = Field(min_length=2)
@@ -214,9 +289,22 @@ class Pipeline(_Strict):
     input: InputRules = InputRules()
     explanation: ExplanationConfig = ExplanationConfig()
     qc: QCConfig = QCConfig()
+    report: ReportConfig = ReportConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> Pipeline:
+        tasks, options = LOSSES[self.loss.name]
+        if self.task not in tasks:
+            raise ValueError(f"loss '{self.loss.name}' is not implemented for {self.task} "
+                             f"(use one of {', '.join(k for k, v in LOSSES.items() if self.task in v[0])})")
+        for option in ("class_weights", "label_smoothing"):
+            if option in self.loss.model_fields_set and option not in options and \
+                    getattr(self.loss, option) not in (None, 0.0):
+                raise ValueError(f"loss '{self.loss.name}' does not use loss.{option}")
+        unknown = sorted(set(self.report.classes) - set(self.classes))
+        if unknown:
+            raise ValueError(f"report.classes names {unknown}, which are not classes of this "
+                             f"pipeline ({', '.join(self.classes)})")
         size = self.preprocess.size
         if size is not None and len(size) != self.spatial_dims:
             raise ValueError(f"preprocess.size has {len(size)} values for spatial_dims "

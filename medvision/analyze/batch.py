@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from medvision.atomic import write_text_atomic
 from medvision.audit.records import Auditor, AuditRecord
 from medvision.errors import AuditError
 from medvision.infer import Predictor
-from medvision.report.html_report import summary_html
+from medvision.report.html import render_summary
 
 __all__ = ["StudyResult", "analyze", "commit"]
 
@@ -53,20 +53,11 @@ class StudyResult:
     status: str
     reason: str | None
     label: str
-    score: str
+    scores: dict[str, float]
     qc: str
     folder: Path
     skipped: bool = False
     replaced: bool = False
-
-
-def _positive(prediction: dict[str, Any]) -> bool | None:
-    """Whether a prediction is a finding: not the first class, or any foreground volume."""
-    if not prediction:
-        return None
-    if prediction.get("probabilities"):
-        return bool(prediction["label"] != next(iter(prediction["probabilities"])))
-    return any(v > 0 for v in (prediction.get("volumes_ml") or {}).values())
 
 
 def _publish(staging: Path, folder: Path) -> None:
@@ -88,25 +79,33 @@ def commit(outcome: StudyOutcome, auditor: Auditor, out: Path) -> None:
         AuditError: the record could not be written; the staged outputs are removed.
     """
     report = outcome.report
-    prediction = report.get("prediction") or {}
+    prediction = report.prediction
     outputs = tuple({"path": f"{outcome.study}/{o['path']}", "sha256": o["sha256"]}
-                    for o in Auditor.outputs(outcome.staging.iterdir(),
+                    for o in Auditor.outputs(sorted(outcome.staging.rglob("*")),
                                              relative_to=outcome.staging))
+    p = report.pipeline
     try:
         auditor.record(AuditRecord(
-            action="analyze", status=report["status"], actor=auditor.actor,
-            reason=report.get("reason"), patient_key=outcome.patient_key,
-            study_key=outcome.study_key, inputs=outcome.inputs, pipeline=report["pipeline"],
-            software=report["software"], outputs=outputs,
-            result={"label": prediction.get("label"), "positive": _positive(prediction),
-                    "probabilities": prediction.get("probabilities"),
-                    "volumes_ml": prediction.get("volumes_ml"),
-                    "out_of_distribution": (report.get("qc") or {}).get("out_of_distribution"),
-                    "flagged_by": (report.get("qc") or {}).get("flagged_by") or [],
-                    "withheld": bool((report.get("qc") or {}).get("withheld")),
-                    "replaces": report.get("replaces"),
+            action="analyze", status=str(report.status), actor=auditor.actor,
+            reason=report.reason, patient_key=outcome.patient_key,
+            study_key=outcome.study_key, inputs=outcome.inputs,
+            pipeline={"name": p.name, "version": p.version, "task": p.task,
+                      "weights_sha256": p.weights_sha256, "config_hash": p.config_hash,
+                      "temperature": p.temperature, "backend": p.backend},
+            software=dict(report.software), outputs=outputs,
+            result={"label": prediction.label if prediction else None,
+                    "positive": report.positive,
+                    "probabilities": dict(zip(prediction.classes, prediction.probabilities,
+                                              strict=True))
+                    if prediction and prediction.probabilities is not None else None,
+                    "volumes_ml": {k: round(v, 4) for k, v in prediction.volumes_ml.items()}
+                    if prediction and prediction.volumes_ml else None,
+                    "out_of_distribution": report.qc.out_of_distribution,
+                    "flagged_by": list(report.qc.flagged_by),
+                    "withheld": report.qc.withheld,
+                    "replaces": dict(report.replaces) if report.replaces else None,
                     "study": outcome.study},
-            durations=report["timings"]))
+            durations={k: round(v, 4) for k, v in report.timings.items()}))
     except AuditError:
         shutil.rmtree(outcome.staging, ignore_errors=True)
         raise
@@ -125,21 +124,40 @@ def _existing_report(path: Path) -> dict[str, Any] | None:
     return report if isinstance(report, dict) else None
 
 
-def _summary_row(report: dict[str, Any]) -> dict[str, Any]:
+def _input_path(study: Study) -> str:
+    """The file a study came from, or the folder holding its files."""
+    if not study.paths:
+        return ""
+    if len(study.paths) == 1:
+        return study.paths[0]
+    return os.path.commonpath([os.path.abspath(p) for p in study.paths])
+
+
+def score_columns(classes: Sequence[str], task: str) -> list[str]:
+    """The numeric per-class columns of ``summary.csv``."""
+    if task == "segmentation":
+        return [f"volume_ml_{c}" for c in classes[1:]]
+    return [f"p_{c}" for c in classes]
+
+
+def _summary_row(report: dict[str, Any], study: Study, columns: Sequence[str]) -> dict[str, Any]:
     pred = report.get("prediction") or {}
-    score = ""
-    if pred.get("probabilities"):
-        score = f"P={max(pred['probabilities'].values()):.3f}"
-    elif pred.get("volumes_ml"):
-        score = "; ".join(f"{k} {v:.2f} mL" for k, v in pred["volumes_ml"].items())
     qc = report.get("qc") or {}
     notes = [f["code"] for f in qc.get("flags", []) if f["severity"] == "warn"]
     if qc.get("out_of_distribution"):
         notes.append("out_of_distribution")
     label = "(withheld)" if qc.get("withheld") else pred.get("label", "")
-    return {"study": report["study"], "status": report["status"],
-            "label": label, "score": score, "qc": ",".join(dict.fromkeys(notes)),
-            "reason": report.get("reason") or ""}
+    row: dict[str, Any] = {"study": report["study"], "input": _input_path(study),
+                           "status": report["status"], "label": label}
+    values = {f"p_{k}": v for k, v in (pred.get("probabilities") or {}).items()}
+    values.update({f"volume_ml_{k}": v for k, v in (pred.get("volumes_ml") or {}).items()})
+    for column in columns:
+        value = values.get(column)
+        row[column] = "" if value is None else f"{value:.6g}"
+    row.update({"qc": ",".join(dict.fromkeys(notes)), "reason": report.get("reason") or ""})
+    return row
+
+
 def analyze(inputs: Iterable[str | os.PathLike[str]], predictor: Predictor,
             out_dir: str | os.PathLike[str], *, auditor: Auditor,
             options: AnalyzeOptions | None = None,
@@ -199,28 +217,31 @@ def analyze(inputs: Iterable[str | os.PathLike[str]], predictor: Predictor,
                                   scheduler=scheduler, previous=previous)
     for outcome in outcomes:
         commit(outcome, auditor, out)
-        reports[outcome.study] = (outcome.report, False)
-        log.info("%s: %s", outcome.study, outcome.report["status"])
+        reports[outcome.study] = (outcome.document, False)
+        log.info("%s: %s", outcome.study, outcome.document["status"])
         bar.update(1)
     bar.close()
     for key in reports:  # a worker that died after finishing may have left a second try
         shutil.rmtree(out / f".{key}.partial", ignore_errors=True)
     results, rows = [], []
+    pipeline = predictor.pipeline
+    columns = score_columns(pipeline.classes, str(pipeline.task))
     for study in studies:
         report, skipped = reports[study.key]
-        row = _summary_row(report)
+        row = _summary_row(report, study, columns)
         if study.key in conflicts:
             row.update(status="conflict", reason=conflicts[study.key])
         rows.append(row)
         results.append(StudyResult(study=study.key, status=row["status"],
                                    reason=row["reason"] or None, label=row["label"],
-                                   score=row["score"], qc=row["qc"], folder=out / study.key,
+                                   scores={c: float(row[c]) for c in columns if row[c] != ""},
+                                   qc=row["qc"], folder=out / study.key,
                                    skipped=skipped,
                                    replaced=bool(report.get("replaces")) and not skipped))
     with (out / "summary.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["study", "status", "label", "score", "qc",
-                                                    "reason"])
+        writer = csv.DictWriter(handle, fieldnames=["study", "input", "status", "label",
+                                                    *columns, "qc", "reason"])
         writer.writeheader()
         writer.writerows(rows)
-    write_text_atomic(out / "summary.html", summary_html(rows, predictor.pipeline.name))
+    write_text_atomic(out / "summary.html", render_summary(rows, pipeline.name, columns))
     return results

@@ -1,8 +1,10 @@
 """Analyze one study: predict, explain, and write its report folder (staged).
 
 ``OUT/<study>/`` gets ``report.json`` (schema in ``medvision/report/report.schema.json``),
-``report.html``, ``saliency.nii.gz`` (and ``mask.nii.gz`` for segmentation) in exactly the
-input's geometry, and PNG figures. ``OUT/summary.csv`` and ``OUT/summary.html`` list the batch.
+``report.html``, ``saliency.nii.gz`` (and ``mask.nii.gz`` with its label sidecars for
+segmentation) in exactly the input's geometry, PNG figures, and with ``dicom`` the DICOM
+results in ``dicom/``. The stages build a typed :class:`StudyReport`; the renderers in
+:mod:`medvision.report` write every file from it. ``OUT/summary.csv`` and ``OUT/summary.html`` list the batch.
 Bad input never stops the batch: the study is ``rejected`` (unreadable or unsuitable input) or
 ``failed`` (an error while processing) with the reason.
 """
@@ -13,31 +15,41 @@ import hashlib
 import json
 import logging
 import shutil
-import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from medvision._version import __version__
 from medvision.analyze.studies import Study, choose_series
 from medvision.atomic import write_text_atomic
 from medvision.audit.records import Pseudonymizer
 from medvision.config import config_hash
 from medvision.errors import DataError, InvalidDicomError, MedvisionError
 from medvision.explain import deletion_curve, explain
-from medvision.explain.saliency import explained_model
+from medvision.explain.saliency import SaliencyMap, explained_model
 from medvision.hashing import file_sha256
 from medvision.infer import Predictor
+from medvision.infer.predictor import Prediction
 from medvision.infer.qc import QCFlag, check_input
 from medvision.io import SourceEntry, Volume, write_volume
 from medvision.io.boundary import reading
-from medvision.report import SCHEMA_VERSION, validate_report
-from medvision.report.html_report import study_html
-from medvision.report.images import key_images
-from medvision.report.model_card import card_sections
+from medvision.provenance import software_versions
+from medvision.report.dicom import write_dicom
+from medvision.report.figures import KeyImage, key_images
+from medvision.report.html import render_study
+from medvision.report.json import SCHEMA_VERSION, to_document
+from medvision.report.labels import write_label_sidecars
+from medvision.report.study import (
+    Geometry,
+    InputSummary,
+    PipelineInfo,
+    QCResult,
+    StudyReport,
+    UnreadableFile,
+)
+from medvision.vocabulary import Severity, Status
 
 __all__ = ["AnalyzeOptions", "StudyOutcome", "run_study"]
 
@@ -56,6 +68,8 @@ class AnalyzeOptions:
         overwrite: re-run a study whose existing report was made differently (other
             pipeline, weights, options or inputs); ``False`` reports it as a ``conflict``.
         progress: show a progress bar (``None``: when stderr is a terminal).
+        dicom: also write the DICOM results (SR; SEG and Parametric Map for series) of
+            DICOM inputs into ``<study>/dicom/``.
     """
 
     explain_method: str | None = None
@@ -64,28 +78,17 @@ class AnalyzeOptions:
     force: bool = False
     overwrite: bool = True
     progress: bool | None = None
+    dicom: bool = False
 
 
 class _Rejected(Exception):
     def __init__(self, reason: str, flags: Sequence[QCFlag] = ()) -> None:
         super().__init__(reason)
-        self.flags = list(flags)
+        self.flags = tuple(flags)
 
 
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _software() -> dict[str, str]:
-    import captum
-    import monai
-    import numpy
-    import pydicom
-    import torch
-
-    return {"medvision": __version__, "torch": torch.__version__, "monai": monai.__version__,
-            "captum": captum.__version__, "pydicom": pydicom.__version__,
-            "numpy": numpy.__version__, "python": sys.version.split()[0]}
 
 
 def input_signature(paths: Sequence[str]) -> str:
@@ -112,50 +115,76 @@ def run_fingerprint(predictor: Predictor, options: AnalyzeOptions,
     options that change outputs, the report schema and the input files' signature.
     """
     pipeline = predictor.pipeline
-    return {"pipeline": pipeline.name, "version": pipeline.version,
-            "weights_sha256": predictor.weights_sha256, "config_hash": config_hash(pipeline),
-            "backend": predictor.backend_name,
-            "explain_method": options.explain_method or pipeline.explanation.method,
-            "faithfulness": options.faithfulness, "include_phi": options.include_phi,
-            "schema_version": SCHEMA_VERSION, "input_sha256": input_signature(study.paths)}
+    run = {"pipeline": pipeline.name, "version": pipeline.version,
+           "weights_sha256": predictor.weights_sha256, "config_hash": config_hash(pipeline),
+           "backend": predictor.backend_name,
+           "explain_method": str(options.explain_method or pipeline.explanation.method),
+           "faithfulness": options.faithfulness, "include_phi": options.include_phi,
+           "schema_version": SCHEMA_VERSION, "input_sha256": input_signature(study.paths)}
+    if options.dicom:
+        run["dicom"] = True
+    return run
 
 
-def _input_section(study: Study, entry: SourceEntry | None, volume: Volume | None) -> dict[str, Any]:
-    section: dict[str, Any] = {"study_key": study.key, "source_name": study.source_name,
-                               "format": entry.format if entry else "unknown",
-                               "modality": volume.modality if volume else None,
-                               "series_key_sha256": None, "instance_uid_sha256": [],
-                               "geometry": None}
-    if entry is not None and entry.series is not None:
-        section["series_key_sha256"] = _sha(entry.series.key)
+def _input_summary(study: Study, entry: SourceEntry | None, volume: Volume | None,
+                   phi: dict[str, str] | None = None) -> InputSummary:
     unreadable = list(volume.skipped_files) if volume is not None else []
     unreadable += [(p, r) for p, r, _ in study.unreadable if (p, r) not in unreadable]
-    if unreadable:
-        section["unreadable_files"] = [{"file": Path(path).name, "reason": reason}
-                                       for path, reason in unreadable]
-    if volume is not None:
-        section["instance_uid_sha256"] = [_sha(uid) for uid in volume.source_uids]
-        section["geometry"] = {"shape": list(volume.spatial_shape),
-                               "spacing_mm": [round(s, 6) for s in volume.spacing],
-                               "orientation": volume.orientation,
-                               "affine": [[round(float(v), 6) for v in row] for row in volume.affine]}
-    return section
+    return InputSummary(
+        study_key=study.key, source_name=study.source_name,
+        format=entry.format if entry else "unknown",
+        modality=volume.modality if volume else None,
+        series_key_sha256=_sha(entry.series.key) if entry is not None and entry.series else None,
+        instance_uid_sha256=tuple(_sha(uid) for uid in volume.source_uids) if volume else (),
+        geometry=Geometry.of(volume) if volume is not None else None,
+        unreadable_files=tuple(UnreadableFile(Path(path).name, reason)
+                               for path, reason in unreadable),
+        phi=phi)
 
 
-def _pipeline_section(predictor: Predictor) -> dict[str, Any]:
+def pipeline_info(predictor: Predictor) -> PipelineInfo:
+    """The provenance of a predictor, as reports and audit records name it."""
     pipeline = predictor.pipeline
-    return {"name": pipeline.name, "version": pipeline.version, "task": pipeline.task,
-            "weights_sha256": predictor.weights_sha256, "config_hash": config_hash(pipeline),
-            "temperature": predictor.temperature, "backend": predictor.backend_name}
+    return PipelineInfo(name=pipeline.name, version=pipeline.version, task=str(pipeline.task),
+                        weights_sha256=predictor.weights_sha256,
+                        config_hash=config_hash(pipeline), temperature=predictor.temperature,
+                        backend=predictor.backend_name)
 
 
-def _process(study: Study, predictor: Predictor, folder: Path, options: AnalyzeOptions,
-             timings: dict[str, float]) -> tuple[dict[str, Any], list[str], SourceEntry | None]:
-    """Analyze one study; returns the report body, image file names and the entry used."""
+def _sources(entry: SourceEntry, volume: Volume) -> tuple[Any, ...]:
+    """The series' datasets the volume was built from, once each, in slice order."""
+    if entry.series is None:
+        return ()
+    left_out = {path for path, _ in volume.skipped_files}
+    seen: dict[str, Any] = {}
+    for frame in entry.series.frames:
+        if frame.path not in left_out and frame.path not in seen:
+            seen[frame.path] = frame.dataset
+    return tuple(seen.values())
+
+
+@dataclass
+class _Draft:
+    """A report being assembled (mutable until frozen into a StudyReport)."""
+
+    status: Status
+    reason: str | None
+    input: InputSummary
+    prediction: Prediction | None = None
+    saliency: SaliencyMap | None = None
+    faithfulness: dict[str, Any] | None = None
+    qc: QCResult = QCResult()
+    volume: Volume | None = None
+    sources: tuple[Any, ...] = ()
+    entry: SourceEntry | None = None
+
+
+def _process(study: Study, predictor: Predictor, options: AnalyzeOptions,
+             timings: dict[str, float]) -> _Draft:
+    """Analyze one study into a draft report (no files written)."""
     pipeline = predictor.pipeline
     entry: SourceEntry | None = None
     volume: Volume | None = None
-    report: dict[str, Any] = {"input": _input_section(study, None, None)}
     try:
         if study.reason:
             raise _Rejected(study.reason)
@@ -173,19 +202,18 @@ def _process(study: Study, predictor: Predictor, folder: Path, options: AnalyzeO
             if same:
                 volume = replace(volume, skipped_files=(*same, *volume.skipped_files))
         timings["load_s"] = time.perf_counter() - t0
-        report["input"] = _input_section(study, entry, volume)
-        if options.include_phi and entry.series is not None:
-            report["input"]["phi"] = _phi(entry.series.frames[0].dataset)
+        phi = (_phi(entry.series.frames[0].dataset)
+               if options.include_phi and entry.series is not None else None)
+        summary = _input_summary(study, entry, volume, phi)
         flags = check_input(volume, pipeline)
-        rejects = [f for f in flags if f.severity == "reject"]
+        rejects = [f for f in flags if f.severity == Severity.REJECT]
         if rejects:
             raise _Rejected("; ".join(f.message for f in rejects), flags)
     except _Rejected as e:
-        if entry is None and study.candidates:
-            report["input"] = _input_section(study, study.candidates[0], None)
-        report["qc"] = {"flags": [f.as_dict() for f in e.flags]}
-        report["status"], report["reason"] = "rejected", str(e)
-        return report, [], entry or (study.candidates[0] if study.candidates else None)
+        chosen = entry or (study.candidates[0] if study.candidates else None)
+        return _Draft(status=Status.REJECTED, reason=str(e),
+                      input=_input_summary(study, chosen, None), qc=QCResult(flags=e.flags),
+                      entry=chosen)
 
     t0 = time.perf_counter()
     prepared = predictor.prepare(volume)
@@ -195,54 +223,31 @@ def _process(study: Study, predictor: Predictor, folder: Path, options: AnalyzeO
     if prediction.ood_distance is not None and prediction.ood_threshold is not None:
         ood = prediction.ood_distance > prediction.ood_threshold
     flagged_by = [f.code for f in flags
-                  if f.severity == "warn" and f.code in pipeline.qc.result_relevant]
+                  if f.severity == Severity.WARN and f.code in pipeline.qc.result_relevant]
     if ood:
         flagged_by.insert(0, "out_of_distribution")
-    flagged_by = list(dict.fromkeys(flagged_by))
     withheld = bool(ood) and pipeline.qc.on_out_of_distribution == "abstain"
-    qc = {"flags": [f.as_dict() for f in flags], "ood_distance": prediction.ood_distance,
-          "ood_threshold": prediction.ood_threshold, "out_of_distribution": ood,
-          "flagged_by": flagged_by, "withheld": withheld}
-    status, reason = ("flagged", _flag_reason(flagged_by, qc, withheld)) if flagged_by \
-        else ("ok", None)
+    qc = QCResult(flags=tuple(flags), ood_distance=prediction.ood_distance,
+                  ood_threshold=prediction.ood_threshold, out_of_distribution=ood,
+                  flagged_by=tuple(dict.fromkeys(flagged_by)), withheld=withheld)
+    status, reason = ((Status.FLAGGED, _flag_reason(qc)) if qc.flagged_by
+                      else (Status.OK, None))
+    draft = _Draft(status=status, reason=reason, input=summary, qc=qc, volume=volume,
+                   sources=_sources(entry, volume), entry=entry)
     if withheld:
         # The label, probabilities, mask and saliency (which shows what drove the label)
         # are all withheld; only the reason and the input's QC are reported.
-        report.update({"status": status, "reason": reason, "prediction": None,
-                       "saliency": None, "qc": qc})
-        return report, [], entry
+        return draft
 
     t0 = time.perf_counter()
-    saliency = explain(predictor, prepared, prediction, method=options.explain_method)
-    faith = None
+    draft.prediction = prediction
+    draft.saliency = explain(predictor, prepared, prediction, method=options.explain_method)
     if options.faithfulness:
         model, target, _ = explained_model(predictor, prediction)
-        faith = deletion_curve(model, prepared.image, saliency.model_space, target=target)
+        draft.faithfulness = deletion_curve(model, prepared.image,
+                                            draft.saliency.model_space, target=target)
     timings["explain_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    write_volume(saliency.volume, folder / "saliency.nii.gz")
-    pred: dict[str, Any] = {"label": prediction.label, "calibrated": predictor.temperature != 1.0}
-    if prediction.probabilities is not None:
-        pred["probabilities"] = dict(zip(prediction.classes, prediction.probabilities, strict=True))
-        pred["threshold"] = prediction.threshold
-    if prediction.mask is not None:
-        write_volume(prediction.mask, folder / "mask.nii.gz")
-        pred["mask_file"] = "mask.nii.gz"
-        pred["volumes_ml"] = {k: round(v, 4) for k, v in prediction.volumes_ml.items()}
-    images = key_images(volume, folder, saliency=saliency.volume, mask=prediction.mask,
-                        classes=prediction.classes)
-    report.update({
-        "status": status, "reason": reason, "prediction": pred,
-        "saliency": {"method": saliency.method, "params": dict(saliency.params),
-                     "target": saliency.target,
-                     "files": {"nifti": "saliency.nii.gz",
-                               "png": [p.name for p in images if p.name.startswith("overlay")]},
-                     "faithfulness": faith},
-        "qc": qc,
-    })
-    timings["figures_s"] = time.perf_counter() - t0
-    return report, [p.name for p in images], entry
+    return draft
 
 
 def _phi(ds: Any) -> dict[str, str]:
@@ -256,43 +261,63 @@ def _phi(ds: Any) -> dict[str, str]:
     return out
 
 
-def _flag_reason(codes: Sequence[str], qc: dict[str, Any], withheld: bool) -> str:
+def _flag_reason(qc: QCResult) -> str:
     """One sentence on why a result may not apply."""
     parts = []
-    for code in codes:
+    for code in qc.flagged_by:
         if code == "out_of_distribution":
             parts.append(f"the input is out of distribution (feature distance "
-                         f"{qc['ood_distance']:.1f} > threshold {qc['ood_threshold']:.1f})")
+                         f"{qc.ood_distance:.1f} > threshold {qc.ood_threshold:.1f})")
         else:
-            messages = [f["message"] for f in qc["flags"] if f["code"] == code]
+            messages = [f.message for f in qc.flags if f.code == code]
             parts.append(f"{code}: {messages[0]}" if messages else code)
-    tail = ("; the result is withheld" if withheld
+    tail = ("; the result is withheld" if qc.withheld
             else "; the result may not apply to this input")
     return "; ".join(parts) + tail
 
 
-def _finish(study: Study, predictor: Predictor, folder: Path, body: dict[str, Any],
-            images: list[str], timings: dict[str, float], started: float,
-            run: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
-    timings["total_s"] = time.perf_counter() - started
-    report = {
-        "schema_version": SCHEMA_VERSION, "status": body["status"], "reason": body.get("reason"),
-        "study": study.key, "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "input": body.get("input") or _input_section(study, None, None),
-        "pipeline": _pipeline_section(predictor), "prediction": body.get("prediction"),
-        "saliency": body.get("saliency"), "qc": body.get("qc") or {"flags": []},
-        "timings": {k: round(v, 4) for k, v in timings.items()}, "software": _software(),
-        "run": run,
-    }
-    if previous is not None:
-        report["replaces"] = replaced_summary(previous, run)
-    validate_report(report)
-    write_text_atomic(folder / "report.html", study_html(report, images, card_sections(predictor.folder)))
-    write_text_atomic(folder / "report.json", json.dumps(report, indent=2))
+def _render(report: StudyReport, predictor: Predictor, folder: Path, options: AnalyzeOptions,
+            predecessors: Sequence[Any], timings: dict[str, float]) -> StudyReport:
+    """Write the study's files (NIfTI maps, figures, DICOM, page, report.json) from the
+    in-memory report; returns the report with the files it names."""
+    t0 = time.perf_counter()
+    pipeline = predictor.pipeline
+    files: dict[str, Any] = {}
+    images: list[KeyImage] = []
+    prediction = report.prediction
+    if report.saliency is not None:
+        write_volume(report.saliency.volume, folder / "saliency.nii.gz")
+        files["saliency"] = "saliency.nii.gz"
+    if prediction is not None and prediction.mask is not None:
+        write_volume(prediction.mask, folder / "mask.nii.gz")
+        files["mask"] = "mask.nii.gz"
+        files.update(write_label_sidecars(pipeline, folder, "mask"))
+    if report.volume is not None and (prediction is not None or report.qc.withheld):
+        colours = {name: pipeline.report.colour(name, k)
+                   for k, name in enumerate(pipeline.classes)}
+        images = key_images(report.volume,
+                            saliency=report.saliency.volume if report.saliency else None,
+                            mask=prediction.mask if prediction is not None else None,
+                            classes=pipeline.classes, colours=colours,
+                            saliency_label=f"{report.saliency.method} attribution"
+                            if report.saliency else "attribution")
+        for image in images:
+            image.save(folder)
+        files["overlays"] = [i.name for i in images if i.kind == "overlay"]
+    if options.dicom and report.sources and report.status in (Status.OK, Status.FLAGGED):
+        written = write_dicom(report, pipeline, folder / "dicom",
+                              overlays=[i for i in images if i.kind == "overlay"],
+                              predecessors=predecessors)
+        files["dicom"] = [{"kind": d.kind, "file": f"dicom/{d.path.name}",
+                           "sop_instance_uid": d.sop_instance_uid} for d in written]
+    timings["figures_s"] = time.perf_counter() - t0
+    report = replace(report, files=files)
+    write_text_atomic(folder / "report.html",
+                      render_study(report, [i.name for i in images], predictor.bundle.card))
     return report
 
 
-def replaced_summary(previous: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+def replaced_summary(previous: dict[str, Any], run: Mapping[str, Any]) -> dict[str, Any]:
     """What an older report of the same study was, and what differs from this run."""
     old_run = previous.get("run") or {}
     changed = sorted(k for k in run if old_run.get(k) != run[k]) if old_run else ["run"]
@@ -340,7 +365,8 @@ class StudyOutcome:
 
     Attributes:
         study: the study key (its folder name).
-        report: the validated report.
+        report: the study's report (without arrays: see :meth:`StudyReport.light`).
+        document: its ``report.json`` content.
         staging: the folder holding its outputs until they are published.
         patient_key: keyed pseudonym of the Patient ID, when there is one.
         study_key: keyed pseudonym of the Study Instance UID (or of the file's hash).
@@ -348,7 +374,8 @@ class StudyOutcome:
     """
 
     study: str
-    report: dict[str, Any]
+    report: StudyReport
+    document: dict[str, Any]
     staging: Path
     patient_key: str | None
     study_key: str
@@ -357,30 +384,52 @@ class StudyOutcome:
 
 def run_study(study: Study, predictor: Predictor, out: Path, options: AnalyzeOptions,
               pseudonymizer: Pseudonymizer, *,
-              previous: dict[str, Any] | None = None) -> StudyOutcome:
+              previous: dict[str, Any] | None = None,
+              predecessors: Sequence[Any] = ()) -> StudyOutcome:
     """Process one study into ``out/.<key>.partial``; never raises for a bad study.
 
     A study that cannot be read is ``rejected``; an error while processing makes it
     ``failed``; either way it gets a report. ``previous`` is the report this one replaces
-    (summarised in its ``replaces`` section).
+    (summarised in its ``replaces`` section); ``predecessors`` are earlier DICOM SRs of the
+    study that a new SR supersedes (``options.dicom``).
     """
     staging = out / f".{study.key}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    entry = None
-    try:
-        body, images, entry = _process(study, predictor, staging, options, timings)
-    except DataError as e:
-        body, images = {"status": "rejected", "reason": str(e)}, []
-    except MedvisionError as e:
-        body, images = {"status": "failed", "reason": str(e)}, []
-    except Exception as e:  # noqa: BLE001 - one study must not end the batch
-        log.exception("study %s failed", study.key)
-        body, images = {"status": "failed", "reason": f"internal error: {type(e).__name__}: {e}"}, []
     run = run_fingerprint(predictor, options, study)
-    report = _finish(study, predictor, staging, body, images, timings, started, run, previous)
+    base: dict[str, Any] = {"study": study.key, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "pipeline": pipeline_info(predictor), "software": software_versions(), "run": run,
+            "replaces": replaced_summary(previous, run) if previous is not None else None}
+    draft: _Draft | None = None
+    try:
+        draft = _process(study, predictor, options, timings)
+        report = StudyReport(status=draft.status, reason=draft.reason, input=draft.input,
+                             prediction=draft.prediction, saliency=draft.saliency,
+                             faithfulness=draft.faithfulness, qc=draft.qc, volume=draft.volume,
+                             sources=draft.sources, timings=timings, **base)
+        report = _render(report, predictor, staging, options, predecessors, timings)
+    except Exception as e:  # noqa: BLE001 - one study must not end the batch
+        status, reason = Status.FAILED, f"internal error: {type(e).__name__}: {e}"
+        if isinstance(e, DataError):
+            status, reason = Status.REJECTED, str(e)
+        elif isinstance(e, MedvisionError):
+            reason = str(e)
+        else:
+            log.exception("study %s failed", study.key)
+        for child in staging.iterdir():  # no half-written outputs beside a failure
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        report = StudyReport(status=status, reason=reason,
+                             input=draft.input if draft else _input_summary(study, None, None),
+                             timings=timings, **base)
+        write_text_atomic(staging / "report.html",
+                          render_study(report, [], predictor.bundle.card))
+    timings["total_s"] = time.perf_counter() - started
+    report = replace(report, timings=dict(timings))
+    document = to_document(report)
+    write_text_atomic(staging / "report.json", json.dumps(document, indent=2))
+    entry = draft.entry if draft is not None else None
     try:
         with reading(study.key, "identifiers for the audit record", InvalidDicomError):
             patient, study_key, inputs = _input_digest(study, entry, pseudonymizer)
@@ -388,5 +437,6 @@ def run_study(study: Study, predictor: Predictor, out: Path, options: AnalyzeOpt
         log.warning("study %s: cannot hash its inputs (%s)", study.key, e)
         patient, study_key = None, pseudonymizer.pseudonym("study", study.key)
         inputs = {"source_name": study.source_name, "error": str(e)}
-    return StudyOutcome(study=study.key, report=report, staging=staging, patient_key=patient,
-                        study_key=study_key, inputs=inputs)
+    return StudyOutcome(study=study.key, report=report.light(), document=document,
+                        staging=staging, patient_key=patient, study_key=study_key,
+                        inputs=inputs)

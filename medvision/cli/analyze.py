@@ -26,6 +26,7 @@ def add_parser(subparsers: Any) -> None:
                     "failed or in conflict (and flagged, with --fail-on flagged), 2 for a "
                     "usage or configuration error.",
         epilog="examples:\n  medvision analyze scans/ --pipeline chest-xray-pneumonia -o out\n"
+               "  medvision analyze mr_series/ --pipeline hippocampus-seg -o out --dicom\n"
                "  medvision analyze scans/ --pipeline chest-xray-pneumonia -o out "
                "--fail-on flagged",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,6 +52,11 @@ def add_parser(subparsers: Any) -> None:
                         help="also count flagged studies as failures in the exit code")
     parser.add_argument("--scheduler", metavar="tcp://HOST:PORT",
                         help="run the studies on a Dask distributed cluster (default: here)")
+    parser.add_argument("--dicom", nargs="?", const="", default=None, metavar="DIR",
+                        help="also write standard DICOM results for DICOM inputs (an SR; for "
+                             "series a SEG of the mask and a Parametric Map of the saliency; "
+                             "overlay images) into OUT/<study>/dicom/, and copy them to "
+                             "DIR/<study>/ when DIR is given")
     parser.add_argument("--include-phi", action="store_true",
                         help="write patient name, ID and birth date into report.json (off: "
                              "reports, logs and audit records carry pseudonyms only)")
@@ -71,8 +77,15 @@ def run(args: argparse.Namespace) -> int:
                                         backend=args.backend)
     results = analyze(args.inputs, predictor, args.output, auditor=auditor, options=AnalyzeOptions(
         explain_method=args.explain, faithfulness=args.faithfulness, force=args.force,
-        overwrite=not args.no_overwrite, include_phi=args.include_phi),
-        scheduler=args.scheduler)
+        overwrite=not args.no_overwrite, include_phi=args.include_phi,
+        dicom=args.dicom is not None), scheduler=args.scheduler)
+    if args.dicom:
+        import shutil
+
+        for result in results:
+            if (result.folder / "dicom").is_dir():
+                shutil.copytree(result.folder / "dicom", Path(args.dicom) / result.study,
+                                dirs_exist_ok=True)
     counts = {status: sum(r.status == status for r in results)
               for status in ("ok", "flagged", "rejected", "failed", "conflict")}
     failing = {"rejected", "failed", "conflict"} | set(args.fail_on)
@@ -83,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({
             "counts": counts, "summary": str(Path(args.output) / "summary.html"),
             "studies": [{"study": r.study, "status": r.status, "reason": r.reason,
-                         "label": r.label, "score": r.score, "qc": r.qc,
+                         "label": r.label, "scores": r.scores, "qc": r.qc,
                          "folder": str(r.folder), "skipped": r.skipped, "replaced": r.replaced}
                         for r in results]}, indent=2))
         return code

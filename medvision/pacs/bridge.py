@@ -10,6 +10,7 @@ destination with retries. Everything is resumable after a crash or SIGKILL.
 from __future__ import annotations
 
 import logging
+import shutil
 import ssl
 import threading
 import time
@@ -18,7 +19,7 @@ from typing import Any
 
 from medvision.analyze.batch import commit
 from medvision.analyze.runner import AnalyzeOptions, run_study
-from medvision.analyze.studies import choose_series, collect_studies
+from medvision.analyze.studies import collect_studies
 from medvision.audit.log import AuditLog
 from medvision.audit.records import Auditor, AuditRecord, Pseudonymizer
 from medvision.audit.signing import Signer
@@ -31,7 +32,6 @@ from medvision.errors import (
 )
 from medvision.infer import Predictor
 from medvision.pacs.config import BridgeConfig, Route
-from medvision.pacs.results import write_results
 from medvision.pacs.scu import STORAGE_COMMITMENT, deliver, request_commitment
 from medvision.pacs.store import BridgeStore, OutboxItem, StudyJob
 from medvision.pacs.throttle import ThrottledLog
@@ -289,38 +289,33 @@ class Bridge:
         predictor = self._predictor(route.pipeline)
         auditor = Auditor(self.audit_log, self.pseudonymizer,
                           actor={"calling_ae": job.calling_ae, "via": self.config.ae_title})
-        outcome = run_study(study, predictor, self.store.results, AnalyzeOptions(),
-                            self.pseudonymizer)
+        import pydicom
+
+        predecessors = []
+        for previous in self.store.previous_results(job.study_uid, "SR"):
+            try:
+                predecessors.append(pydicom.dcmread(previous, stop_before_pixels=True))
+            except (OSError, pydicom.errors.InvalidDicomError) as e:
+                log.warning("%s: an earlier SR is unreadable (%s)", study.key, e)
+        outcome = run_study(study, predictor, self.store.results, AnalyzeOptions(dicom=True),
+                            self.pseudonymizer, predecessors=predecessors)
         commit(outcome, auditor, self.store.results)
         report = outcome.report
         outputs: list[tuple[str, Path, str]] = []
-        if report["status"] in ("ok", "flagged"):
-            entry, _ = choose_series(study, predictor.pipeline)
-            assert entry is not None and entry.series is not None
-            import pydicom
-
-            left_out = {u["file"] for u in report["input"].get("unreadable_files", [])}
-            sources = [pydicom.dcmread(p) for p in entry.series.paths
-                       if Path(p).name not in left_out]
-            order = {f.sop_instance_uid: i for i, f in enumerate(entry.series.frames)}
-            sources.sort(key=lambda ds: order.get(str(ds.SOPInstanceUID), 0))
-            predecessors = []
-            for previous in self.store.previous_results(job.study_uid, "SR"):
-                try:
-                    predecessors.append(pydicom.dcmread(previous, stop_before_pixels=True))
-                except (OSError, pydicom.errors.InvalidDicomError) as e:
-                    log.warning("%s: an earlier SR is unreadable (%s)", study.key, e)
-            # Each analysis writes into its own folder: files already queued are never
+        if report.status in ("ok", "flagged"):
+            # Each analysis sends from its own folder: files already queued are never
             # overwritten by a later analysis of the same study.
             target = (self.store.outgoing / self.store.study_folder_name(job.study_uid)
                       / f"analysis-{job.analysis:03d}")
-            outputs = write_results(report, sources, self.store.results / study.key,
-                                    predictor.pipeline.classes, target,
-                                    predecessors=predecessors)
+            target.mkdir(parents=True, exist_ok=True)
+            for item in report.files.get("dicom", []):
+                path = target / Path(item["file"]).name
+                shutil.copyfile(self.store.results / study.key / item["file"], path)
+                outputs.append((item["sop_instance_uid"], path, item["kind"]))
         state = self.store.finish_analysis(
             job.study_uid, outputs, analysis=job.analysis,
-            error=None if report["status"] in ("ok", "flagged") else report["reason"])
-        log.info("%s: %s, %d result object(s), study %s", study.key, report["status"],
+            error=None if report.status in ("ok", "flagged") else report.reason)
+        log.info("%s: %s, %d result object(s), study %s", study.key, report.status,
                  len(outputs), state)
 
     def _send_due(self) -> None:

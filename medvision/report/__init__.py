@@ -1,5 +1,5 @@
-"""Reports: report.json (versioned schema), report.html, PNG figures, batch summaries."""
+"""Reports: the typed :class:`StudyReport` and its renderers (JSON, HTML, figures, DICOM)."""
 
-from medvision.report.json_report import SCHEMA_VERSION, load_schema, validate_report
+from medvision.report.json import SCHEMA_VERSION, load_schema, to_document, validate_report
 
-__all__ = ["SCHEMA_VERSION", "load_schema", "validate_report"]
+__all__ = ["SCHEMA_VERSION", "load_schema", "to_document", "validate_report"]

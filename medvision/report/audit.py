@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import base64
 import csv
-import html
 import io
-import json
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from datetime import datetime
@@ -106,65 +104,10 @@ def render_csv(records: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def _drift_png(summary: dict[str, Any]) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from matplotlib.dates import date2num
-
-    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=100)
-    for model, days in summary["positive_rate"].items():
-        dates = [date2num(datetime.fromisoformat(d)) for d in days]
-        ax.plot(dates, [v["rate"] for v in days.values()], "o-", label=model)
-    ax.xaxis_date()
-    ax.set(ylabel="positive-finding rate", ylim=(0, 1), title="Positive findings per model version")
-    if summary["positive_rate"]:
-        ax.legend(fontsize=7)
-    fig.autofmt_xdate()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def _table(rows: Iterable[Iterable[Any]], header: Iterable[str]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
-                   for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
 def render_html(summary: dict[str, Any], *, verified: str) -> str:
-    """The audit report as one self-contained HTML page."""
-    latency = _table(((m, v["n"], f"{v['p50']:.3f}", f"{v['p90']:.3f}", f"{v['p99']:.3f}")
-                      for m, v in summary["latency_s"].items()),
-                     ("model", "n", "p50 s", "p90 s", "p99 s"))
-    drift = _table(((m, d, v["positive"], v["total"], f"{v['rate']:.3f}")
-                    for m, days in summary["positive_rate"].items() for d, v in days.items()),
-                   ("model", "day", "positive", "total", "rate"))
-    studies = _table(((s["study_key"], s["time"], s["status"], s["label"], s["model"],
-                       json.dumps(s["inputs"])[:300],
-                       "; ".join(f"{o['path']} {o['sha256'][:12]}" for o in s["outputs"] or []))
-                      for s in summary["studies"]),
-                     ("study key", "time", "status", "finding", "model", "inputs", "outputs"))
-    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
-<title>medvision audit report</title><style>body{{font-family:sans-serif;margin:2em}}
-td,th{{border-bottom:1px solid #ddd;padding:.2em .6em;text-align:left;font-size:.9em}}</style>
-</head><body><h1>Audit report</h1>
-<p>{summary['records']} records from {html.escape(str(summary['first']))} to
-{html.escape(str(summary['last']))}. Chain verification: <strong>{html.escape(verified)}</strong>.</p>
-<h2>Counts</h2>
-{_table(summary['by_status'].items(), ('status', 'records'))}
-{_table(summary['by_pipeline'].items(), ('pipeline', 'records'))}
-{_table(summary['by_model_version'].items(), ('model version', 'records'))}
-<h2>Positive-finding rate over time</h2>
-<img alt="positive-finding rate per model version" src="data:image/png;base64,{_drift_png(summary)}">
-{drift}
-<h2>Latency</h2>{latency}
-<h2>Rejected inputs</h2>{_table(((r['seq'], r['time'], r['study_key'], r['reason']) for r in summary['rejected']), ('record', 'time', 'study key', 'reason'))}
-<h2>Failures</h2>{_table(((r['seq'], r['time'], r['study_key'], r['reason']) for r in summary['failures']), ('record', 'time', 'study key', 'reason'))}
-<h2>Per-study traceability</h2>{studies}
-</body></html>
-"""
+    """The audit report as one self-contained HTML page (template ``audit.html``)."""
+    from medvision.report.figures import drift_plot
+    from medvision.report.html import render_audit
+
+    png = base64.b64encode(drift_plot(summary["positive_rate"])).decode()
+    return render_audit(summary, verified=verified, drift_png=png)

@@ -60,18 +60,23 @@ class TrainResult:
 
 
 def _loss(pipeline: Pipeline) -> Any:
+    """The configured loss; config validation has checked that it fits the task and that
+    every option set is one it honours (``medvision.config.LOSSES``)."""
     import torch
     from monai import losses
 
     cfg = pipeline.loss
     weight = torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights else None
-    if pipeline.task == "classification":
-        if cfg.name == "focal":
-            return losses.FocalLoss(to_onehot_y=True, use_softmax=True, weight=weight)
-        return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-    if cfg.name == "dice_focal":
-        return losses.DiceFocalLoss(to_onehot_y=True, softmax=True)
-    return losses.DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)
+    builders: dict[str, Any] = {
+        "cross_entropy": lambda: torch.nn.CrossEntropyLoss(
+            weight=weight, label_smoothing=cfg.label_smoothing),
+        "focal": lambda: losses.FocalLoss(to_onehot_y=True, use_softmax=True, weight=weight),
+        "dice_ce": lambda: losses.DiceCELoss(to_onehot_y=True, softmax=True, weight=weight,
+                                             label_smoothing=cfg.label_smoothing),
+        "dice_focal": lambda: losses.DiceFocalLoss(to_onehot_y=True, softmax=True,
+                                                   weight=weight),
+    }
+    return builders[cfg.name]()
 
 
 def _optimizer(pipeline: Pipeline, params: Any) -> Any:
@@ -85,24 +90,29 @@ def _optimizer(pipeline: Pipeline, params: Any) -> Any:
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def lr_factor(pipeline: Pipeline, epoch: int) -> float:
+    """The learning rate of ``epoch`` (0-based) as a multiple of ``optimizer.lr``."""
+    cfg = pipeline.training
+    epochs, name = cfg.epochs - cfg.swa_epochs, pipeline.schedule.name
+    if epoch >= epochs:  # the averaging epochs run at a constant rate
+        return cfg.swa_lr
+    warmup = pipeline.schedule.warmup_epochs
+    if warmup is None:
+        warmup = round(0.3 * epochs) if name == "onecycle" else 0
+    start = 1 / 25 if name == "onecycle" else 1 / (warmup + 1)
+    if epoch < warmup:
+        return start + (1 - start) * epoch / warmup
+    if name == "constant":
+        return 1.0
+    floor = 1e-4 if name == "onecycle" else 0.0
+    progress = (epoch - warmup) / max(1, epochs - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 def _scheduler(pipeline: Pipeline, optimizer: Any) -> Any:
     import torch
 
-    cfg = pipeline.training
-    epochs, warmup = cfg.epochs - cfg.swa_epochs, pipeline.schedule.warmup_epochs
-    name = pipeline.schedule.name
-
-    def factor(epoch: int) -> float:
-        if epoch >= epochs:  # the averaging epochs run at a constant rate
-            return cfg.swa_lr
-        if epoch < warmup:
-            return (epoch + 1) / (warmup + 1)
-        if name == "constant":
-            return 1.0
-        progress = (epoch - warmup) / max(1, epochs - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(pipeline, e))
 
 
 def _dataset(pipeline: Pipeline, items: Sequence[dict[str, Any]], *, train: bool,

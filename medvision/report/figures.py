@@ -1,0 +1,387 @@
+"""Every figure medvision draws: study key images, evaluation plots, the audit drift plot.
+
+Figures are matplotlib ``Figure`` objects on the Agg canvas, created in :func:`figure` and
+nowhere else: no pyplot state and no global backend switch, so library users keep their own
+backend and threads can draw at the same time.
+
+Key images follow the radiological convention: 3D volumes are shown in the RAS frame
+(reoriented, never resampled) with the patient's right on the viewer's left; every panel
+carries orientation letters at its edges (from the affine), square pixels in millimetres (the
+aspect ratio comes from the voxel spacing), a colour bar for the saliency and a legend naming
+each segmented class.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medvision.io import Volume
+
+__all__ = ["KeyImage", "classification_plots", "dice_boxplot", "drift_plot", "figure",
+           "key_images", "png_bytes", "DEFAULT_COLOURS"]
+
+_PLANES = {2: "axial", 1: "coronal", 0: "sagittal"}
+
+#: Label colours when a pipeline declares none (RGB 0-255; index 0 is the background).
+DEFAULT_COLOURS = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),
+                   (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230))
+
+
+def figure(width: float, height: float, dpi: int = 120) -> Any:
+    """A stand-alone figure on the Agg canvas (the one place a backend is chosen)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def png_bytes(fig: Any) -> bytes:
+    """The figure as PNG."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def rgb_array(fig: Any) -> np.ndarray:
+    """The figure as an ``(rows, columns, 3)`` uint8 array."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+@dataclass(frozen=True, eq=False)
+class KeyImage:
+    """One rendered panel: file name, what it shows, and its pixels (for DICOM overlays)."""
+
+    name: str
+    kind: str
+    plane: str
+    png: bytes
+    rgb: np.ndarray
+
+    def save(self, folder: Path) -> Path:
+        """Write the PNG into ``folder``."""
+        path = folder / self.name
+        path.write_bytes(self.png)
+        return path
+
+
+_LETTERS = (("L", "R"), ("P", "A"), ("I", "S"))  # RAS+: the letter a positive step points to
+
+
+def _letter(direction: np.ndarray) -> str:
+    """Patient direction of a world (RAS) vector: its dominant axis, plus a second letter
+    when the vector is oblique (another component above 40% of the largest)."""
+    v = np.asarray(direction, dtype=float)
+    if not np.any(v):
+        return ""
+    order = np.argsort(-np.abs(v))
+    letters = _LETTERS[order[0]][int(v[order[0]] > 0)]
+    if abs(v[order[1]]) > 0.4 * abs(v[order[0]]):
+        letters += _LETTERS[order[1]][int(v[order[1]] > 0)]
+    return letters
+
+
+@dataclass(frozen=True)
+class _View:
+    """A 2D display of one plane: ``rows`` top to bottom, ``columns`` left to right."""
+
+    name: str
+    axis: int
+    index: int
+    right: np.ndarray  # world direction of one column step to the right
+    down: np.ndarray  # world direction of one row step down
+    aspect: float  # row height / column width, in mm
+
+
+def _canonical(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """``(array, affine)`` reoriented to RAS by axis flips and permutations only."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(volume.affine)
+    array = np.asarray(volume.array)
+    out = np.stack([nib.orientations.apply_orientation(c, ornt) for c in array])
+    shape = array.shape[1:]
+    affine = volume.affine @ nib.orientations.inv_ornt_aff(ornt, shape)
+    return out, affine
+
+
+def _views(shape: Sequence[int], affine: np.ndarray, focus: np.ndarray | None,
+           spatial_dims: int) -> list[_View]:
+    columns = affine[:3, :3]
+    spacing = np.linalg.norm(columns, axis=0)
+    if spatial_dims == 2:
+        return [_View("image", -1, 0, right=columns[:, 0], down=columns[:, 1],
+                      aspect=float(spacing[1] / spacing[0]))]
+    if focus is None or not np.any(focus > 0):
+        centre = [s // 2 for s in shape]
+    else:
+        weights = np.asarray(focus, dtype=np.float64)
+        centre = [int(round((g * weights).sum() / weights.sum())) for g in np.indices(shape)]
+    views = []
+    for axis in (2, 1, 0):
+        first, second = [a for a in range(3) if a != axis]
+        # shown as plane.T flipped both ways: the first remaining axis runs right to left
+        # (patient right on the viewer's left), the second bottom to top
+        views.append(_View(_PLANES[axis], axis, int(np.clip(centre[axis], 0, shape[axis] - 1)),
+                           right=-columns[:, first], down=-columns[:, second],
+                           aspect=float(spacing[second] / spacing[first])))
+    return views
+
+
+def _display(array: np.ndarray, view: _View) -> np.ndarray:
+    if view.axis < 0:
+        return array.T
+    return np.take(array, view.index, axis=view.axis).T[::-1, ::-1]
+
+
+def _window(image: np.ndarray) -> tuple[float, float]:
+    lo, hi = np.percentile(image, [1, 99])
+    return float(lo), float(hi if hi > lo else lo + 1)
+
+
+def _annotate(ax: Any, view: _View, letters: bool) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if not letters:
+        return
+    style = {"color": "yellow", "fontsize": 9, "fontweight": "bold", "transform": ax.transAxes}
+    ax.text(0.99, 0.5, _letter(view.right), ha="right", va="center", **style)
+    ax.text(0.01, 0.5, _letter(-view.right), ha="left", va="center", **style)
+    ax.text(0.5, 0.01, _letter(view.down), ha="center", va="bottom", **style)
+    ax.text(0.5, 0.99, _letter(-view.down), ha="center", va="top", **style)
+
+
+def key_images(volume: Volume, *, saliency: Volume | None = None, mask: Volume | None = None,
+               classes: Sequence[str] = (),
+               colours: Mapping[str, tuple[int, int, int]] | None = None,
+               saliency_label: str = "saliency") -> list[KeyImage]:
+    """``key_<plane>.png`` (the image) and ``overlay_<plane>.png`` (with the saliency heat map
+    and the mask filled per class) through the mask's, else the saliency's, centre of mass.
+
+    ``colours`` gives each class its RGB colour (the same as the label sidecar's).
+    """
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    spatial = volume.spatial_dims
+    if spatial == 3:
+        grey_all, affine = _canonical(volume)
+        sal_all = _canonical(saliency)[0] if saliency is not None else None
+        lab_all = _canonical(mask)[0] if mask is not None else None
+    else:
+        grey_all, affine = np.asarray(volume.array), volume.affine
+        sal_all = np.asarray(saliency.array) if saliency is not None else None
+        lab_all = np.asarray(mask.array) if mask is not None else None
+    grey = grey_all.mean(axis=0)
+    sal = sal_all[0] if sal_all is not None else None
+    labels = np.rint(lab_all[0]).astype(int) if lab_all is not None else None
+    focus = labels if labels is not None and np.any(labels > 0) else sal
+    letters = spatial == 3 or volume.modality.upper() != "OT"
+    lo, hi = _window(grey)
+    palette = _palette(classes, colours)
+    images = []
+    for view in _views(grey.shape, affine, focus, spatial):
+        image = _display(grey, view)
+        for kind in ("key", "overlay"):
+            if kind == "overlay" and sal is None and labels is None:
+                continue
+            height_mm, width_mm = image.shape[0] * view.aspect, image.shape[1]
+            scale = 4.2 / max(height_mm, width_mm)
+            extra = 1.1 if kind == "overlay" and sal is not None else 0.0
+            fig = figure(max(width_mm * scale, 1.6) + extra, max(height_mm * scale, 1.6) + 0.5)
+            ax = fig.add_subplot()
+            ax.imshow(image, cmap="gray", vmin=lo, vmax=hi, aspect=view.aspect,
+                      interpolation="nearest")
+            handles = []
+            if kind == "overlay" and labels is not None:
+                plane = _display(labels, view)
+                present = [k for k in range(1, len(palette)) if np.any(plane == k)]
+                if present:
+                    cmap = ListedColormap([(0, 0, 0, 0)] + [(*c, 0.45) for c in palette[1:]])
+                    ax.imshow(plane, cmap=cmap, vmin=0, vmax=len(palette) - 1,
+                              aspect=view.aspect, interpolation="nearest")
+                    for k in present:
+                        ax.contour(plane == k, levels=[0.5], colors=[palette[k]],
+                                   linewidths=0.8)
+                        handles.append(Patch(color=tuple(palette[k])[:3], label=_name(classes, k)))  # type: ignore[arg-type]
+            if kind == "overlay" and sal is not None:
+                heat = _display(sal, view)
+                shown = ax.imshow(np.ma.masked_less(heat, 0.2), cmap="jet", alpha=0.45, vmin=0,
+                                  vmax=1, aspect=view.aspect, interpolation="bilinear")
+                bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03)
+                bar.set_label(f"{saliency_label} (0-1; <0.2 hidden)", fontsize=7)
+                bar.ax.tick_params(labelsize=6)
+            if handles:
+                ax.legend(handles=handles, loc="lower right", fontsize=6, framealpha=0.7)
+            _annotate(ax, view, letters)
+            title = view.name if view.axis < 0 else f"{view.name}, slice {view.index}"
+            ax.set_title(title, fontsize=8)
+            fig.tight_layout()
+            name = f"{kind}_{view.name}.png"
+            images.append(KeyImage(name=name, kind=kind, plane=view.name, png=png_bytes(fig),
+                                   rgb=rgb_array(fig)))
+    return images
+
+
+def _name(classes: Sequence[str], index: int) -> str:
+    return classes[index] if index < len(classes) else f"label {index}"
+
+
+def _palette(classes: Sequence[str],
+             colours: Mapping[str, tuple[int, int, int]] | None) -> list[tuple[float, ...]]:
+    """RGB 0-1 per label index (index 0: background)."""
+    count = max(len(classes), 2)
+    out = []
+    for k in range(count):
+        rgb = (colours or {}).get(_name(classes, k)) or DEFAULT_COLOURS[k % len(DEFAULT_COLOURS)]
+        out.append(tuple(c / 255 for c in rgb))
+    return out
+
+
+# --- evaluation ---------------------------------------------------------------------------
+
+
+def _plot() -> tuple[Any, Any]:
+    fig = figure(4.5, 4, dpi=110)
+    return fig, fig.add_subplot()
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def _roc(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(-scores, kind="stable")
+    pos = positive[order]
+    tpr = np.concatenate([[0], np.cumsum(pos) / max(pos.sum(), 1)])
+    fpr = np.concatenate([[0], np.cumsum(~pos) / max((~pos).sum(), 1)])
+    return fpr, tpr
+
+
+def classification_plots(probs: np.ndarray, labels: np.ndarray, classes: Sequence[str],
+                         confusion: list[list[int]], out_dir: Path, *,
+                         auc: Mapping[str, float] | None = None) -> list[Path]:
+    """Write roc.png (with each curve's AUC), pr.png, confusion_matrix.png (counts) and
+    reliability.png; returns their paths. ``auc``: the AUC per class, as reported."""
+    paths = []
+    targets = range(1, 2) if len(classes) == 2 else range(len(classes))
+    fig, ax = _plot()
+    for c in targets:
+        fpr, tpr = _roc(probs[:, c], labels == c)
+        value = (auc or {}).get(classes[c])
+        ax.plot(fpr, tpr, label=f"{classes[c]} (AUC {value:.3f})" if value is not None
+                else classes[c])
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="false positive rate (1 - specificity)",
+           ylabel="true positive rate (sensitivity)", title="ROC", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize=8)
+    paths.append(_save(fig, out_dir / "roc.png"))
+
+    fig, ax = _plot()
+    for c in targets:
+        order = np.argsort(-probs[:, c], kind="stable")
+        hits = (labels[order] == c).astype(float)
+        precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+        recall = np.cumsum(hits) / max(hits.sum(), 1)
+        ax.plot(recall, precision, label=classes[c])
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title="Precision-recall",
+           ylim=(0, 1.02))
+    ax.legend(loc="lower left", fontsize=8)
+    paths.append(_save(fig, out_dir / "pr.png"))
+
+    fig, ax = _plot()
+    matrix = np.asarray(confusion)
+    ax.imshow(matrix, cmap="Blues")
+    for (t, p), value in np.ndenumerate(matrix):
+        ax.text(p, t, str(value), ha="center", va="center",
+                color="white" if value > matrix.max() / 2 else "black")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted class",
+           ylabel="true class", title="Confusion matrix (cases)")
+    ax.set_xticklabels(classes)
+    ax.set_yticklabels(classes)
+    paths.append(_save(fig, out_dir / "confusion_matrix.png"))
+
+    fig, ax = _plot()
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    edges = np.linspace(0, 1, 11)
+    index = np.clip(np.digitize(confidence, edges[1:-1]), 0, 9)
+    centres, accuracy = [], []
+    for b in range(10):
+        chosen = index == b
+        if chosen.any():
+            centres.append(confidence[chosen].mean())
+            accuracy.append(correct[chosen].mean())
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="perfect calibration")
+    ax.plot(centres, accuracy, "o-", label="model")
+    ax.set(xlabel="predicted probability of the top class", ylabel="observed accuracy",
+           title="Reliability", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left", fontsize=8)
+    paths.append(_save(fig, out_dir / "reliability.png"))
+    return paths
+
+
+def dice_boxplot(dice: np.ndarray, classes: Sequence[str], out_dir: Path) -> Path:
+    """Write dice_boxplot.png: per-case Dice for each foreground class."""
+    fig, ax = _plot()
+    ax.boxplot([dice[:, c][np.isfinite(dice[:, c])] for c in range(dice.shape[1])])
+    ax.set_xticks(range(1, len(classes) + 1))
+    ax.set_xticklabels(classes)
+    ax.set(ylabel="Dice (0-1)", title="Dice per case", ylim=(0, 1))
+    return _save(fig, out_dir / "dice_boxplot.png")
+
+
+def volume_agreement(predicted: np.ndarray, truth: np.ndarray, classes: Sequence[str],
+                     out_dir: Path) -> Path:
+    """Write volumes.png: predicted against reference volume per case and class, in mL."""
+    fig, ax = _plot()
+    top = float(max(np.nanmax(predicted, initial=0), np.nanmax(truth, initial=0), 1e-3)) * 1.05
+    for c, name in enumerate(classes):
+        ax.plot(truth[:, c], predicted[:, c], "o", ms=3, label=name)
+    ax.plot([0, top], [0, top], "k:", lw=0.8)
+    ax.set(xlabel="reference volume (mL)", ylabel="predicted volume (mL)",
+           title="Volumes per case", xlim=(0, top), ylim=(0, top))
+    ax.legend(fontsize=8)
+    return _save(fig, out_dir / "volumes.png")
+
+
+# --- audit --------------------------------------------------------------------------------
+
+
+def drift_plot(rates: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> bytes:
+    """PNG of the positive-finding rate per day and model version; the time axis spans the
+    records' days (one day either side), with day ticks."""
+    from matplotlib.dates import AutoDateLocator, DateFormatter, date2num
+
+    fig = figure(7, 3.2, dpi=100)
+    ax = fig.add_subplot()
+    days: list[date] = []
+    for model, per_day in rates.items():
+        dates = [datetime.fromisoformat(d).date() for d in per_day]
+        days.extend(dates)
+        ax.plot([date2num(d) for d in dates], [v["rate"] for v in per_day.values()], "o-",
+                label=model)
+    if days:
+        ax.set_xlim(date2num(min(days) - timedelta(days=1)),
+                    date2num(max(days) + timedelta(days=1)))
+    locator = AutoDateLocator(minticks=2, maxticks=8)
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(DateFormatter("%Y-%m-%d"))
+    ax.set(ylabel="positive-finding rate", ylim=(0, 1), xlabel="day (UTC)",
+           title="Positive findings per model version")
+    if rates:
+        ax.legend(fontsize=7)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    return png_bytes(fig)

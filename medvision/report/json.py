@@ -1,0 +1,111 @@
+"""The per-study ``report.json``: rendered from a :class:`StudyReport`, validated against its
+JSON Schema.
+
+The schema lives in ``medvision/report/report.schema.json`` (documented in
+``docs/report.md``). ``schema_version`` follows semantic versioning: a new optional field is a
+minor bump, anything that can break a reader is a major one.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from medvision.errors import ReportError
+
+if TYPE_CHECKING:
+    from medvision.report.study import StudyReport
+
+__all__ = ["SCHEMA_VERSION", "load_schema", "render_json", "to_document", "validate_report"]
+
+SCHEMA_VERSION = "1.2.0"
+
+
+@lru_cache(maxsize=1)
+def load_schema() -> dict[str, Any]:
+    """The report JSON Schema (draft 2020-12)."""
+    text = resources.files("medvision.report").joinpath("report.schema.json").read_text()
+    return dict(json.loads(text))
+
+
+def validate_report(report: dict[str, Any]) -> None:
+    """Raise :class:`ReportError` naming the first problem if ``report`` breaks the schema."""
+    import jsonschema
+
+    try:
+        jsonschema.validate(report, load_schema())
+    except jsonschema.ValidationError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+        raise ReportError(f"report does not match schema {SCHEMA_VERSION} at {where}: "
+                          f"{e.message}") from e
+
+
+def _flag(flag: Any) -> dict[str, str]:
+    return {"code": flag.code, "severity": str(flag.severity), "message": flag.message}
+
+
+def to_document(report: StudyReport) -> dict[str, Any]:
+    """The report as the JSON document of schema :data:`SCHEMA_VERSION` (validated)."""
+    inp = report.input
+    section: dict[str, Any] = {
+        "study_key": inp.study_key, "source_name": inp.source_name, "format": inp.format,
+        "modality": inp.modality, "series_key_sha256": inp.series_key_sha256,
+        "instance_uid_sha256": list(inp.instance_uid_sha256), "geometry": None}
+    if inp.geometry is not None:
+        g = inp.geometry
+        section["geometry"] = {"shape": list(g.shape), "spacing_mm": list(g.spacing_mm),
+                               "orientation": g.orientation,
+                               "affine": [list(row) for row in g.affine]}
+    if inp.unreadable_files:
+        section["unreadable_files"] = [{"file": u.file, "reason": u.reason}
+                                       for u in inp.unreadable_files]
+    if inp.phi is not None:
+        section["phi"] = dict(inp.phi)
+    p = report.pipeline
+    pipeline = {"name": p.name, "version": p.version, "task": p.task,
+                "weights_sha256": p.weights_sha256, "config_hash": p.config_hash,
+                "temperature": p.temperature, "backend": p.backend}
+    files = report.files
+    prediction: dict[str, Any] | None = None
+    if report.prediction is not None:
+        pred = report.prediction
+        prediction = {"label": pred.label, "calibrated": p.temperature != 1.0}
+        if pred.probabilities is not None:
+            prediction["probabilities"] = dict(zip(pred.classes, pred.probabilities,
+                                                   strict=True))
+            prediction["threshold"] = pred.threshold
+        if pred.mask is not None or pred.volumes_ml:
+            prediction["mask_file"] = files.get("mask")
+            prediction["volumes_ml"] = {k: round(v, 4) for k, v in pred.volumes_ml.items()}
+    saliency: dict[str, Any] | None = None
+    if report.saliency is not None:
+        saliency = {"method": report.saliency.method, "params": dict(report.saliency.params),
+                    "target": report.saliency.target,
+                    "files": {"nifti": files.get("saliency"),
+                              "png": list(files.get("overlays", []))},
+                    "faithfulness": dict(report.faithfulness) if report.faithfulness else None}
+    qc = report.qc
+    qc_section: dict[str, Any] = {"flags": [_flag(f) for f in qc.flags]}
+    if report.prediction is not None or qc.withheld or qc.ood_distance is not None:
+        qc_section.update({"ood_distance": qc.ood_distance, "ood_threshold": qc.ood_threshold,
+                           "out_of_distribution": qc.out_of_distribution,
+                           "flagged_by": list(qc.flagged_by), "withheld": qc.withheld})
+    document: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION, "status": str(report.status), "reason": report.reason,
+        "study": report.study, "created": report.created, "input": section,
+        "pipeline": pipeline, "prediction": prediction, "saliency": saliency, "qc": qc_section,
+        "timings": {k: round(v, 4) for k, v in report.timings.items()},
+        "software": dict(report.software), "run": dict(report.run)}
+    if report.replaces is not None:
+        document["replaces"] = dict(report.replaces)
+    if files.get("dicom"):
+        document["dicom"] = [dict(d) for d in files["dicom"]]
+    validate_report(document)
+    return document
+
+
+def render_json(report: StudyReport) -> str:
+    """``report.json``'s text."""
+    return json.dumps(to_document(report), indent=2)
