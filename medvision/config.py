@@ -291,6 +291,16 @@ class Pipeline(_Strict):
     qc: QCConfig = QCConfig()
     report: ReportConfig = ReportConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, raw: Any) -> Any:
+        """Segmentation trains with Dice + cross-entropy unless a loss is named."""
+        if isinstance(raw, dict) and raw.get("task") == "segmentation":
+            loss = raw.get("loss")
+            if loss is None or (isinstance(loss, dict) and "name" not in loss):
+                raw = {**raw, "loss": {**(loss or {}), "name": "dice_ce"}}
+        return raw
+
     @model_validator(mode="after")
     def _consistent(self) -> Pipeline:
         tasks, options = LOSSES[self.loss.name]

@@ -1,36 +1,104 @@
-"""Evaluation metrics with bootstrap 95% confidence intervals.
+"""Evaluation metrics with 95% confidence intervals that mean something.
 
-Every scalar is reported as ``{"value": v, "ci95": [lo, hi]}``: the percentile interval of the
-metric over case-level bootstrap resamples (seeded, so the numbers are reproducible).
+* Proportions (accuracy, sensitivity/recall, specificity, precision) get **Wilson score**
+  intervals (``scipy.stats.binomtest(...).proportion_ci``): correct at the edges, where a
+  bootstrap collapses (11/11 correct is 1.000, 95% CI 0.741-1.000, not 1.000-1.000).
+* Everything else (AUC, F1, ECE, macro averages, Dice, HD95) gets a **bias-corrected and
+  accelerated (BCa) bootstrap** through ``scipy.stats.bootstrap`` over cases, resampled
+  within each class for classification (stratified: every resample keeps the class sizes).
+  Where BCa is undefined (a statistic constant over resamples) the percentile interval is
+  reported, and the method says so.
+
+Every scalar is ``{"value": v, "ci95": [lo, hi], "ci_method": "wilson" | "bca" |
+"percentile"}``; resampling is seeded, so the numbers are reproducible. AUC is MONAI's
+``compute_roc_auc``, the same function training uses to pick the best epoch.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from scipy.stats import rankdata
 
 __all__ = [
     "binary_auc",
-    "bootstrap",
+    "bootstrap_interval",
     "classification_metrics",
     "expected_calibration_error",
     "segmentation_metrics",
+    "wilson",
 ]
 
-BOOTSTRAP_ROUNDS = 1000
+BOOTSTRAP_ROUNDS = 2000
+
+
+def wilson(successes: int, total: int) -> dict[str, Any]:
+    """A proportion with its Wilson score 95% interval (NaN without cases)."""
+    if total <= 0:
+        return {"value": float("nan"), "ci95": [float("nan"), float("nan")],
+                "ci_method": "wilson", "n": 0}
+    from scipy.stats import binomtest
+
+    interval = binomtest(int(successes), int(total)).proportion_ci(confidence_level=0.95,
+                                                                  method="wilson")
+    return {"value": successes / total, "ci95": [float(interval.low), float(interval.high)],
+            "ci_method": "wilson", "n": int(total)}
+
+
+def bootstrap_interval(statistic: Callable[[np.ndarray], float],
+                       strata: Sequence[np.ndarray], *, seed: int = 0,
+                       rounds: int = BOOTSTRAP_ROUNDS) -> dict[str, Any]:
+    """``statistic`` over all cases, with a BCa bootstrap 95% interval.
+
+    Args:
+        statistic: maps an array of case indices to a number.
+        strata: the case indices of each stratum (each class); resamples are drawn within
+            each, so they keep its size. One stratum: plain case resampling.
+    """
+    from scipy.stats import bootstrap
+
+    strata = [np.asarray(s, dtype=int) for s in strata if len(s)]
+    everything = np.concatenate(strata) if strata else np.array([], dtype=int)
+    value = statistic(everything) if len(everything) else float("nan")
+    out: dict[str, Any] = {"value": value, "ci95": [float("nan"), float("nan")],
+                           "ci_method": "bca"}
+    if not math.isfinite(value) or len(everything) < 3:
+        return out
+
+    def joined(*parts: np.ndarray) -> float:
+        return statistic(np.concatenate([np.asarray(p, dtype=int) for p in parts]))
+
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                result = bootstrap(tuple(strata), joined, n_resamples=rounds, method=method,
+                                   vectorized=False, paired=False, confidence_level=0.95,
+                                   rng=np.random.default_rng(seed))
+            except (ValueError, ZeroDivisionError, FloatingPointError):
+                continue
+        low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+        if math.isfinite(low) and math.isfinite(high):
+            out.update(ci95=[low, high], ci_method=method.lower())
+            return out
+    return out
 
 
 def binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with ties averaged); NaN with one class."""
+    """Area under the ROC curve (MONAI's ``compute_roc_auc``; ties averaged); NaN with one
+    class."""
+    import torch
+    from monai.metrics import compute_roc_auc
+
     positive = np.asarray(positive, dtype=bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
+    if positive.all() or not positive.any():
         return float("nan")
-    ranks = rankdata(scores)
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    value: Any = compute_roc_auc(torch.as_tensor(np.asarray(scores, dtype=np.float64)),
+                                 torch.as_tensor(positive.astype(np.float64)))
+    return float(value)
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
@@ -47,23 +115,13 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     return float(ece)
 
 
-def bootstrap(statistic: Callable[[np.ndarray], float], n: int, *, seed: int = 0,
-              rounds: int = BOOTSTRAP_ROUNDS) -> list[float]:
-    """Percentile 95% interval of ``statistic(indices)`` over resamples of ``range(n)``."""
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(rounds):
-        value = statistic(rng.integers(0, n, n))
-        if np.isfinite(value):
-            values.append(value)
-    if not values:
-        return [float("nan"), float("nan")]
-    lo, hi = np.percentile(values, [2.5, 97.5])
-    return [float(lo), float(hi)]
+def _bind(function: Callable[[np.ndarray, int], float],
+          value: int) -> Callable[[np.ndarray], float]:
+    """``function`` with its second argument fixed."""
+    def bound(index: np.ndarray) -> float:
+        return function(index, value)
 
-
-def _with_ci(statistic: Callable[[np.ndarray], float], n: int, seed: int) -> dict[str, Any]:
-    return {"value": statistic(np.arange(n)), "ci95": bootstrap(statistic, n, seed=seed)}
+    return bound
 
 
 def _binary_counts(pred: np.ndarray, truth: np.ndarray, positive: int) -> tuple[int, int, int, int]:
@@ -113,16 +171,30 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, classes: Seque
         return float(np.nanmean([binary_auc(probs[idx, c], labels[idx] == c) for c in range(k)]))
 
     n = len(labels)
+    strata = [np.flatnonzero(labels == c) for c in range(k)]
+
+    def interval(statistic: Callable[[np.ndarray], float]) -> dict[str, Any]:
+        return bootstrap_interval(statistic, strata, seed=seed)
+
+    def proportion(c: int, which: str) -> dict[str, Any]:
+        tp, fp, fn, tn = _binary_counts(pred, labels, c)
+        hits, total = {"precision": (tp, tp + fp), "recall": (tp, tp + fn),
+                       "specificity": (tn, tn + fp)}[which]
+        return wilson(hits, total)
+
+    if k == 2:
+        proportions = {w: proportion(1, w) for w in ("precision", "recall", "specificity")}
+    else:  # macro averages are not proportions
+        proportions = {w: interval(_bind(summary, j))
+                       for j, w in enumerate(("precision", "recall", "specificity"))}
     out: dict[str, Any] = {
         "n": n,
         "threshold": threshold if k == 2 else None,
-        "accuracy": _with_ci(lambda i: float((pred[i] == labels[i]).mean()), n, seed),
-        "precision": _with_ci(lambda i: summary(i, 0), n, seed),
-        "recall": _with_ci(lambda i: summary(i, 1), n, seed),
-        "specificity": _with_ci(lambda i: summary(i, 2), n, seed),
-        "f1": _with_ci(lambda i: summary(i, 3), n, seed),
-        "auc": _with_ci(auc, n, seed),
-        "ece": _with_ci(lambda i: expected_calibration_error(probs[i], labels[i]), n, seed),
+        "accuracy": wilson(int((pred == labels).sum()), n),
+        **proportions,
+        "f1": interval(lambda i: summary(i, 3)),
+        "auc": interval(auc),
+        "ece": interval(lambda i: expected_calibration_error(probs[i], labels[i])),
         "confusion_matrix": {
             "labels": list(classes),
             "rows_true_columns_predicted": [[int(((labels == t) & (pred == p)).sum())
@@ -130,12 +202,15 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, classes: Seque
         },
         "per_class": {},
     }
-    all_idx = np.arange(n)
     for c, name in enumerate(classes):
-        precision, recall, specificity, f1 = per_class(all_idx, c)
+        tp, fp, fn, tn = _binary_counts(pred, labels, c)
         out["per_class"][name] = {
-            "precision": precision, "recall": recall, "specificity": specificity, "f1": f1,
-            "auc": binary_auc(probs[:, c], labels == c), "support": int((labels == c).sum()),
+            "precision": wilson(tp, tp + fp), "recall": wilson(tp, tp + fn),
+            "specificity": wilson(tn, tn + fp),
+            "f1": interval(_bind(lambda i, cls: per_class(i, cls)[3], c)),
+            "auc": interval(_bind(lambda i, cls: binary_auc(probs[i, cls], labels[i] == cls),
+                                  c)),
+            "support": int((labels == c).sum()),
         }
     return out
 
@@ -157,13 +232,15 @@ def segmentation_metrics(dice: np.ndarray, hd95: np.ndarray, classes: Sequence[s
         classes: foreground class names.
     """
     n = dice.shape[0]
+    cases = [np.arange(n)]
     out: dict[str, Any] = {
         "n": n,
-        "dice": _with_ci(lambda i: float(np.nanmean(dice[i])), n, seed),
+        "dice": bootstrap_interval(lambda i: float(np.nanmean(dice[i])), cases, seed=seed),
         "dice_per_class": {},
         "hd95_per_class": {},
     }
     for c, name in enumerate(classes):
-        out["dice_per_class"][name] = _with_ci(_column_mean(dice, c), n, seed)
-        out["hd95_per_class"][name] = _with_ci(_column_mean(hd95, c), n, seed)
+        out["dice_per_class"][name] = bootstrap_interval(_column_mean(dice, c), cases, seed=seed)
+        out["hd95_per_class"][name] = {
+            **bootstrap_interval(_column_mean(hd95, c), cases, seed=seed), "unit": "mm"}
     return out

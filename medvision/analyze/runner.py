@@ -11,6 +11,7 @@ Bad input never stops the batch: the study is ``rejected`` (unreadable or unsuit
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -292,7 +293,7 @@ def _render(report: StudyReport, predictor: Predictor, folder: Path, options: An
         write_volume(prediction.mask, folder / "mask.nii.gz")
         files["mask"] = "mask.nii.gz"
         files.update(write_label_sidecars(pipeline, folder, "mask"))
-    if report.volume is not None and (prediction is not None or report.qc.withheld):
+    if report.volume is not None and prediction is not None:
         colours = {name: pipeline.report.colour(name, k)
                    for k, name in enumerate(pipeline.classes)}
         images = key_images(report.volume,
@@ -382,6 +383,43 @@ class StudyOutcome:
     inputs: dict[str, Any]
 
 
+#: Errors of the machine (disk full, quota, read-only or failing storage), not of the study.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
+def _environment_error(error: BaseException) -> bool:
+    """Whether ``error`` (or one it was raised from) is a full, read-only or failing disk;
+    libraries such as pydicom re-raise the ``OSError`` without its errno."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _ENVIRONMENT_ERRNOS:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _failed(study: Study, draft: _Draft | None, base: dict[str, Any],
+            timings: dict[str, float], error: Exception, staging: Path,
+            predictor: Predictor) -> StudyReport:
+    """The report of a study whose processing raised ``error`` (its outputs removed)."""
+    status, reason = Status.FAILED, f"internal error: {type(error).__name__}: {error}"
+    if isinstance(error, DataError):
+        status, reason = Status.REJECTED, str(error)
+    elif isinstance(error, MedvisionError):
+        reason = str(error)
+    else:
+        log.exception("study %s failed", study.key, exc_info=error)
+    for child in staging.iterdir():  # no half-written outputs beside a failure
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    report = StudyReport(status=status, reason=reason,
+                         input=draft.input if draft else _input_summary(study, None, None),
+                         timings=timings, **base)
+    write_text_atomic(staging / "report.html", render_study(report, [], predictor.bundle.card))
+    return report
+
+
 def run_study(study: Study, predictor: Predictor, out: Path, options: AnalyzeOptions,
               pseudonymizer: Pseudonymizer, *,
               previous: dict[str, Any] | None = None,
@@ -389,9 +427,11 @@ def run_study(study: Study, predictor: Predictor, out: Path, options: AnalyzeOpt
     """Process one study into ``out/.<key>.partial``; never raises for a bad study.
 
     A study that cannot be read is ``rejected``; an error while processing makes it
-    ``failed``; either way it gets a report. ``previous`` is the report this one replaces
-    (summarised in its ``replaces`` section); ``predecessors`` are earlier DICOM SRs of the
-    study that a new SR supersedes (``options.dicom``).
+    ``failed``; either way it gets a report. A full, read-only or failing disk is not the
+    study's fault: that ``OSError`` propagates (nothing is staged), so the caller can retry.
+    ``previous`` is the report this one replaces (summarised in its ``replaces`` section);
+    ``predecessors`` are earlier DICOM SRs of the study that a new SR supersedes
+    (``options.dicom``).
     """
     staging = out / f".{study.key}.partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -399,9 +439,10 @@ def run_study(study: Study, predictor: Predictor, out: Path, options: AnalyzeOpt
     started = time.perf_counter()
     timings: dict[str, float] = {}
     run = run_fingerprint(predictor, options, study)
-    base: dict[str, Any] = {"study": study.key, "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "pipeline": pipeline_info(predictor), "software": software_versions(), "run": run,
-            "replaces": replaced_summary(previous, run) if previous is not None else None}
+    base: dict[str, Any] = {
+        "study": study.key, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "pipeline": pipeline_info(predictor), "software": software_versions(), "run": run,
+        "replaces": replaced_summary(previous, run) if previous is not None else None}
     draft: _Draft | None = None
     try:
         draft = _process(study, predictor, options, timings)
@@ -411,20 +452,10 @@ def run_study(study: Study, predictor: Predictor, out: Path, options: AnalyzeOpt
                              sources=draft.sources, timings=timings, **base)
         report = _render(report, predictor, staging, options, predecessors, timings)
     except Exception as e:  # noqa: BLE001 - one study must not end the batch
-        status, reason = Status.FAILED, f"internal error: {type(e).__name__}: {e}"
-        if isinstance(e, DataError):
-            status, reason = Status.REJECTED, str(e)
-        elif isinstance(e, MedvisionError):
-            reason = str(e)
-        else:
-            log.exception("study %s failed", study.key)
-        for child in staging.iterdir():  # no half-written outputs beside a failure
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-        report = StudyReport(status=status, reason=reason,
-                             input=draft.input if draft else _input_summary(study, None, None),
-                             timings=timings, **base)
-        write_text_atomic(staging / "report.html",
-                          render_study(report, [], predictor.bundle.card))
+        if _environment_error(e):  # the machine's fault, not the study's: retry later
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        report = _failed(study, draft, base, timings, e, staging, predictor)
     timings["total_s"] = time.perf_counter() - started
     report = replace(report, timings=dict(timings))
     document = to_document(report)

@@ -117,3 +117,47 @@ class Auditor:
         """``{"path", "sha256"}`` for each output file."""
         return tuple({"path": str(p.relative_to(relative_to)), "sha256": file_sha256(p)}
                      for p in sorted(paths) if p.is_file())
+
+
+def record_run(auditor: Auditor, *, action: str, status: str, pipeline: Any,
+               inputs: Mapping[str, Any], outputs: Iterable[Path], result: Mapping[str, Any],
+               seconds: float, reason: str | None = None,
+               weights_sha256: str | None = None) -> dict[str, Any]:
+    """Append the record of a training or evaluation run (the same provenance fields as an
+    analysis: pipeline name, version, config hash, weights hash, software versions).
+
+    Raises:
+        AuditError: the record could not be written.
+    """
+    import os
+
+    from medvision.config import config_hash
+    from medvision.provenance import software_versions
+
+    files = [p for p in outputs if p.is_file()]
+    root = Path(os.path.commonpath([str(p.parent) for p in files])) if files else Path(".")
+    described = {"name": pipeline.name, "version": pipeline.version,
+                 "config_hash": config_hash(pipeline)}
+    if weights_sha256:
+        described["weights_sha256"] = weights_sha256
+    return auditor.record(AuditRecord(
+        action=action, status=status, actor=auditor.actor, reason=reason, inputs=dict(inputs),
+        pipeline=described, software=software_versions(),
+        outputs=Auditor.outputs(files, relative_to=root), result=dict(result),
+        durations={"total_s": round(seconds, 4)}))
+
+
+def items_digest(items: Any) -> dict[str, Any]:
+    """Count and SHA-256 of a labelled item list (file paths or array bytes, and labels)."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    count = 0
+    for item in items:
+        image = item["image"]
+        digest.update(image.encode() if isinstance(image, str) else np.ascontiguousarray(image).tobytes())
+        digest.update(str(item["label"]).encode())
+        count += 1
+    return {"items": count, "items_sha256": digest.hexdigest()}

@@ -62,44 +62,13 @@ def signer_from_args(args: argparse.Namespace) -> Any:
     return Signer.from_file(path) if path is not None else None
 
 
-def items_digest(items: Any) -> dict[str, Any]:
-    """Count and SHA-256 of a labelled item list (file paths or array bytes, and labels)."""
-    import hashlib
-
-    import numpy as np
-
-    digest = hashlib.sha256()
-    count = 0
-    for item in items:
-        image = item["image"]
-        digest.update(image.encode() if isinstance(image, str) else np.ascontiguousarray(image).tobytes())
-        digest.update(str(item["label"]).encode())
-        count += 1
-    return {"items": count, "items_sha256": digest.hexdigest()}
 
 
 def record_run(args: argparse.Namespace, *, action: str, status: str, pipeline: Any,
                inputs: dict[str, Any], outputs: list[Path], result: dict[str, Any],
                seconds: float, reason: str | None = None) -> None:
     """Append a train/evaluate record; raises AuditError when it cannot be written."""
-    from medvision.audit.records import Auditor, AuditRecord
-    from medvision.config import config_hash
+    from medvision.audit.records import record_run as append
 
-    auditor = auditor_from_args(args)
-    files = [p for p in outputs if p.is_file()]
-    root = Path(os.path.commonpath([str(p.parent) for p in files])) if files else Path(".")
-    auditor.record(AuditRecord(
-        action=action, status=status, actor=auditor.actor, reason=reason, inputs=inputs,
-        pipeline={"name": pipeline.name, "version": pipeline.version,
-                  "config_hash": config_hash(pipeline)},
-        software=_software(), outputs=Auditor.outputs(files, relative_to=root),
-        result=result, durations={"total_s": seconds}))
-
-
-def _software() -> dict[str, str]:
-    import monai
-    import torch
-
-    from medvision._version import __version__
-
-    return {"medvision": __version__, "torch": torch.__version__, "monai": monai.__version__}
+    append(auditor_from_args(args), action=action, status=status, pipeline=pipeline,
+           inputs=inputs, outputs=outputs, result=result, seconds=seconds, reason=reason)

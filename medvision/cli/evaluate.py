@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-from pathlib import Path
 from typing import Any
 
-from medvision.cli.audit_options import add_audit_arguments, items_digest, record_run
+from medvision.audit.records import items_digest
+from medvision.cli.audit_options import add_audit_arguments, auditor_from_args
 from medvision.cli.conventions import add_pipeline_argument, examples, pipeline_of
 
 __all__ = ["add_parser", "run"]
@@ -58,16 +57,10 @@ def run(args: argparse.Namespace) -> int:
         if args.split in ("train", "val"):
             split = split_items(pipeline, items)
             items = list(split.val if args.split == "val" else split.train)
-    started = time.perf_counter()
-    metrics = evaluate(predictor, items, args.output, force=args.force)
-    out = Path(args.output)
-    headline: dict[str, Any] = {k: metrics[k]["value"] for k in ("accuracy", "auc", "dice")
-                                if k in metrics}
-    record_run(args, action="evaluate", status="ok", pipeline=pipeline,
-               inputs={"data": items_digest(items), "split": args.split,
-                       "weights_sha256": predictor.weights_sha256},
-               outputs=[out / "metrics.json", out / "summary.html"], result=headline,
-               seconds=time.perf_counter() - started)
+    metrics = evaluate(predictor, items, args.output, force=args.force,
+                       auditor=auditor_from_args(args),
+                       audit_inputs={"data": items_digest(items), "split": args.split,
+                                     "weights_sha256": predictor.weights_sha256})
     keys = ("accuracy", "auc", "f1", "ece") if pipeline.task == "classification" \
         else ("dice",)
     if args.json:

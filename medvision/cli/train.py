@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import time
-from pathlib import Path
 from typing import Any
 
-from medvision.cli.audit_options import add_audit_arguments, items_digest, record_run
+from medvision.cli.audit_options import add_audit_arguments, auditor_from_args
 from medvision.cli.conventions import add_pipeline_argument, examples, pipeline_of
-from medvision.errors import MedvisionError
 
 __all__ = ["add_parser", "run"]
 
@@ -55,24 +52,9 @@ def run(args: argparse.Namespace) -> int:
         split = split_items(pipeline, discover_items(pipeline, args.data))
     if args.limit:
         split = DataSplit(train=_spread(split.train, args.limit), val=_spread(split.val, args.limit))
-    inputs = {"train": items_digest(split.train), "val": items_digest(split.val),
-              "init_from": args.init_from}
-    started = time.perf_counter()
-    try:
-        result = train(pipeline, split, args.output, resume=args.resume,
-                       init_from=args.init_from, freeze=tuple(args.freeze))
-    except MedvisionError as e:
-        record_run(args, action="train", status="failed", pipeline=pipeline, inputs=inputs,
-                   outputs=[], result={}, seconds=time.perf_counter() - started, reason=str(e))
-        raise
-    run_dir = Path(args.output)
-    record_run(args, action="train", status="ok", pipeline=pipeline, inputs=inputs,
-               outputs=[run_dir / n for n in ("best.safetensors", "metrics.csv",
-                                              "calibration.json", "pipeline.yaml")],
-               result={"epochs": result.epochs_run, "best_epoch": result.best_epoch,
-                       pipeline.validation_metric: result.best_metric,
-                       "skipped_items": len(result.skipped)},
-               seconds=time.perf_counter() - started)
+    result = train(pipeline, split, args.output, resume=args.resume,
+                   init_from=args.init_from, freeze=tuple(args.freeze),
+                   auditor=auditor_from_args(args))
     if result.averaged_epochs:  # best.safetensors is the weight average, not one epoch
         chosen = (f"weights averaged over the last {result.averaged_epochs} epoch(s): "
                   f"{pipeline.validation_metric} {result.best_metric:.4f} (best single epoch "

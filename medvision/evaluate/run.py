@@ -3,34 +3,41 @@
 from __future__ import annotations
 
 import csv
-import html
 import json
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medvision.audit.records import Auditor, items_digest, record_run
 from medvision.errors import ConfigError, DataError
 from medvision.infer import Predictor
-from medvision.metrics import classification_metrics, segmentation_metrics
-from medvision.report.evaluation_figures import classification_plots, dice_boxplot
+from medvision.metrics import bootstrap_interval, classification_metrics, segmentation_metrics
+from medvision.report.figures import classification_plots, dice_boxplot, volume_agreement
+from medvision.report.html import render_evaluation
 from medvision.train.data import readable_items
 
 __all__ = ["evaluate"]
 
 
 def evaluate(predictor: Predictor, items: Sequence[dict[str, Any]],
-             out_dir: str | os.PathLike[str], *, force: bool = False) -> dict[str, Any]:
+             out_dir: str | os.PathLike[str], *, force: bool = False,
+             auditor: Auditor | None = None,
+             audit_inputs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Score ``predictor`` on ``items`` and write the evaluation folder; returns the metrics.
 
-    Unreadable items are skipped with a warning and listed under ``skipped_items``.
+    Unreadable items are skipped with a warning and listed under ``skipped_items``. With an
+    ``auditor`` the run is recorded (``audit_inputs`` describes the data; by default a digest
+    of the items).
 
     Raises:
         ConfigError: ``out_dir`` already holds an evaluation and ``force`` is false.
         DataError: no item is readable.
     """
+    started = time.perf_counter()
     out = Path(out_dir)
     if (out / "metrics.json").exists() and not force:
         raise ConfigError(f"{out}: holds an evaluation already; pass --force to overwrite")
@@ -48,8 +55,19 @@ def evaluate(predictor: Predictor, items: Sequence[dict[str, Any]],
                            "weights_sha256": predictor.weights_sha256,
                            "temperature": predictor.temperature}
     metrics["skipped_items"] = [{"path": p, "reason": r} for p, r in skipped]
+    metrics["interval_note"] = ("Proportions have Wilson score intervals; AUC, F1, ECE, Dice "
+                                "and distances have BCa bootstrap intervals over cases "
+                                "(resampled within each class for classification).")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (out / "summary.html").write_text(_html(metrics, images))
+    (out / "summary.html").write_text(render_evaluation(metrics, [p.name for p in images]))
+    if auditor is not None:
+        headline: dict[str, Any] = {k: metrics[k]["value"] for k in ("accuracy", "auc", "dice")
+                                    if k in metrics}
+        record_run(auditor, action="evaluate", status="ok", pipeline=pipeline,
+                   inputs=audit_inputs or {"data": items_digest(items)},
+                   outputs=[out / "metrics.json", out / "summary.html"], result=headline,
+                   seconds=time.perf_counter() - started,
+                   weights_sha256=predictor.weights_sha256)
     return metrics
 
 
@@ -73,8 +91,10 @@ def _classification(predictor: Predictor, items: Sequence[dict[str, Any]],
         for item, label, row in zip(items, truth, probs, strict=True):
             name = item["image"] if isinstance(item["image"], str) else item.get("group", "")
             writer.writerow([name, pipeline.classes[label], *[f"{p:.6f}" for p in row]])
+    auc = {name: item["auc"]["value"] for name, item in metrics["per_class"].items()}
     images = classification_plots(probs, truth, pipeline.classes,
-                                  metrics["confusion_matrix"]["rows_true_columns_predicted"], out)
+                                  metrics["confusion_matrix"]["rows_true_columns_predicted"], out,
+                                  auc=auc)
     return metrics, images
 
 
@@ -84,57 +104,42 @@ def _segmentation(predictor: Predictor, items: Sequence[dict[str, Any]],
     from monai.networks.utils import one_hot
 
     classes = predictor.pipeline.classes
-    dice_rows, hd_rows = [], []
+    dice_rows, hd_rows, volume_rows, reference_rows = [], [], [], []
     for batch, logits, label in predictor.run_items(items, batch_size=1):
         spacing = np.linalg.norm(np.asarray(batch["image"].affine[0])[:3, :3], axis=0)
         pred = one_hot(logits.argmax(dim=1, keepdim=True), len(classes))
         truth = one_hot(label.long(), len(classes))
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        volume_rows.append(pred[0, 1:].flatten(1).sum(dim=1).numpy() * voxel_ml)
+        reference_rows.append(truth[0, 1:].flatten(1).sum(dim=1).numpy() * voxel_ml)
         dice_rows.append(compute_dice(pred, truth, include_background=False).numpy()[0])
         hd_rows.append(compute_hausdorff_distance(pred, truth, include_background=False,
                                                   percentile=95, spacing=spacing.tolist())
                        .numpy()[0])
     dice, hd95 = np.array(dice_rows, dtype=float), np.array(hd_rows, dtype=float)
+    volumes, references = np.array(volume_rows), np.array(reference_rows)
     metrics = segmentation_metrics(dice, hd95, classes[1:])
+    metrics["volume_error_ml_per_class"] = {
+        name: {**bootstrap_interval(_volume_error(volumes, references, c),
+                                    [np.arange(len(volumes))]), "unit": "mL"}
+        for c, name in enumerate(classes[1:])}
     with (out / "cases.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["item", *[f"dice_{c}" for c in classes[1:]],
-                         *[f"hd95_{c}" for c in classes[1:]]])
-        for item, d, h in zip(items, dice, hd95, strict=True):
-            writer.writerow([item["image"], *[f"{v:.4f}" for v in d], *[f"{v:.2f}" for v in h]])
-    return metrics, [dice_boxplot(dice, classes[1:], out)]
+                         *[f"hd95_mm_{c}" for c in classes[1:]],
+                         *[f"volume_ml_{c}" for c in classes[1:]],
+                         *[f"reference_volume_ml_{c}" for c in classes[1:]]])
+        for item, d, h, v, r in zip(items, dice, hd95, volumes, references, strict=True):
+            writer.writerow([item["image"], *[f"{x:.4f}" for x in d], *[f"{x:.2f}" for x in h],
+                             *[f"{x:.4f}" for x in v], *[f"{x:.4f}" for x in r]])
+    return metrics, [dice_boxplot(dice, classes[1:], out),
+                     volume_agreement(volumes, references, classes[1:], out)]
 
 
-def _cell(value: Any) -> str:
-    if isinstance(value, dict) and "value" in value:
-        lo, hi = value["ci95"]
-        return f"{value['value']:.4f} <small>(95% CI {lo:.4f}&ndash;{hi:.4f})</small>"
-    return html.escape(json.dumps(value))
+def _volume_error(volumes: np.ndarray, references: np.ndarray,
+                  column: int) -> Callable[[np.ndarray], float]:
+    """Mean predicted minus reference volume of one class over the chosen cases."""
+    def error(index: np.ndarray) -> float:
+        return float(np.mean(volumes[index, column] - references[index, column]))
 
-
-def _html(metrics: dict[str, Any], images: list[Path]) -> str:
-    rows = []
-    for key, value in metrics.items():
-        if isinstance(value, dict) and "value" in value:
-            rows.append(f"<tr><th>{html.escape(key)}</th><td>{_cell(value)}</td></tr>")
-        elif key.endswith("_per_class"):
-            for name, item in value.items():
-                rows.append(f"<tr><th>{html.escape(key)} {html.escape(name)}</th>"
-                            f"<td>{_cell(item)}</td></tr>")
-    pipeline = metrics["pipeline"]
-    figures = "".join(f'<img src="{html.escape(p.name)}" alt="{html.escape(p.stem)}">'
-                      for p in images)
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Evaluation: {html.escape(pipeline['name'])}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:70em}}td,th{{padding:.2em .8em;text-align:left}}
-img{{max-width:32%;margin:.3em}}</style></head><body>
-<h1>Evaluation of {html.escape(pipeline['name'])} {html.escape(pipeline['version'])}</h1>
-<p>{metrics['n']} cases. Weights SHA-256 <code>{pipeline['weights_sha256'][:16]}…</code>,
-calibration temperature {pipeline['temperature']:.3f}. Intervals are bootstrap 95% percentile
-intervals over cases.{f" {len(metrics['skipped_items'])} unreadable item(s) skipped: "
-+ html.escape("; ".join(i["path"] for i in metrics["skipped_items"][:10])) + "."
-if metrics.get("skipped_items") else ""}</p>
-<table>{''.join(rows)}</table>
-<div>{figures}</div>
-<p><strong>Research use only; not for diagnostic use.</strong></p>
-</body></html>
-"""
+    return error

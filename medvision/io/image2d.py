@@ -16,9 +16,11 @@ __all__ = ["read_image2d"]
 def read_image2d(path: Path) -> Volume:
     """Read a 2D image as ``(C, I, J)``: C is 1 for grey and 3 for colour (alpha dropped).
 
-    Pixel spacing is unknown in these formats, so the affine is the identity (1 mm pixels) and
-    the volume carries a warning saying so. Axis ``I`` runs along a row (left to right), ``J``
-    down the rows, as MONAI's PIL reader lays them out.
+    Pixel spacing is unknown in these formats: pixels are 1 mm and the volume carries a warning
+    saying so. The grid is placed as ITK places it (origin 0, identity direction in ITK's LPS
+    frame), so pixel (i, j) sits at LPS (i, j), that is RAS (-i, -j): a saliency map or mask
+    written as NIfTI lands on the same pixels as the image in ITK-based viewers. Axis ``I``
+    runs along a row (left to right), ``J`` down the rows, as MONAI's PIL reader lays them out.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -42,6 +44,6 @@ def read_image2d(path: Path) -> Volume:
     else:
         array = np.moveaxis(array, -1, 0)
     array = np.transpose(array, (0, 2, 1))
-    return Volume(array=array, affine=np.eye(4), modality="OT",
+    return Volume(array=array, affine=np.diag([-1.0, -1.0, 1.0, 1.0]), modality="OT",
                   header={"format": path.suffix.lstrip(".").upper(), "mode": mode},
                   warnings=("pixel spacing unknown: 1 mm assumed",), source=str(path))

@@ -10,6 +10,7 @@ destination with retries. Everything is resumable after a crash or SIGKILL.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import ssl
 import threading
@@ -310,7 +311,12 @@ class Bridge:
             target.mkdir(parents=True, exist_ok=True)
             for item in report.files.get("dicom", []):
                 path = target / Path(item["file"]).name
-                shutil.copyfile(self.store.results / study.key / item["file"], path)
+                source = self.store.results / study.key / item["file"]
+                try:  # the same file, not a second copy (same disk; saves space)
+                    path.unlink(missing_ok=True)
+                    os.link(source, path)
+                except OSError:
+                    shutil.copyfile(source, path)
                 outputs.append((item["sop_instance_uid"], path, item["kind"]))
         state = self.store.finish_analysis(
             job.study_uid, outputs, analysis=job.analysis,

@@ -6,7 +6,7 @@ backend and threads can draw at the same time.
 
 Key images follow the radiological convention: 3D volumes are shown in the RAS frame
 (reoriented, never resampled) with the patient's right on the viewer's left; every panel
-carries orientation letters at its edges (from the affine), square pixels in millimetres (the
+of a 3D volume carries orientation letters at its edges (from the affine), square pixels in millimetres (the
 aspect ratio comes from the voxel spacing), a colour bar for the saliency and a legend naming
 each segmented class.
 """
@@ -185,7 +185,9 @@ def key_images(volume: Volume, *, saliency: Volume | None = None, mask: Volume |
     sal = sal_all[0] if sal_all is not None else None
     labels = np.rint(lab_all[0]).astype(int) if lab_all is not None else None
     focus = labels if labels is not None and np.any(labels > 0) else sal
-    letters = spatial == 3 or volume.modality.upper() != "OT"
+    # 3D volumes have a patient frame; a projection radiograph's letters would need Patient
+    # Orientation (0020,0020), which the volume does not carry, so 2D panels get none
+    letters = spatial == 3
     lo, hi = _window(grey)
     palette = _palette(classes, colours)
     images = []

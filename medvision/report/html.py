@@ -111,7 +111,7 @@ def metric_rows(metrics: Mapping[str, Any]) -> list[dict[str, str]]:
     for key, value in metrics.items():
         if isinstance(value, Mapping) and "value" in value:
             add(key.replace("_", " "), value)
-        elif key.endswith("_per_class") and isinstance(value, Mapping):
+        elif (key.endswith("_per_class") or key == "per_class") and isinstance(value, Mapping):
             for name, item in value.items():
                 if isinstance(item, Mapping) and "value" in item:
                     add(f"{key.removesuffix('_per_class').replace('_', ' ')}: {name}", item)

@@ -29,9 +29,10 @@ from typing import Any
 import numpy as np
 
 from medvision.atomic import write_text_atomic
+from medvision.audit.records import Auditor, items_digest, record_run
 from medvision.config import Pipeline, config_hash
-from medvision.errors import CheckpointError, ConfigError, DataError
-from medvision.models import build_model, load_weights, save_weights
+from medvision.errors import CheckpointError, ConfigError, DataError, MedvisionError
+from medvision.models import build_model, load_weights, save_weights, weights_sha256
 from medvision.models.calibration import fit_temperature, write_temperature
 from medvision.train.checkpoint_state import load_training_state, save_training_state
 from medvision.train.data import DataSplit, readable_items
@@ -205,8 +206,12 @@ def _better(metric: str, value: float, best: float | None) -> bool:
 
 def train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str], *,
           resume: bool = False, init_from: str | os.PathLike[str] | None = None,
-          freeze: Sequence[str] = (), progress: bool | None = None) -> TrainResult:
+          freeze: Sequence[str] = (), progress: bool | None = None,
+          auditor: Auditor | None = None) -> TrainResult:
     """Train ``pipeline`` on ``split``, writing checkpoints into ``run_dir``.
+
+    With an ``auditor`` the run is recorded (failed runs too): the data digests, the
+    pipeline's config hash, the weights written and the best validation metric.
 
     Args:
         pipeline: validated pipeline.
@@ -217,11 +222,42 @@ def train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str],
             does not fit (a different head) are left at their fresh values.
         freeze: parameter-name prefixes to keep fixed.
         progress: show a progress bar (default: when stderr is a terminal).
+        auditor: where the run's record goes (``None``: not recorded).
 
     Raises:
         ConfigError: a non-empty run folder without ``resume``.
         CheckpointError: nothing to resume from, or unusable ``init_from`` weights.
+        AuditError: the record could not be written.
     """
+    started = time.perf_counter()
+    inputs = {"train": items_digest(split.train), "val": items_digest(split.val),
+              "init_from": str(init_from) if init_from else None}
+    try:
+        result = _train(pipeline, split, run_dir, resume=resume, init_from=init_from,
+                        freeze=freeze, progress=progress)
+    except MedvisionError as e:
+        if auditor is not None:
+            record_run(auditor, action="train", status="failed", pipeline=pipeline,
+                       inputs=inputs, outputs=[], result={},
+                       seconds=time.perf_counter() - started, reason=str(e))
+        raise
+    if auditor is not None:
+        run = Path(run_dir)
+        weights = run / "best.safetensors"
+        record_run(auditor, action="train", status="ok", pipeline=pipeline, inputs=inputs,
+                   outputs=[run / n for n in ("best.safetensors", "metrics.csv",
+                                              "calibration.json", "pipeline.yaml")],
+                   result={"epochs": result.epochs_run, "best_epoch": result.best_epoch,
+                           pipeline.validation_metric: result.best_metric,
+                           "skipped_items": len(result.skipped)},
+                   seconds=time.perf_counter() - started,
+                   weights_sha256=weights_sha256(weights) if weights.is_file() else None)
+    return result
+
+
+def _train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str], *,
+           resume: bool, init_from: str | os.PathLike[str] | None, freeze: Sequence[str],
+           progress: bool | None) -> TrainResult:
     import torch
     from monai.utils import set_determinism
     from tqdm import tqdm

@@ -15,7 +15,7 @@ from PIL import Image
 
 from medvision.cli.main import main
 from medvision.io import read_volume
-from medvision.report import load_schema
+from medvision.report import SCHEMA_VERSION, load_schema
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,7 +54,7 @@ def test_out_of_distribution_inputs_are_flagged_not_ok(mr_slices: Path, tmp_path
     assert "5 studies: 0 ok, 5 flagged" in printed
     for key, report in reports.items():
         jsonschema.validate(report, load_schema())
-        assert report["schema_version"] == "1.1.0"
+        assert report["schema_version"] == SCHEMA_VERSION
         assert report["status"] == "flagged"
         assert report["qc"]["flagged_by"][0] == "out_of_distribution"
         assert report["qc"]["ood_distance"] > report["qc"]["ood_threshold"]

@@ -106,3 +106,25 @@ def test_garbage_image_file_is_a_data_error(tmp_path: Path) -> None:
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     with pytest.raises(DataError, match="broken.png"):
         read_volume(bad)
+
+
+def test_jpeg_maps_land_on_the_same_pixels_as_in_simpleitk(tmp_path: Path) -> None:
+    """A JPEG's pixel (10, 20) and the saliency NIfTI's voxel (10, 20) are the same physical
+    point in SimpleITK (they used to sit at (10, 20) and (-10, -20))."""
+    import numpy as np
+    from PIL import Image
+
+    from medvision.io import read_volume, write_volume
+
+    sitk = pytest.importorskip("SimpleITK")
+    pixels = np.zeros((40, 30), dtype=np.uint8)
+    pixels[20, 10] = 255  # row 20, column 10
+    Image.fromarray(pixels).save(tmp_path / "image.png")
+    volume = read_volume(tmp_path / "image.png")
+    write_volume(volume, tmp_path / "map.nii.gz")
+    image = sitk.ReadImage(str(tmp_path / "image.png"))
+    written = sitk.ReadImage(str(tmp_path / "map.nii.gz"))
+    assert image.TransformIndexToPhysicalPoint((10, 20)) == pytest.approx(
+        written.TransformIndexToPhysicalPoint((10, 20, 0))[:2])
+    array = sitk.GetArrayFromImage(written)
+    assert array.reshape(-1, *array.shape[-2:])[0][20, 10] == 255

@@ -180,7 +180,7 @@ def test_results_arrive_in_the_source_study(bridge: BridgeProcess, orthanc: Orth
                        ["Modality"] == "SR")
     (tmp_path / "sr.dcm").write_bytes(orthanc.raw(f"/instances/{sr_instance['ID']}/file"))
     items = sr_content(pydicom.dcmread(tmp_path / "sr.dcm"))
-    assert items["Input quality check"] == "Flagged: result may not apply"
+    assert items["Quality Finding"] == "Flagged: result may not apply"
     assert items["Out of distribution"] == "Yes"
     assert items["Out-of-distribution distance"] > items["Out-of-distribution threshold"] > 0
     assert items["Decision threshold"] == pytest.approx(0.5)

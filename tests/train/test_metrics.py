@@ -7,7 +7,7 @@ import pytest
 
 from medvision.metrics import (
     binary_auc,
-    bootstrap,
+    bootstrap_interval,
     classification_metrics,
     expected_calibration_error,
     segmentation_metrics,
@@ -57,11 +57,37 @@ def test_ece_by_hand() -> None:
 
 def test_bootstrap_interval_contains_the_mean_and_is_reproducible() -> None:
     values = np.random.default_rng(0).normal(5, 1, 200)
-    ci = bootstrap(lambda i: float(values[i].mean()), len(values), seed=3)
-    assert ci[0] < values.mean() < ci[1]
-    assert ci == bootstrap(lambda i: float(values[i].mean()), len(values), seed=3)
-    assert ci[1] - ci[0] == pytest.approx(2 * 1.96 / np.sqrt(200), rel=0.2)
+    first = bootstrap_interval(lambda i: float(values[i].mean()), [np.arange(200)], seed=3)
+    lo, hi = first["ci95"]
+    assert first["ci_method"] == "bca"
+    assert lo < values.mean() < hi and hi - lo < 0.5
+    assert first == bootstrap_interval(lambda i: float(values[i].mean()), [np.arange(200)],
+                                       seed=3)
 
+
+def test_perfect_small_sample_gets_a_wilson_interval_not_a_point() -> None:
+    """11/11 correct: 1.000 with 95% CI 0.741-1.000 (Wilson), never 1.000-1.000."""
+    p1 = np.array([0.1] * 5 + [0.9] * 6)
+    probs = np.stack([1 - p1, p1], axis=1)
+    labels = np.array([0] * 5 + [1] * 6)
+    m = classification_metrics(probs, labels, ["neg", "pos"])
+    assert m["accuracy"]["value"] == 1.0
+    assert m["accuracy"]["ci_method"] == "wilson"
+    assert m["accuracy"]["ci95"][0] == pytest.approx(0.7412, abs=1e-4)
+    assert m["recall"]["ci95"][0] < 1.0 and m["specificity"]["ci95"][0] < 1.0
+    assert m["per_class"]["pos"]["recall"]["ci_method"] == "wilson"
+
+
+def test_auc_is_monai_and_stratified_resamples_keep_both_classes() -> None:
+    rng = np.random.default_rng(1)
+    labels = np.array([0] * 90 + [1] * 10)
+    p1 = np.clip(labels * 0.3 + rng.uniform(0, 0.7, 100), 0, 1)
+    probs = np.stack([1 - p1, p1], axis=1)
+    m = classification_metrics(probs, labels, ["neg", "pos"])
+    assert m["auc"]["ci_method"] in ("bca", "percentile")
+    lo, hi = m["auc"]["ci95"]
+    assert np.isfinite(lo) and np.isfinite(hi)  # never a resample without positives
+    assert lo <= m["auc"]["value"] <= hi
 
 def test_segmentation_summary() -> None:
     dice = np.array([[0.8, 0.6], [0.9, 0.7]])

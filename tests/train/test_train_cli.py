@@ -80,7 +80,7 @@ def test_train_then_evaluate_classification(shared_data: Path, tmp_path: Path, c
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("accuracy", "precision", "recall", "specificity", "f1", "auc", "ece"):
         value = metrics[key]
-        assert set(value) == {"value", "ci95"}, key
+        assert {"value", "ci95", "ci_method"} <= set(value), key
         if value["value"] == value["value"]:  # not NaN
             assert value["ci95"][0] <= value["value"] + 1e-9 <= value["ci95"][1] + 2e-9, key
     matrix = metrics["confusion_matrix"]["rows_true_columns_predicted"]
@@ -90,7 +90,7 @@ def test_train_then_evaluate_classification(shared_data: Path, tmp_path: Path, c
         assert (out / png).stat().st_size > 1000
     assert "summary.html" in capsys.readouterr().out
     page = (out / "summary.html").read_text()
-    assert "roc.png" in page and "not for diagnostic use" in page
+    assert "roc.png" in page and "Not for diagnostic use" in page
 
 
 def test_train_then_evaluate_segmentation(shared_data: Path, tmp_path: Path) -> None:
