@@ -11,6 +11,8 @@ import yaml
 from medvision.config import config_hash, load_pipeline
 from medvision.errors import ConfigError
 
+ROOT = Path(__file__).resolve().parents[2]
+
 MINIMAL = {
     "name": "t", "task": "classification", "spatial_dims": 2, "classes": ["a", "b"],
     "data": {"layout": "class_folders"}, "model": {"name": "resnet10"},
@@ -59,3 +61,48 @@ def test_config_is_frozen_and_hash_is_stable(tmp_path: Path) -> None:
     assert config_hash(changed) != config_hash(one)
     with pytest.raises(pydantic.ValidationError):
         one.name = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"loss": {"name": "dice_ce"}}, "not implemented for classification"),
+    ({"loss": {"name": "focal", "label_smoothing": 0.1}}, "does not use loss.label_smoothing"),
+    ({"optimizer": {"name": "adamw", "momentum": 0.8}}, "momentum applies to sgd only"),
+    ({"report": {"classes": {"CAT": {"colour": [1, 2, 3]}}}}, "not classes of this pipeline"),
+    ({"explanation": {"method": "lime"}}, "explanation.method"),
+])
+def test_options_the_code_cannot_honour_are_errors(tmp_path: Path, change: dict,
+                                                    message: str) -> None:
+    """A pipeline naming something the code does not implement fails loudly, never falls
+    back silently (schedule onecycle used to validate and then run cosine)."""
+    import yaml
+
+    from medvision.config import load_pipeline
+    from medvision.errors import ConfigError
+
+    raw = yaml.safe_load((ROOT / "pipelines" / "chest-xray-pneumonia" / "pipeline.yaml")
+                         .read_text())
+    raw.update(change)
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=message):
+        load_pipeline(tmp_path / "pipeline.yaml")
+
+
+def test_onecycle_is_a_real_schedule() -> None:
+    from medvision.config import load_pipeline
+    from medvision.train.loop import lr_factor
+
+    base = load_pipeline(ROOT / "pipelines" / "chest-xray-pneumonia" / "pipeline.yaml")
+    training = base.training.model_copy(update={"epochs": 10, "swa_epochs": 0})
+
+    def factors(name: str) -> list[float]:
+        pipeline = base.model_copy(update={
+            "training": training,
+            "schedule": base.schedule.model_copy(update={"name": name,
+                                                         "warmup_epochs": None})})
+        return [lr_factor(pipeline, e) for e in range(10)]
+
+    onecycle, cosine = factors("onecycle"), factors("cosine")
+    assert onecycle != cosine
+    assert onecycle[0] == pytest.approx(1 / 25)  # starts low...
+    assert max(onecycle) == pytest.approx(1.0) and onecycle.index(1.0) == 3  # peaks at 30%
+    assert onecycle[-1] < 0.05 and cosine[0] == 1.0

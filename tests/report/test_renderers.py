@@ -1,0 +1,84 @@
+"""Renderers: figures carry correct orientation letters and millimetre aspect; no renderer
+reads results back from disk; model cards are real Markdown."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medvision.io import Volume
+from medvision.report import figures
+from medvision.report.html import card_sections
+
+REPORT = Path(__file__).resolve().parents[2] / "medvision" / "report"
+
+
+def test_orientation_letters_follow_the_affine_whatever_the_storage_order() -> None:
+    """An LPS-stored and an RAS-stored copy of one volume show the same panels with the
+    radiological letters (patient right on the viewer's left)."""
+    array = np.random.default_rng(0).random((1, 6, 7, 8)).astype(np.float32)
+    ras = Volume(array=array, affine=np.diag([2.0, 1.0, 3.0, 1.0]))
+    lps_array = array[:, ::-1, ::-1, :].copy()
+    lps_affine = np.diag([-2.0, -1.0, 3.0, 1.0])
+    lps_affine[:3, 3] = [10.0, 6.0, 0.0]
+    lps = Volume(array=lps_array, affine=lps_affine)
+    for volume in (ras, lps):
+        canonical, affine = figures._canonical(volume)
+        np.testing.assert_allclose(canonical, array)
+        views = {v.name: v for v in figures._views(canonical.shape[1:], affine, None, 3)}
+        axial, coronal, sagittal = views["axial"], views["coronal"], views["sagittal"]
+        assert (figures._letter(axial.right), figures._letter(-axial.down)) == ("L", "A")
+        assert (figures._letter(coronal.right), figures._letter(-coronal.down)) == ("L", "S")
+        assert (figures._letter(sagittal.right), figures._letter(-sagittal.down)) == ("P", "S")
+        assert axial.aspect == pytest.approx(1.0 / 2.0)  # rows 1 mm, columns 2 mm
+        assert coronal.aspect == pytest.approx(3.0 / 2.0)
+
+
+def test_oblique_directions_get_two_letters() -> None:
+    assert figures._letter(np.array([0.8, 0.6, 0.0])) == "RA"
+    assert figures._letter(np.array([0.0, -0.1, -1.0])) == "I"
+
+
+def test_key_images_are_pngs_with_pixels_for_dicom() -> None:
+    volume = Volume(array=np.random.default_rng(1).random((1, 20, 24, 10)).astype(np.float32),
+                    affine=np.eye(4))
+    mask = np.zeros((1, 20, 24, 10), dtype=np.float32)
+    mask[0, 5:10, 5:12, 3:7] = 1
+    mask[0, 10:14, 8:15, 3:7] = 2
+    images = figures.key_images(volume, mask=Volume(array=mask, affine=np.eye(4)),
+                                saliency=Volume(array=mask / 2, affine=np.eye(4)),
+                                classes=("background", "a", "b"))
+    assert [i.name for i in images] == ["key_axial.png", "overlay_axial.png", "key_coronal.png",
+                                        "overlay_coronal.png", "key_sagittal.png",
+                                        "overlay_sagittal.png"]
+    for image in images:
+        assert image.png.startswith(b"\x89PNG") and image.rgb.ndim == 3
+
+
+def test_no_renderer_reads_a_result_back_from_disk() -> None:
+    """The renderers take the in-memory report: none of them calls a reader."""
+    readers = {"read_volume", "dcmread", "load", "imread", "read_text", "read_bytes", "open"}
+    allowed = {("html.py", "read_text")}  # templates are read by Jinja's loader, not results
+    for path in REPORT.glob("*.py"):
+        if path.name in ("audit.py", "__init__.py"):  # the audit page reads the audit log
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+                if name in readers and (path.name, name) not in allowed:
+                    # json.load of the packaged schema is the one read in json.py
+                    assert path.name == "json.py" and name == "read_text", (path.name, name)
+
+
+def test_model_card_markdown_is_rendered_not_split_by_lines() -> None:
+    card = ("# Model\n\nA *small* model.\n\n## Intended use\n\n- Research only, on images\n"
+            "  like the training set.\n- Teaching.\n\n## Limitations\n\n| a | b |\n|---|---|\n"
+            "| 1 | 2 |\n")
+    sections = card_sections(card)
+    assert "<em>small</em>" in sections["summary"]
+    assert sections["intended_use"].count("<li>") == 2  # a wrapped bullet stays one item
+    assert "images\nlike the training set" in sections["intended_use"]
+    assert "<table>" in sections["limitations"]
