@@ -188,6 +188,19 @@ class InputRules(_Strict):
     min_slices: int = Field(default=1, ge=1, description="3D: fewest slices accepted")
     spacing_mm: tuple[float, float] | None = Field(
         default=None, description="plausible voxel size range; outside it is flagged")
+    four_d: Literal["reject", "first", "mean", "b_value", "channels"] = Field(
+        default="reject",
+        description="a series of several volumes (fMRI, diffusion, perfusion): reject it "
+                    "with the reason, take the first volume, the mean over volumes, the mean "
+                    "of the volumes at b_value, or the volumes as the model's channels")
+    b_value: float | None = Field(default=None, ge=0,
+                                  description="four_d: b_value selects volumes at this b-value")
+
+    @model_validator(mode="after")
+    def _b_value_given(self) -> InputRules:
+        if self.four_d == "b_value" and self.b_value is None:
+            raise ValueError("input.four_d: b_value needs input.b_value")
+        return self
 
 
 class ExplanationConfig(_Strict):

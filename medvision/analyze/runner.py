@@ -36,6 +36,7 @@ from medvision.infer.predictor import Prediction
 from medvision.infer.qc import QCFlag, check_input
 from medvision.io import SourceEntry, Volume, write_volume
 from medvision.io.boundary import reading
+from medvision.io.volume import reduce_volumes
 from medvision.provenance import software_versions
 from medvision.report.dicom import write_dicom
 from medvision.report.figures import KeyImage, key_images
@@ -203,6 +204,11 @@ def _process(study: Study, predictor: Predictor, options: AnalyzeOptions,
             if same:
                 volume = replace(volume, skipped_files=(*same, *volume.skipped_files))
         timings["load_s"] = time.perf_counter() - t0
+        try:
+            volume = reduce_volumes(volume, pipeline.input.four_d, b_value=pipeline.input.b_value,
+                                    channels=pipeline.in_channels)
+        except DataError as e:
+            raise _Rejected(str(e)) from e
         phi = (_phi(entry.series.frames[0].dataset)
                if options.include_phi and entry.series is not None else None)
         summary = _input_summary(study, entry, volume, phi)
@@ -213,7 +219,7 @@ def _process(study: Study, predictor: Predictor, options: AnalyzeOptions,
     except _Rejected as e:
         chosen = entry or (study.candidates[0] if study.candidates else None)
         return _Draft(status=Status.REJECTED, reason=str(e),
-                      input=_input_summary(study, chosen, None), qc=QCResult(flags=e.flags),
+                      input=_input_summary(study, chosen, volume), qc=QCResult(flags=e.flags),
                       entry=chosen)
 
     t0 = time.perf_counter()

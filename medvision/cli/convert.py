@@ -78,6 +78,7 @@ def _choose(entries: tuple[SourceEntry, ...], wanted: str | None) -> SourceEntry
 def run(args: argparse.Namespace) -> int:
     """Convert; returns 1 when any series failed."""
     from medvision.io import inventory, write_volume
+    from medvision.io.bids import write_sidecars
 
     found = inventory(args.paths)
     if not found.entries:
@@ -99,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             volume = entry.load(irregular=args.irregular)
             write_volume(volume, path)
+            write_sidecars(volume, path)
         except DataError as e:
             failures += 1
             print(f"medvision: failed: {e}", file=sys.stderr)
@@ -106,5 +108,7 @@ def run(args: argparse.Namespace) -> int:
         for warning in volume.warnings:
             log.warning("%s: %s", path, warning)
         shape = "x".join(str(s) for s in volume.spatial_shape)
+        if volume.fourth_axis is not None:
+            shape += f"x{volume.volumes} ({volume.fourth_axis.kind})"
         print(f"wrote {path} ({shape}, {volume.orientation})")
     return 1 if failures else 0

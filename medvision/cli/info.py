@@ -54,6 +54,14 @@ def _print_table(series: list[dict[str, Any]], rejected: list[dict[str, str]]) -
         print(f"    matrix      : {'x'.join(str(v) for v in item['matrix'])}, "
               f"{item['slices']} slice(s); volume {'x'.join(str(v) for v in item['shape'])}")
         print(f"    spacing     : {_fmt(item['spacing'])} mm, orientation {item['orientation']}")
+        fourth = item.get("fourth_axis")
+        if fourth:
+            extra = (f", TR {fourth['repetition_time_s']:g} s"
+                     if fourth.get("repetition_time_s") else "")
+            extra += (f", b-values {', '.join(f'{b:g}' for b in fourth['b_values'])}"
+                      if fourth.get("b_values") else "")
+            print(f"    volumes     : {fourth['volumes']} ({fourth['kind']}), separated by "
+                  f"{fourth['separated_by']}{extra}")
         if item.get("transfer_syntax"):
             print(f"    transfer    : {item['transfer_syntax']}")
         for warning in item["warnings"]:

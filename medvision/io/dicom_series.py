@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 
 from medvision.errors import DataError, GeometryError, InvalidDicomError, SeriesAssemblyError
+from medvision.io.bids import bids_sidecar
 from medvision.io.boundary import reading
 from medvision.io.dicom_files import (
     DicomFrame,
@@ -31,8 +32,9 @@ from medvision.io.dicom_files import (
     read_header,
 )
 from medvision.io.dicom_pixels import stack_frames
+from medvision.io.multivolume import repeats_positions, separate_volumes
 from medvision.io.regrid import SliceGeometry, analyse_slices, regrid_slices
-from medvision.io.volume import LPS_TO_RAS, Volume, orientation_code
+from medvision.io.volume import LPS_TO_RAS, FourthAxis, Volume, orientation_code
 
 __all__ = ["DicomScan", "DicomSeries", "scan_dicom"]
 
@@ -53,6 +55,10 @@ class DicomSeries:
             frames without position information.
         warnings: notes on anything unusual found while assembling.
         error: why this series cannot be loaded, found from its headers alone, or ``None``.
+        fourth_axis: for a series of several volumes (4D), what separates them; ``frames``
+            then holds the volumes one after the other, each sorted along the normal.
+        volume_size: slices per volume of a 4D series.
+        notes: facts about the series worth showing that are not problems (4D layout).
     """
 
     key: str
@@ -61,6 +67,14 @@ class DicomSeries:
     geometry: SliceGeometry | None
     warnings: tuple[str, ...]
     error: str | None = None
+    fourth_axis: FourthAxis | None = None
+    volume_size: int = 0
+    notes: tuple[str, ...] = ()
+
+    @property
+    def volumes(self) -> int:
+        """Number of volumes (1 unless the series is 4D)."""
+        return len(self.frames) // self.volume_size if self.fourth_axis else 1
 
     @property
     def modality(self) -> str:
@@ -90,7 +104,10 @@ class DicomSeries:
             "spacing": [round(float(s), 6) for s in np.linalg.norm(affine[:3, :3], axis=0)][
                 : len(shape)],
             "orientation": orientation_code(affine),
-            "slices": len(self.frames),
+            "slices": len(self.frames) // self.volumes,
+            "volumes": self.volumes,
+            **({"fourth_axis": self.fourth_axis.describe(self.volumes),
+                "notes": list(self.notes)} if self.fourth_axis else {}),
             "transfer_syntax": self.header.get("TransferSyntax", ""),
             "files": len(self.paths),
             "warnings": list(self.warnings),
@@ -122,6 +139,8 @@ class DicomSeries:
         failures: dict[str, str] | None = {} if skip_unreadable else None
         with reading(self.frames[0].path, f"series {self.key}", InvalidDicomError):
             stacked = stack_frames(self.frames, failures)  # (C, I, J, K)
+            if self.fourth_axis is not None:
+                return self._volume4d(stacked, irregular, failures or {})
             series = self
             if failures:
                 keep = [k for k, f in enumerate(self.frames) if f.path not in failures]
@@ -135,6 +154,39 @@ class DicomSeries:
                     (*self.warnings, *series.warnings))))
             return series._volume(stacked, irregular,
                                    tuple(sorted((failures or {}).items())))
+
+    def _volume4d(self, stacked: np.ndarray, irregular: Irregular,
+                  failures: dict[str, str]) -> Volume:
+        """One Volume whose channels are the volumes; volumes with an unreadable plane are
+        left out (and said so)."""
+        fourth = self.fourth_axis
+        assert fourth is not None
+        size, count = self.volume_size, self.volumes
+        if stacked.shape[0] != 1:
+            raise SeriesAssemblyError(f"{self.frames[0].path}: series {self.key} is a 4D "
+                                      "series of colour images, which is not supported")
+        keep = [t for t in range(count) if not any(
+            f.path in failures for f in self.frames[t * size:(t + 1) * size])]
+        if not keep:
+            raise InvalidDicomError(f"{self.frames[0].path}: series {self.key}: every volume "
+                                    "has an undecodable plane")
+        warnings = list(self.warnings)
+        if len(keep) < count:
+            warnings.append(f"{count - len(keep)} of {count} volumes left out: a plane of "
+                            "each could not be decoded")
+        first = replace(self, frames=self.frames[:size], fourth_axis=None)
+        parts = [first._volume(stacked[..., t * size:(t + 1) * size], irregular, ())
+                 for t in keep]
+        def pick(values: tuple[Any, ...]) -> tuple[Any, ...]:
+            return tuple(values[t] for t in keep) if len(values) == count else values
+
+        axis = replace(fourth, times_s=pick(fourth.times_s), b_values=pick(fourth.b_values),
+                       gradients=pick(fourth.gradients))
+        return replace(parts[0], array=np.concatenate([p.array for p in parts], axis=0),
+                       source_uids=tuple(dict.fromkeys(f.sop_instance_uid for f in self.frames)),
+                       source=os.path.commonpath(self.paths) if len(self.paths) > 1
+                       else self.paths[0], warnings=tuple(dict.fromkeys(warnings)),
+                       skipped_files=tuple(sorted(failures.items())), fourth_axis=axis)
 
     def _volume(self, stacked: np.ndarray, irregular: Irregular,
                 skipped: tuple[tuple[str, str], ...]) -> Volume:
@@ -281,7 +333,7 @@ def assemble(frames: Sequence[DicomFrame]) -> list[DicomSeries]:
         parts.sort(key=lambda p: (p[0].path, p[0].frame or 0))
         for n, part in enumerate(parts):
             key = uid if len(parts) == 1 else f"{uid}.{n + 1}"
-            series = _make_series(key, part, split=len(parts) > 1)
+            series = _make_any(key, part, split=len(parts) > 1)
             if duplicates.get(uid):
                 note = (f"{duplicates[uid]} file(s) repeat an instance already read (same SOP "
                         "Instance UID); the first file read was kept")
@@ -303,12 +355,18 @@ def _position_key(frame: DicomFrame) -> tuple[float, ...]:
     return tuple(round(v, 2) for v in frame.position) if frame.position else (frame.frame or 0,)
 
 
+#: Keys whose values make separate series (echoes, stacks, image types); time and diffusion
+#: keys make volumes of one 4D series instead (:mod:`medvision.io.multivolume`).
+_SERIES_KEYS = ("EchoNumbers", "StackID", "ImageType")
+
+
 def _split_duplicates(frames: list[DicomFrame]) -> list[list[DicomFrame]]:
-    """Split frames that share positions by the first distinguishing key (echo, time...)."""
+    """Split frames that share positions by the first key that makes separate series (echo,
+    stack, image type); what is left sharing positions is a 4D series."""
     positions = [_position_key(f) for f in frames]
     if len(set(positions)) == len(positions) or frames[0].position is None:
         return [frames]
-    names = [name for name, _ in frames[0].split_keys]
+    names = [name for name, _ in frames[0].split_keys if name in _SERIES_KEYS]
     for name in names:
         parts: dict[str, list[DicomFrame]] = defaultdict(list)
         for frame in frames:
@@ -318,6 +376,56 @@ def _split_duplicates(frames: list[DicomFrame]) -> list[list[DicomFrame]]:
         ):
             return [parts[k] for k in sorted(parts)]
     return [frames]
+
+
+def _normal(frame: DicomFrame) -> np.ndarray:
+    if frame.normal is not None:
+        return np.array(frame.normal, dtype=float)
+    orientation = np.array(frame.orientation, dtype=float)
+    return np.cross(orientation[:3], orientation[3:])
+
+
+def _make_any(key: str, frames: list[DicomFrame], *, split: bool) -> DicomSeries:
+    """A 3D series, or a 4D one when planes repeat positions (several volumes)."""
+    has_geometry = all(f.orientation is not None and f.position is not None for f in frames)
+    if not has_geometry or not repeats_positions(frames):
+        return _make_series(key, frames, split=split)
+    first = frames[0]
+    normal = _normal(first)
+    where = f"{first.path}: series {key}"
+    try:
+        separation = separate_volumes(frames, normal, where)
+    except SeriesAssemblyError as e:
+        return DicomSeries(key=key, frames=tuple(frames), header=_header(first, key),
+                           geometry=None, warnings=(), error=str(e))
+    base = _make_series(key, list(separation.volumes[0]), split=split)
+    if base.error is not None:
+        return replace(base, frames=tuple(f for v in separation.volumes for f in v))
+    orientation = np.array(first.orientation, dtype=float)
+    axes = np.stack([orientation[:3], orientation[3:], normal / np.linalg.norm(normal)])
+    gradients = tuple(tuple(round(float(v), 6) for v in axes @ np.array(g))
+                      for g in separation.gradients_lps)
+    tiles = [f.tile for f in separation.volumes[0] if f.tile is not None]
+    sidecar = bids_sidecar(first.dataset, slice_order=tiles if len(tiles) == len(
+        separation.volumes[0]) else None)
+    fourth = FourthAxis(kind=separation.kind, separated_by=separation.separated_by,
+                        times_s=separation.times_s, b_values=separation.b_values,
+                        gradients=gradients,  # type: ignore[arg-type]
+                        repetition_time_s=sidecar.get("RepetitionTime"), sidecar=sidecar)
+    notes = [f"{len(separation.volumes)} volumes of {len(separation.volumes[0])} slices, "
+             f"separated by {separation.separated_by}"]
+    if separation.dropped:
+        notes.append(separation.dropped)
+    return replace(base, frames=tuple(f for v in separation.volumes for f in v),
+                   fourth_axis=fourth, volume_size=len(separation.volumes[0]),
+                   warnings=tuple(w for w in base.warnings if "several stacks" not in w)
+                   + tuple(notes[1:]), notes=tuple(notes[:1]))
+
+
+def _header(first: DicomFrame, key: str) -> dict[str, Any]:
+    header = header_summary(first.dataset)
+    header["SeriesKey"] = key
+    return header
 
 
 def _make_series(key: str, frames: list[DicomFrame], *, split: bool) -> DicomSeries:

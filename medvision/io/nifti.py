@@ -10,7 +10,7 @@ import numpy as np
 
 from medvision.errors import DataError, GeometryError, UnreadableFileError, UnsupportedFormatError
 from medvision.io.boundary import check_voxel_budget, reading
-from medvision.io.volume import LPS_TO_RAS, Volume
+from medvision.io.volume import LPS_TO_RAS, FourthAxis, Volume
 
 __all__ = ["read_itk", "read_nifti", "write_nifti"]
 
@@ -30,6 +30,9 @@ def read_nifti(path: Path) -> Volume:
         data = np.asarray(image.dataobj, dtype=np.float32)
         if image.header.get_slope_inter() != (None, None) and not np.all(np.isfinite(data)):
             raise DataError(f"{path}: scaled voxels are not finite")
+    fourth = None
+    if data.ndim == 4 and data.shape[3] > 1:
+        fourth = _fourth_axis(path, image)
     if data.ndim == 2:
         data = data[..., np.newaxis]
     if data.ndim == 5 and data.shape[3] == 1:
@@ -49,7 +52,26 @@ def read_nifti(path: Path) -> Volume:
     descrip = _description(image)
     if descrip.startswith("medvision:"):
         modality = descrip.split(":", 2)[1] or "OT"
-    return Volume(array=data, affine=affine, modality=modality, header=header, source=str(path))
+    return Volume(array=data, affine=affine, modality=modality, header=header, source=str(path),
+                  fourth_axis=fourth)
+
+
+def _fourth_axis(path: Path, image: Any) -> FourthAxis:
+    """A 4D file's fourth axis: time with its step (pixdim[4] in the file's time unit), and
+    the diffusion table when FSL ``.bval``/``.bvec`` files lie beside it."""
+    from medvision.io.bids import read_fsl_table
+
+    _, unit = image.header.get_xyzt_units()
+    scale = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}.get(str(unit))
+    step = float(image.header.get_zooms()[3]) if len(image.header.get_zooms()) > 3 else 0.0
+    tr = round(step * scale, 6) if scale is not None and step > 0 else None
+    table = read_fsl_table(path, np.asarray(image.affine), count=int(image.shape[3]))
+    if table is not None:
+        return FourthAxis(kind="diffusion", separated_by="NIfTI 4th axis (.bval/.bvec)",
+                          b_values=table[0], gradients=table[1], repetition_time_s=tr)
+    return FourthAxis(kind="time", separated_by="NIfTI 4th axis", repetition_time_s=tr,
+                      times_s=tuple(round(t * tr, 6) for t in range(int(image.shape[3])))
+                      if tr else ())
 
 
 def _description(image: object) -> str:
@@ -79,6 +101,10 @@ def write_nifti(volume: Volume, path: str | os.PathLike[str]) -> Path:
         data = data.astype(np.int16)
     image = nib.Nifti1Image(np.ascontiguousarray(data), np.asarray(volume.affine))
     image.header.set_xyzt_units("mm", "sec")
+    fourth = volume.fourth_axis
+    if fourth is not None and data.ndim == 4:
+        zooms = list(image.header.get_zooms()[:3])
+        image.header.set_zooms((*zooms, float(fourth.repetition_time_s or 1.0)))
     image.set_sform(np.asarray(volume.affine), code=1)
     image.set_qform(np.asarray(volume.affine), code=1)
     image.header["descrip"] = f"medvision:{volume.modality}"[:79].encode()

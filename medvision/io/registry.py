@@ -65,6 +65,9 @@ class SourceEntry:
             "matrix": list(volume.spatial_shape[:2]), "shape": list(volume.spatial_shape),
             "spacing": [round(s, 6) for s in volume.spacing], "orientation": volume.orientation,
             "slices": volume.spatial_shape[2] if volume.spatial_dims == 3 else 1,
+            "volumes": volume.volumes,
+            **({"fourth_axis": volume.fourth_axis.describe(volume.volumes)}
+               if volume.fourth_axis else {}),
             "transfer_syntax": "", "files": 1, "warnings": list(volume.warnings),
             "error": None,
         }

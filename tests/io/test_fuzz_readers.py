@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from medvision.errors import DataError
 from medvision.io import Volume, inventory, read_volume
@@ -91,3 +92,69 @@ def test_truncation_at_every_element_boundary(name: str, tmp_path: Path) -> None
             read_volume(path)
         except DataError as e:
             assert path.name in str(e), (cut, str(e))
+
+
+# --- a 4D series with damaged members -----------------------------------------------------
+
+_FOUR_D = {
+    "philips fMRI (27 files, 3 volumes)": ("dicom", "philips_4d", "In", "Magdeburg_2014", "fmri"),
+    "siemens mosaic (2 files, 2 volumes)": ("dicom", "siemens_mosaic_4d", "In", "Orientation",
+                                            "ax", "axasc35"),
+}
+
+
+def _four_d_files(name: str) -> list[Path]:
+    from conftest import SHARED_DATA
+
+    folder = SHARED_DATA.joinpath(*_FOUR_D[name])
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is not available")
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix != ".nii")
+
+
+@st.composite
+def damaged_series(draw: st.DrawFn) -> tuple[str, int, str, int, int]:
+    """(series, file index, damage kind, position, value) for one member of a 4D series."""
+    name = draw(st.sampled_from(sorted(_FOUR_D)))
+    count = 27 if name.startswith("philips") else 2
+    return (name, draw(st.integers(0, count - 1)),
+            draw(st.sampled_from(["truncate", "flip", "pixels"])),
+            draw(st.integers(0, 10**9)), draw(st.integers(1, 255)))
+
+
+@settings(max_examples=40, derandomize=True, **_COMMON)
+@given(damaged_series())
+def test_a_4d_series_with_a_damaged_member_loads_or_says_which(
+        case: tuple[str, int, str, int, int]) -> None:
+    """One member of a real 4D series truncated or flipped: the series is still listed, and
+    loads (as fewer volumes, the damaged one left out and named) or fails naming a file."""
+    import shutil
+
+    name, index, kind, where, value = case
+    files = _four_d_files(name)
+    with tempfile.TemporaryDirectory() as folder:
+        for path in files:
+            shutil.copy(path, Path(folder) / path.name)
+        target = Path(folder) / files[index].name
+        data = bytearray(target.read_bytes())
+        if kind == "truncate":
+            del data[where % len(data):]
+        elif kind == "flip":
+            data[where % min(len(data), 4096)] ^= value
+        else:  # the pixel data, at the end of these files
+            data[len(data) - 1 - where % (len(data) // 2)] ^= value
+        target.write_bytes(bytes(data))
+        found = inventory([folder])  # never raises
+        series = [e for e in found.entries if e.series is not None]
+        for rejected, reason in found.rejected:
+            assert Path(rejected).name in reason, (case, reason)
+        for entry in series:
+            try:
+                volume = entry.load(skip_unreadable=True)
+            except DataError as e:
+                assert target.name in str(e) or folder in str(e), (case, str(e))
+            else:
+                assert volume.array.dtype == np.float32 and np.all(np.isfinite(volume.array))
+                if volume.fourth_axis is not None:
+                    assert volume.channels == volume.volumes >= 1
+                    assert len(volume.fourth_axis.times_s) in (0, volume.volumes)

@@ -93,7 +93,7 @@ def test_echoes_at_same_positions_become_separate_series(write_slice) -> None:
 def test_inseparable_duplicates_are_an_error_naming_the_file(write_slice) -> None:
     paths = _stack(write_slice, 2, series_uid="5.5")
     _stack(write_slice, 2, series_uid="5.5")
-    with pytest.raises(SeriesAssemblyError, match="share a position"):
+    with pytest.raises(SeriesAssemblyError, match="nothing separates them into volumes"):
         read_volume(paths[0].parent)
 
 
