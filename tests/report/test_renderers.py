@@ -82,3 +82,24 @@ def test_model_card_markdown_is_rendered_not_split_by_lines() -> None:
     assert sections["intended_use"].count("<li>") == 2  # a wrapped bullet stays one item
     assert "images\nlike the training set" in sections["intended_use"]
     assert "<table>" in sections["limitations"]
+
+
+def test_drift_plot_spans_the_records_days(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One day of records is shown as that day (one day either side), not years."""
+    from datetime import date
+
+    from matplotlib.dates import num2date
+
+    captured = {}
+    original = figures.png_bytes
+
+    def keep(fig: object) -> bytes:
+        captured["fig"] = fig
+        return original(fig)
+
+    monkeypatch.setattr(figures, "png_bytes", keep)
+    png = figures.drift_plot({"m 1": {"2026-11-29": {"positive": 1, "total": 2, "rate": 0.5}}})
+    assert png.startswith(b"\x89PNG")
+    low, high = captured["fig"].axes[0].get_xlim()  # type: ignore[attr-defined]
+    assert num2date(low).date() == date(2026, 11, 28)
+    assert num2date(high).date() == date(2026, 11, 30)
