@@ -48,10 +48,12 @@ class DataConfig(_Strict):
     """How a training folder is laid out and split.
 
     ``class_folders``: ``DIR/<class>/<files>``; ``image_label_folders``: ``DIR/images/X`` with
-    ``DIR/labels/X``; ``npz``: a MedMNIST-style file with ``train_images``/``train_labels``...
+    ``DIR/labels/X``; ``npz``: a MedMNIST-style file with ``train_images``/``train_labels``...;
+    detection: ``voc`` (Pascal VOC XML), ``coco`` (COCO JSON), ``csv`` (file,class,x1,y1,x2,y2);
+    see :mod:`medvision.train.boxes`.
     """
 
-    layout: Literal["class_folders", "image_label_folders", "npz"]
+    layout: Literal["class_folders", "image_label_folders", "npz", "voc", "coco", "csv"]
     extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".nii.gz", ".nii", ".dcm")
     group_pattern: str | None = Field(
         default=None, description="regex whose first match in a file name is the patient key")
@@ -107,7 +109,8 @@ class ModelConfig(_Strict):
 LOSSES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "cross_entropy": (frozenset({"classification"}),
                       frozenset({"class_weights", "label_smoothing"})),
-    "focal": (frozenset({"classification", "segmentation"}), frozenset({"class_weights"})),
+    "focal": (frozenset({"classification", "segmentation", "detection"}),
+              frozenset({"class_weights"})),
     "dice_ce": (frozenset({"segmentation"}), frozenset({"class_weights", "label_smoothing"})),
     "dice_focal": (frozenset({"segmentation"}), frozenset({"class_weights"})),
 }
@@ -160,7 +163,7 @@ class TrainingConfig(_Strict):
     cache: Literal["memory", "disk", "none"] = "memory"
     num_workers: int = Field(default=0, ge=0)
     threads: int | None = Field(default=None, ge=1)
-    val_metric: Literal["auc", "accuracy", "dice", "loss"] | None = None
+    val_metric: Literal["auc", "accuracy", "dice", "loss", "map_50"] | None = None
     balanced_sampling: bool = False
     swa_epochs: int = Field(
         default=0, ge=0,
@@ -308,10 +311,11 @@ class Pipeline(_Strict):
     @classmethod
     def _task_defaults(cls, raw: Any) -> Any:
         """Segmentation trains with Dice + cross-entropy unless a loss is named."""
-        if isinstance(raw, dict) and raw.get("task") == "segmentation":
+        defaults = {"segmentation": "dice_ce", "detection": "focal"}
+        if isinstance(raw, dict) and raw.get("task") in defaults:
             loss = raw.get("loss")
             if loss is None or (isinstance(loss, dict) and "name" not in loss):
-                raw = {**raw, "loss": {**(loss or {}), "name": "dice_ce"}}
+                raw = {**raw, "loss": {**(loss or {}), "name": defaults[raw["task"]]}}
         return raw
 
     @model_validator(mode="after")
@@ -324,6 +328,13 @@ class Pipeline(_Strict):
             if option in self.loss.model_fields_set and option not in options and \
                     getattr(self.loss, option) not in (None, 0.0):
                 raise ValueError(f"loss '{self.loss.name}' does not use loss.{option}")
+        box_layouts = {"voc", "coco", "csv"}
+        if (self.task == "detection") != (self.data.layout in box_layouts):
+            raise ValueError(f"data.layout '{self.data.layout}' does not fit task {self.task} "
+                             "(detection reads voc, coco or csv; the others read the rest)")
+        if self.task == "detection" and self.model.name != "retinanet":
+            raise ValueError(f"model.name '{self.model.name}' is not a detection network "
+                             "(use retinanet)")
         unknown = sorted(set(self.report.classes) - set(self.classes))
         if unknown:
             raise ValueError(f"report.classes names {unknown}, which are not classes of this "
@@ -350,7 +361,7 @@ class Pipeline(_Strict):
         """The metric that picks the best epoch."""
         if self.training.val_metric is not None:
             return self.training.val_metric
-        return "dice" if self.task == "segmentation" else "auc"
+        return {"segmentation": "dice", "detection": "map_50"}.get(str(self.task), "auc")
 
 
 def _model_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

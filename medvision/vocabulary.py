@@ -18,6 +18,7 @@ class Task(StrEnum):
 
     CLASSIFICATION = "classification"
     SEGMENTATION = "segmentation"
+    DETECTION = "detection"
 
 
 class Status(StrEnum):

@@ -100,6 +100,8 @@ def commit(outcome: StudyOutcome, auditor: Auditor, out: Path) -> None:
                     if prediction and prediction.probabilities is not None else None,
                     "volumes_ml": {k: round(v, 4) for k, v in prediction.volumes_ml.items()}
                     if prediction and prediction.volumes_ml else None,
+                    "counts": dict(prediction.counts) if prediction and prediction.counts
+                    else None,
                     "out_of_distribution": report.qc.out_of_distribution,
                     "flagged_by": list(report.qc.flagged_by),
                     "withheld": report.qc.withheld,
@@ -137,6 +139,8 @@ def score_columns(classes: Sequence[str], task: str) -> list[str]:
     """The numeric per-class columns of ``summary.csv``."""
     if task == "segmentation":
         return [f"volume_ml_{c}" for c in classes[1:]]
+    if task == "detection":
+        return [f"count_{c}" for c in classes]
     return [f"p_{c}" for c in classes]
 
 
@@ -151,6 +155,7 @@ def _summary_row(report: dict[str, Any], study: Study, columns: Sequence[str]) -
                            "status": report["status"], "label": label}
     values = {f"p_{k}": v for k, v in (pred.get("probabilities") or {}).items()}
     values.update({f"volume_ml_{k}": v for k, v in (pred.get("volumes_ml") or {}).items()})
+    values.update({f"count_{k}": v for k, v in (pred.get("counts") or {}).items()})
     for column in columns:
         value = values.get(column)
         row[column] = "" if value is None else f"{value:.6g}"

@@ -308,6 +308,8 @@ def _render(report: StudyReport, predictor: Predictor, folder: Path, options: An
                             classes=pipeline.classes, colours=colours,
                             saliency_label=f"{report.saliency.method} attribution"
                             if report.saliency else "attribution")
+        if prediction.boxes is not None and report.volume.spatial_dims == 2:
+            images.append(_box_image(report, pipeline, colours))
         for image in images:
             image.save(folder)
         files["overlays"] = [i.name for i in images if i.kind == "overlay"]
@@ -322,6 +324,23 @@ def _render(report: StudyReport, predictor: Predictor, folder: Path, options: An
     write_text_atomic(folder / "report.html",
                       render_study(report, [i.name for i in images], predictor.bundle.card))
     return report
+
+
+def _box_image(report: StudyReport, pipeline: Any,
+               colours: Mapping[str, tuple[int, int, int]]) -> KeyImage:
+    """``overlay_boxes.png``: the detected boxes with class and score."""
+    import numpy as np
+
+    from medvision.report.figures import box_figure, png_bytes, rgb_array
+
+    prediction = report.prediction
+    assert prediction is not None and report.volume is not None
+    counts = ", ".join(f"{n} {c}" for n, c in prediction.counts.items())
+    fig = box_figure(np.asarray(report.volume.array), prediction.boxes, prediction.box_labels,
+                     pipeline.classes, colours, scores=prediction.box_scores,
+                     title=f"detections: {counts}")
+    return KeyImage(name="overlay_boxes.png", kind="overlay", plane="image",
+                    png=png_bytes(fig), rgb=rgb_array(fig))
 
 
 def replaced_summary(previous: dict[str, Any], run: Mapping[str, Any]) -> dict[str, Any]:

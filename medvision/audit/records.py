@@ -158,6 +158,10 @@ def items_digest(items: Any) -> dict[str, Any]:
     for item in items:
         image = item["image"]
         digest.update(image.encode() if isinstance(image, str) else np.ascontiguousarray(image).tobytes())
-        digest.update(str(item["label"]).encode())
+        if "label" in item:
+            digest.update(str(item["label"]).encode())
+        for key in ("boxes", "labels"):  # detection items
+            if key in item:
+                digest.update(np.ascontiguousarray(item[key]).tobytes())
         count += 1
     return {"items": count, "items_sha256": digest.hexdigest()}

@@ -45,7 +45,13 @@ def run(args: argparse.Namespace) -> int:
     predictor = Predictor.from_pipeline(pipeline_of(args), weights=args.weights,
                                         search=args.pipelines_dir)
     pipeline = predictor.pipeline
-    if pipeline.data.layout == "npz":
+    if pipeline.task == "detection":
+        from medvision.train.boxes import detection_items
+
+        items = detection_items(pipeline, args.data,
+                                split=args.split if args.split in ("train", "val", "test")
+                                else None)
+    elif pipeline.data.layout == "npz":
         items = discover_items(pipeline, args.data, split=args.split or "test")
     else:
         if args.split == "test":
@@ -61,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
                        auditor=auditor_from_args(args),
                        audit_inputs={"data": items_digest(items), "split": args.split,
                                      "weights_sha256": predictor.weights_sha256})
-    keys = ("accuracy", "auc", "f1", "ece") if pipeline.task == "classification" \
-        else ("dice",)
+    keys = {"classification": ("accuracy", "auc", "f1", "ece"),
+            "detection": ("map_50", "map_50_95", "count_mae")}.get(str(pipeline.task),
+                                                                  ("dice",))
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0

@@ -48,6 +48,8 @@ def evaluate(predictor: Predictor, items: Sequence[dict[str, Any]],
         raise DataError(f"no readable item to evaluate ({len(skipped)} unreadable)")
     if pipeline.task == "classification":
         metrics, images = _classification(predictor, items, out)
+    elif pipeline.task == "detection":
+        metrics, images = _detection(predictor, items, out)
     else:
         metrics, images = _segmentation(predictor, items, out)
     metrics["pipeline"] = {"name": pipeline.name, "version": pipeline.version,
@@ -55,14 +57,16 @@ def evaluate(predictor: Predictor, items: Sequence[dict[str, Any]],
                            "weights_sha256": predictor.weights_sha256,
                            "temperature": predictor.temperature}
     metrics["skipped_items"] = [{"path": p, "reason": r} for p, r in skipped]
-    metrics["interval_note"] = ("Proportions have Wilson score intervals; AUC, F1, ECE, Dice "
-                                "and distances have BCa bootstrap intervals over cases "
-                                "(resampled within each class for classification).")
+    metrics["interval_note"] = (
+        "Detection metrics have percentile bootstrap intervals over images."
+        if pipeline.task == "detection" else
+        "Proportions have Wilson score intervals; AUC, F1, ECE, Dice and distances have BCa "
+        "bootstrap intervals over cases (resampled within each class for classification).")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "summary.html").write_text(render_evaluation(metrics, [p.name for p in images]))
     if auditor is not None:
-        headline: dict[str, Any] = {k: metrics[k]["value"] for k in ("accuracy", "auc", "dice")
-                                    if k in metrics}
+        headline: dict[str, Any] = {k: metrics[k]["value"] for k in ("accuracy", "auc", "dice",
+                                                                      "map_50") if k in metrics}
         record_run(auditor, action="evaluate", status="ok", pipeline=pipeline,
                    inputs=audit_inputs or {"data": items_digest(items)},
                    outputs=[out / "metrics.json", out / "summary.html"], result=headline,
@@ -143,3 +147,29 @@ def _volume_error(volumes: np.ndarray, references: np.ndarray,
         return float(np.mean(volumes[index, column] - references[index, column]))
 
     return error
+
+
+def _detection(predictor: Predictor, items: Sequence[dict[str, Any]],
+               out: Path) -> tuple[dict[str, Any], list[Path]]:
+    from medvision.metrics import detection_metrics
+    from medvision.report.figures import box_examples, detection_pr_curves
+    from medvision.train.detection import predict_boxes
+
+    pipeline = predictor.pipeline
+    predictions = predict_boxes(predictor.model, pipeline, items)
+    metrics = detection_metrics(predictions, items, pipeline.classes)
+    with (out / "predictions.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["item", "class", "score", "x1", "y1", "x2", "y2"])
+        for item, found in zip(items, predictions, strict=True):
+            for box, label, score in zip(found["boxes"], found["labels"], found["scores"],
+                                         strict=True):
+                writer.writerow([item["image"], pipeline.classes[int(label)], f"{score:.4f}",
+                                 *[f"{v:.1f}" for v in box]])
+    colours = {name: pipeline.report.colour(name, k + 1)
+               for k, name in enumerate(pipeline.classes)}
+    images = [detection_pr_curves(predictions, items, pipeline.classes, out,
+                                  ap={n: v["ap_50"]["value"]
+                                      for n, v in metrics["per_class"].items()})]
+    images += box_examples(items[:4], predictions[:4], pipeline.classes, colours, out)
+    return metrics, images

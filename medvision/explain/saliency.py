@@ -58,8 +58,51 @@ class RegionScore(torch.nn.Module):
         return (self.model(x) * self.mask).flatten(1).sum(dim=1, keepdim=True)
 
 
+class DetectionScore(torch.nn.Module):
+    """A detector seen as a scorer: the strongest class score (sigmoid of the classification
+    logits) of every anchor position whose centre lies inside one of the detected boxes,
+    summed over the pyramid levels. ``boxes`` are in the model input's pixels."""
+
+    def __init__(self, network: torch.nn.Module, boxes: torch.Tensor, num_classes: int) -> None:
+        super().__init__()
+        self.network = network
+        self.register_buffer("boxes", boxes.reshape(-1, 4).float())
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, 1)``: the detection evidence inside the boxes."""
+        heads = self.network(x)["classification"]
+        size = x.shape[2:]
+        total = torch.zeros(x.shape[0], 1, dtype=x.dtype, device=x.device)
+        for level in heads:
+            n, channels = level.shape[:2]
+            scores = torch.sigmoid(level.reshape(n, channels // self.num_classes,
+                                                 self.num_classes, *level.shape[2:]))
+            strongest = scores.amax(dim=(1, 2))  # (N, I', J')
+            centres = [(torch.arange(m, device=x.device) + 0.5) * (s / m)
+                       for m, s in zip(strongest.shape[1:], size, strict=True)]
+            inside = torch.zeros(strongest.shape[1:], dtype=torch.bool, device=x.device)
+            for x1, y1, x2, y2 in self.boxes:  # type: ignore[union-attr]
+                inside |= (((centres[0] >= x1) & (centres[0] <= x2))[:, None]
+                           & ((centres[1] >= y1) & (centres[1] <= y2))[None, :])
+            total = total + (strongest * inside).flatten(1).sum(dim=1, keepdim=True)
+        return total
+
+
 def explained_model(predictor: Predictor, prediction: Prediction) -> tuple[Any, int, str]:
     """The module, output index and description an attribution targets."""
+    if predictor.pipeline.task == "detection":
+        import numpy as np
+
+        found = prediction.model_output or {}
+        boxes = prediction.boxes if prediction.boxes is not None else np.zeros((0, 4))
+        scale = found.get("scale") if isinstance(found, dict) else None
+        model_boxes = torch.as_tensor(np.asarray(boxes) * (scale if scale is not None else 1.0))
+        if not len(model_boxes):  # nothing found: explain the strongest evidence anywhere
+            model_boxes = torch.tensor([[-1e6, -1e6, 1e6, 1e6]])
+        return (DetectionScore(predictor.model.network, model_boxes,
+                               len(predictor.pipeline.classes)), 0,
+                f"class scores inside the {len(boxes)} detected box(es)")
     if predictor.pipeline.task == "classification":
         return predictor.model, prediction.target_index, f"class {prediction.label}"
     logits = prediction.model_output

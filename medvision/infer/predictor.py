@@ -43,6 +43,10 @@ class Prediction:
         threshold: decision threshold on the last class (binary classification).
         mask: label map in the input's geometry (segmentation).
         volumes_ml: volume of each foreground class in millilitres (segmentation).
+        boxes: ``(N, 4)`` detected boxes ``[x1, y1, x2, y2]`` in the input's pixels, at pixel
+            edges, scoring at least ``inference.threshold`` (detection).
+        box_labels: class index of each box; box_scores: its score (detection).
+        counts: detected objects per class (detection).
         ood_distance: Mahalanobis distance of the input's features, when a guard exists.
         ood_threshold: the guard's threshold.
     """
@@ -57,6 +61,10 @@ class Prediction:
     ood_distance: float | None = None
     ood_threshold: float | None = None
     model_output: Any = None
+    boxes: Any = None
+    box_labels: Any = None
+    box_scores: Any = None
+    counts: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def target_index(self) -> int:
@@ -178,9 +186,23 @@ class Predictor:
                 array=volume.array[..., 0], affine=volume.affine, modality=volume.modality,
                 source_uids=volume.source_uids, header=volume.header, warnings=volume.warnings,
                 source=volume.source)
-        transform = mt.Compose(preprocess_transforms(self.pipeline, train=False,
-                                                     with_label=False))
+        if self.pipeline.task == "detection":
+            size = self.pipeline.preprocess.size
+            shape = volume.spatial_shape
+            zoom = [t / s for t, s in zip(size, shape, strict=True)] if size else [1.0] * len(
+                shape)
+            transform = mt.Compose([
+                mt.ScaleIntensityRanged("image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0,
+                                        clip=True),
+                mt.Zoomd("image", zoom=zoom, keep_size=False, mode="area")])
+        else:
+            transform = mt.Compose(preprocess_transforms(self.pipeline, train=False,
+                                                         with_label=False))
         out = transform({"image": volume_to_tensor(volume, channels=self.pipeline.in_channels)})
+        if self.pipeline.task == "detection":
+            out["zoom"] = np.array([a / b for a, b in zip(out["image"].shape[1:],
+                                                          volume.spatial_shape, strict=True)],
+                                   dtype=np.float32)
         return Prepared(volume=volume, image=out["image"].unsqueeze(0), data=out,
                         transform=transform)
 
@@ -210,8 +232,10 @@ class Predictor:
         """Classify or segment a prepared volume."""
         import torch
 
-        logits = self.logits(prepared.image)
         classes = self.pipeline.classes
+        if self.pipeline.task == "detection":
+            return self._detect(prepared)
+        logits = self.logits(prepared.image)
         distance = None
         if self.guard is not None:
             features = FeatureGuard.features(self.model, self.guard.layer, [prepared.image])
@@ -236,6 +260,27 @@ class Predictor:
         found = [name for name, count in counts.items() if count > 0]
         return Prediction(label="+".join(found) if found else classes[0], mask=mask,
                           volumes_ml={n: c * voxel_ml for n, c in counts.items()}, **common)
+
+    def _detect(self, prepared: Prepared) -> Prediction:
+        """Boxes scoring at least ``inference.threshold``, in the input's pixels."""
+        import torch
+
+        classes = self.pipeline.classes
+        with torch.no_grad():
+            found = self.model([prepared.image[0].as_tensor() if hasattr(
+                prepared.image[0], "as_tensor") else prepared.image[0]])[0]
+        zoom = np.asarray(prepared.data["zoom"], dtype=np.float32)
+        scale = np.concatenate([zoom, zoom])
+        keep = found["labels_scores"].numpy() >= self.pipeline.inference.threshold
+        boxes = found["boxes"].numpy()[keep].astype(np.float32) / scale
+        labels = found["labels"].numpy()[keep].astype(np.int64)
+        scores = found["labels_scores"].numpy()[keep].astype(np.float32)
+        counts = {name: int((labels == k).sum()) for k, name in enumerate(classes)}
+        present = [name for name, n in counts.items() if n]
+        return Prediction(task=str(self.pipeline.task), classes=classes,
+                          label="+".join(present) if present else "none", boxes=boxes,
+                          box_labels=labels, box_scores=scores, counts=counts,
+                          model_output={"scale": scale})
 
     def run_items(self, items: Sequence[dict[str, Any]], *,
                   batch_size: int | None = None) -> Iterator[tuple[dict[str, Any], Any, Any]]:

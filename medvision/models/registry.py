@@ -54,6 +54,8 @@ NETWORKS: dict[str, NetworkSpec] = {
     "dynunet": NetworkSpec("DynUNet", _SEG),
     "segresnet": NetworkSpec("SegResNet", _SEG),
     "swinunetr": NetworkSpec("SwinUNETR", _SEG),
+    # built by medvision.models.detection (MONAI RetinaNet: backbone, pyramid, anchors)
+    "retinanet": NetworkSpec("RetinaNet", ("detection",), dims_arg=None),
 }
 
 
@@ -73,6 +75,10 @@ def build_model(pipeline: Pipeline) -> Any:
     if pipeline.task not in spec.tasks:
         raise ConfigError(f"model.name '{name}' is a {spec.tasks[0]} network, but the pipeline's "
                           f"task is {pipeline.task}")
+    if name == "retinanet":
+        from medvision.models.detection import build_detector
+
+        return build_detector(pipeline)
     kwargs: dict[str, Any] = dict(spec.fixed)
     kwargs.update(pipeline.model.params)
     if spec.dims_arg:

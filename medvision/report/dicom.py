@@ -151,6 +151,7 @@ def _sr(report: StudyReport, pipeline: Pipeline, sources: list[Any], seed: Seque
             groups.append(group(f"class {cls}", class_code(pipeline, cls), [hd.sr.Measurement(
                 name=_code(PROBABILITY), value=float(value), unit=_unitless(),
                 algorithm_id=algorithm)], []))
+        groups.extend(_box_groups(report, pipeline, sources, seed, algorithm, name))
         for cls, ml in prediction.volumes_ml.items():
             groups.append(group(f"class {cls}", class_code(pipeline, cls), [hd.sr.Measurement(
                 name=_code(VOLUME), value=float(ml), unit=Code("ml", "UCUM", "milliliter"),
@@ -173,6 +174,43 @@ def _sr(report: StudyReport, pipeline: Pipeline, sources: list[Any], seed: Seque
         previous_versions=list(predecessors) or None)
     sr.save_as(path)
     return str(sr.SOPInstanceUID)
+
+
+#: At most this many boxes go into an SR (the highest scoring); report.json has them all.
+MAX_SR_BOXES = 300
+
+
+def _box_groups(report: StudyReport, pipeline: Pipeline, sources: list[Any],
+                seed: Sequence[str], algorithm: Any, name: str) -> list[Any]:
+    """One planar ROI group per detected box (TID 1410): the box as a closed SCOORD
+    polyline in the source image's pixels, its class as the finding, its score as a
+    measurement."""
+    import highdicom as hd
+
+    prediction = report.prediction
+    if prediction is None or prediction.boxes is None or len(sources) != 1:
+        return []
+    order = np.argsort(-np.asarray(prediction.box_scores))[:MAX_SR_BOXES]
+    groups = []
+    for rank, k in enumerate(order):
+        x1, y1, x2, y2 = (float(v) for v in prediction.boxes[k])
+        # DICOM pixel coordinates: the top left corner of the top left pixel is (0, 0),
+        # which is where medvision's box edges sit too
+        corners = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2], [x1, y1]],
+                           dtype=np.float32)
+        region = hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=corners,
+            source_image=hd.sr.SourceImageForRegion.from_source_image(sources[0]))
+        cls = prediction.classes[int(prediction.box_labels[k])]
+        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=_uid(seed, f"box-{rank}"), identifier=f"{cls} {rank + 1}"),
+            referenced_region=region, finding_type=class_code(pipeline, cls),
+            algorithm_id=algorithm,
+            measurements=[hd.sr.Measurement(
+                name=_code(PROBABILITY), value=float(prediction.box_scores[k]),
+                unit=_unitless(), algorithm_id=algorithm)]))
+    return groups
 
 
 def _qc_measurements(report: StudyReport, algorithm: Any) -> list[Any]:

@@ -387,3 +387,113 @@ def drift_plot(rates: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> bytes:
     fig.autofmt_xdate()
     fig.tight_layout()
     return png_bytes(fig)
+
+
+# --- detection ----------------------------------------------------------------------------
+
+
+def _rgb_image(volume_array: np.ndarray) -> np.ndarray:
+    """A ``(C, I, J)`` image as ``(rows, columns, 3)`` in [0, 1] for display."""
+    array = np.asarray(volume_array, dtype=np.float32)
+    image = np.repeat(array, 3, axis=0) if array.shape[0] == 1 else array[:3]
+    image = np.transpose(image, (2, 1, 0))  # rows = J, columns = I
+    lo, hi = np.percentile(image, [0.5, 99.5])
+    return np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)
+
+
+def box_figure(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
+               classes: Sequence[str], colours: Mapping[str, tuple[int, int, int]], *,
+               scores: np.ndarray | None = None, truth: np.ndarray | None = None,
+               title: str = "") -> Any:
+    """An image (``(C, I, J)``) with predicted boxes (solid, labelled with class and score)
+    and, when given, true boxes (dashed white); a legend names the classes."""
+    from matplotlib.patches import Patch, Rectangle
+
+    shown = _rgb_image(image)
+    height, width = shown.shape[:2]
+    scale = 6.0 / max(height, width)
+    fig = figure(width * scale + 0.2, height * scale + 0.5)
+    ax = fig.add_subplot()
+    ax.imshow(shown, interpolation="nearest")
+    if truth is not None:
+        for x1, y1, x2, y2 in np.asarray(truth).reshape(-1, 4):
+            ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False,
+                                   edgecolor="white", linestyle="--", linewidth=0.8))
+    for k, (x1, y1, x2, y2) in enumerate(np.asarray(boxes).reshape(-1, 4)):
+        name = classes[int(labels[k])]
+        colour = tuple(c / 255 for c in colours.get(name, DEFAULT_COLOURS[1]))
+        ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False,
+                               edgecolor=colour, linewidth=1.2))
+        if scores is not None:
+            ax.text(x1, y1 - 1, f"{name} {scores[k]:.2f}", color=colour, fontsize=5,
+                    va="bottom")
+    handles = [Patch(color=tuple(c / 255 for c in colours.get(n, DEFAULT_COLOURS[1])), label=n)  # type: ignore[arg-type]
+               for n in classes]
+    if truth is not None:
+        handles.append(Patch(facecolor="none", edgecolor="white", linestyle="--",
+                             label="reference"))
+    ax.legend(handles=handles, loc="lower right", fontsize=6, framealpha=0.7)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def box_examples(items: Sequence[Mapping[str, Any]], predictions: Sequence[Mapping[str, Any]],
+                 classes: Sequence[str], colours: Mapping[str, tuple[int, int, int]],
+                 out_dir: Path, *, min_score: float = 0.5) -> list[Path]:
+    """``example_<n>.png``: predicted (score >= ``min_score``) against true boxes."""
+    from medvision.io import read_volume
+
+    paths = []
+    for n, (item, found) in enumerate(zip(items, predictions, strict=False)):
+        keep = np.asarray(found["scores"]) >= min_score
+        fig = box_figure(np.asarray(read_volume(item["image"]).array),
+                         np.asarray(found["boxes"])[keep], np.asarray(found["labels"])[keep],
+                         classes, colours, scores=np.asarray(found["scores"])[keep],
+                         truth=np.asarray(item["boxes"]), title=Path(str(item["image"])).name)
+        paths.append(_save(fig, out_dir / f"example_{n}.png"))
+    return paths
+
+
+def detection_pr_curves(predictions: Sequence[Mapping[str, Any]],
+                        truths: Sequence[Mapping[str, Any]], classes: Sequence[str],
+                        out_dir: Path, *, ap: Mapping[str, float] | None = None) -> Path:
+    """``pr.png``: precision against recall per class at IoU 0.5 (greedy matching by score)."""
+    from monai.data.box_utils import box_iou
+
+    fig, ax = _plot()
+    for c, name in enumerate(classes):
+        scored: list[tuple[float, int]] = []
+        positives = 0
+        for found, truth in zip(predictions, truths, strict=True):
+            gt = np.asarray(truth["boxes"]).reshape(-1, 4)[np.asarray(truth["labels"]) == c]
+            positives += len(gt)
+            pick = np.asarray(found["labels"]) == c
+            boxes = np.asarray(found["boxes"]).reshape(-1, 4)[pick]
+            scores = np.asarray(found["scores"])[pick]
+            iou = np.asarray(box_iou(boxes, gt)) if len(boxes) and len(gt) else np.zeros(
+                (len(boxes), len(gt)))
+            taken: set[int] = set()
+            for k in np.argsort(-scores):
+                hit = 0
+                if iou.size:
+                    free = [j for j in np.flatnonzero(iou[k] >= 0.5) if j not in taken]
+                    if free:
+                        taken.add(int(max(free, key=lambda j: iou[k, j])))
+                        hit = 1
+                scored.append((float(scores[k]), hit))
+        if not positives:
+            continue
+        scored.sort(key=lambda s: -s[0])
+        hits = np.array([h for _, h in scored], dtype=float)
+        recall = np.cumsum(hits) / positives
+        precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+        value = (ap or {}).get(name)
+        ax.plot(recall, precision, label=f"{name} (AP@0.5 {value:.3f})" if value is not None
+                else name)
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)",
+           title="Precision-recall at IoU 0.5", xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(loc="lower left", fontsize=8)
+    return _save(fig, out_dir / "pr.png")

@@ -76,6 +76,10 @@ def to_document(report: StudyReport) -> dict[str, Any]:
             prediction["probabilities"] = dict(zip(pred.classes, pred.probabilities,
                                                    strict=True))
             prediction["threshold"] = pred.threshold
+        if pred.boxes is not None:
+            prediction["counts"] = dict(pred.counts)
+            prediction["threshold"] = None
+            prediction["detections"] = detections(report)
         if pred.mask is not None or pred.volumes_ml:
             prediction["mask_file"] = files.get("mask")
             prediction["volumes_ml"] = {k: round(v, 4) for k, v in pred.volumes_ml.items()}
@@ -104,6 +108,29 @@ def to_document(report: StudyReport) -> dict[str, Any]:
         document["dicom"] = [dict(d) for d in files["dicom"]]
     validate_report(document)
     return document
+
+
+def detections(report: StudyReport) -> list[dict[str, Any]]:
+    """Each detected box: class, score, corners in pixels (``[x1, y1, x2, y2]`` at pixel
+    edges: x along a row, y down the rows) and in world millimetres (RAS+, the two corners)."""
+    import numpy as np
+
+    pred = report.prediction
+    if pred is None or pred.boxes is None:
+        return []
+    affine = np.asarray(report.volume.affine) if report.volume is not None else None
+    out = []
+    for box, label, score in zip(np.asarray(pred.boxes), np.asarray(pred.box_labels),
+                                 np.asarray(pred.box_scores), strict=True):
+        x1, y1, x2, y2 = (float(v) for v in box)
+        item: dict[str, Any] = {"class": pred.classes[int(label)], "score": round(float(score), 4),
+                                "box_px": [round(v, 2) for v in (x1, y1, x2, y2)]}
+        if affine is not None:
+            corners = [affine @ np.array([x - 0.5, y - 0.5, 0.0, 1.0])
+                       for x, y in ((x1, y1), (x2, y2))]
+            item["box_mm"] = [[round(float(v), 3) for v in c[:3]] for c in corners]
+        out.append(item)
+    return out
 
 
 def render_json(report: StudyReport) -> str:

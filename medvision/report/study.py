@@ -154,6 +154,8 @@ class StudyReport:
         prediction = self.prediction
         if prediction is None:
             return None
+        if prediction.counts:
+            return any(n > 0 for n in prediction.counts.values())
         if prediction.probabilities is not None:
             return prediction.label != prediction.classes[0]
         return any(v > 0 for v in prediction.volumes_ml.values())
