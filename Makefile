@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.medvision-installed
 DEMO_OUT ?= demo_out
 
-.PHONY: setup demo test test-all bench sample-data clean model-chest model-hippocampus model-adrenal
+.PHONY: setup demo test test-all bench sample-data clean model-chest model-hippocampus model-adrenal model-bccd
 
 setup: $(STAMP)
 
@@ -56,6 +56,9 @@ model-hippocampus: setup
 
 model-adrenal: setup
 	$(call reproduce,adrenal-3d,$(DATA)/adrenalmnist3d/adrenalmnist3d_64.npz)
+
+model-bccd: setup
+	$(call reproduce,bccd-cells,$(DATA)/bccd/trainval)
 
 sample-data: setup
 	$(BIN)/python sample_data/make_sample_data.py

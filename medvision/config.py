@@ -41,7 +41,7 @@ __all__ = [
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class DataConfig(_Strict):
@@ -54,22 +54,36 @@ class DataConfig(_Strict):
     """
 
     layout: Literal["class_folders", "image_label_folders", "npz", "voc", "coco", "csv"]
+    """Folder layout: class folders, image/label folders, a MedMNIST .npz, or boxes (voc, coco,
+    csv).
+    """
     extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".nii.gz", ".nii", ".dcm")
+    """File suffixes that count as images."""
     group_pattern: str | None = Field(
         default=None, description="regex whose first match in a file name is the patient key")
     val_fraction: float = Field(default=0.2, gt=0, lt=1)
+    """Share of patients (groups) held out for validation when the data has no official split."""
     split_seed: int = 0
+    """Seed of the patient-grouped split (the same seed gives the same split)."""
 
 
 class IntensityConfig(_Strict):
     """Intensity normalisation: scale a fixed range, window (CT), z-score or percentiles."""
 
     kind: Literal["scale_range", "window", "zscore", "percentile"] = "percentile"
+    """scale_range: a_min..a_max to 0..1; window: the same, clipped (CT); zscore; percentile:
+    lower..upper percentiles to 0..1.
+    """
     a_min: float = 0.0
+    """scale_range/window: the value mapped to 0."""
     a_max: float = 255.0
+    """scale_range/window: the value mapped to 1."""
     lower: float = 0.5
+    """percentile: the lower percentile mapped to 0."""
     upper: float = 99.5
+    """percentile: the upper percentile mapped to 1."""
     nonzero: bool = False
+    """zscore/percentile: computed over non-zero voxels only."""
 
 
 class PreprocessConfig(_Strict):
@@ -77,23 +91,37 @@ class PreprocessConfig(_Strict):
 
     orientation: str | None = Field(default=None, description="e.g. RAS; None keeps the input's")
     spacing: tuple[float, ...] | None = None
+    """Resample to this voxel size in mm (None keeps the input's)."""
     intensity: IntensityConfig = IntensityConfig()
+    """Intensity normalisation."""
     size: tuple[int, ...] | None = Field(default=None, description="resize to this spatial size")
     crop_foreground: bool = False
+    """Crop to the non-zero foreground before resizing."""
 
 
 class AugmentConfig(_Strict):
     """Random augmentation, training only."""
 
     prob: float = Field(default=0.5, ge=0, le=1)
+    """Probability of each random transform."""
     rotate_degrees: float = 0.0
+    """Random rotation range in degrees (detection: 90 or more turns images by multiples of 90
+    degrees).
+    """
     scale: float = 0.0
+    """Random zoom range, as a fraction (0.1: 0.9 to 1.1)."""
     translate_fraction: float = 0.0
+    """Random shift, as a fraction of the image size."""
     flip_axes: tuple[int, ...] = ()
+    """Spatial axes to flip at random."""
     elastic: bool = False
+    """Random elastic deformation (volumes)."""
     noise_std: float = 0.0
+    """Standard deviation of added Gaussian noise (after intensity scaling)."""
     gamma: tuple[float, float] | None = None
+    """Random gamma (contrast) range."""
     intensity_shift: float = 0.0
+    """Random intensity offset range."""
     blur_sigma: tuple[float, float] | None = Field(
         default=None, description="Gaussian smoothing, sigma range in voxels (sharpness shifts)")
 
@@ -102,7 +130,9 @@ class ModelConfig(_Strict):
     """A MONAI network by registry name, with constructor keyword arguments."""
 
     name: str
+    """Network name from the registry (medvision/models/registry.py)."""
     params: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the network's MONAI constructor (detection: see models/detection.py)."""
 
 
 #: Each loss: the tasks it is implemented for, and the options it honours.
@@ -126,17 +156,24 @@ class LossConfig(_Strict):
     :data:`LOSSES` (a combination not listed is a configuration error)."""
 
     name: Literal["cross_entropy", "focal", "dice_ce", "dice_focal"] = "cross_entropy"
+    """Loss (which tasks each fits: see the table at the end)."""
     class_weights: tuple[float, ...] | None = None
+    """One weight per class."""
     label_smoothing: float = 0.0
+    """Label smoothing (cross_entropy, dice_ce)."""
 
 
 class OptimizerConfig(_Strict):
     """The optimizer; ``momentum`` applies to ``sgd`` only (Nesterov)."""
 
     name: Literal["adamw", "adam", "sgd"] = "adamw"
+    """Optimizer."""
     lr: float = Field(default=1e-3, gt=0)
+    """Peak learning rate."""
     weight_decay: float = Field(default=1e-4, ge=0)
+    """Weight decay."""
     momentum: float = Field(default=0.9, ge=0, lt=1)
+    """SGD momentum (Nesterov); an error for the other optimizers."""
 
     @model_validator(mode="after")
     def _honoured(self) -> OptimizerConfig:
@@ -150,6 +187,7 @@ class ScheduleConfig(_Strict):
     """The learning-rate schedule (see :data:`SCHEDULES`)."""
 
     name: Literal["cosine", "constant", "onecycle"] = "cosine"
+    """cosine, constant, or onecycle (from lr/25 up, then down to lr/10^4)."""
     warmup_epochs: int | None = Field(
         default=None, ge=0, description="linear warm-up epochs (default: 0; onecycle: 30% "
                                         "of the epochs)")
@@ -157,14 +195,24 @@ class ScheduleConfig(_Strict):
 
 class TrainingConfig(_Strict):
     epochs: int = Field(default=10, ge=1)
+    """Training epochs."""
     batch_size: int = Field(default=16, ge=1)
+    """Batch size."""
     early_stopping_patience: int | None = Field(default=None, ge=1)
+    """Stop after this many epochs without a better validation metric (None: never)."""
     seed: int = 0
+    """Seed of initialisation, shuffling and augmentation."""
     cache: Literal["memory", "disk", "none"] = "memory"
+    """Cache the deterministic preprocessing in memory, on disk (in the run folder), or not at all.
+    """
     num_workers: int = Field(default=0, ge=0)
+    """Data-loading worker processes (0: load in the training process)."""
     threads: int | None = Field(default=None, ge=1)
+    """PyTorch threads (None: PyTorch's default, one per core)."""
     val_metric: Literal["auc", "accuracy", "dice", "loss", "map_50"] | None = None
+    """Metric that picks the best epoch (None: auc, dice or map_50 by task)."""
     balanced_sampling: bool = False
+    """Draw training items with equal probability per class."""
     swa_epochs: int = Field(
         default=0, ge=0,
         description="stochastic weight averaging: average the weights of the last N epochs, "
@@ -210,9 +258,11 @@ class ExplanationConfig(_Strict):
     """The Captum attribution written next to every prediction."""
 
     method: ExplanationMethod = ExplanationMethod.GRADCAM
+    """Captum method: gradcam, integrated_gradients, saliency or occlusion."""
     layer: str | None = Field(default=None, description="GradCAM: module name, e.g. layer4")
     steps: int = Field(default=32, ge=2, description="Integrated Gradients: path steps")
     internal_batch_size: int = Field(default=8, ge=1)
+    """Integrated Gradients / occlusion: inputs per forward pass."""
     window: tuple[int, ...] | None = Field(default=None, description="occlusion window")
     stride: tuple[int, ...] | None = Field(default=None, description="occlusion stride")
 
@@ -231,6 +281,7 @@ class QCConfig(_Strict):
 
     feature_layer: str | None = Field(default=None, description="module name to pool, e.g. layer4")
     quantile: float = Field(default=0.995, gt=0.5, lt=1)
+    """Quantile of the validation distances used as the OOD threshold."""
     on_out_of_distribution: Literal["flag", "abstain"] = Field(
         default="flag", description="flag: report the result, status flagged; abstain: "
                                     "withhold label, probabilities, mask and saliency")
@@ -244,8 +295,11 @@ class CodeConfig(_Strict):
     (``LN``), or the private scheme ``99MEDVISION`` where no standard concept exists."""
 
     scheme: str = Field(min_length=1, max_length=16)
+    """Coding scheme designator (SCT, DCM, RADLEX, LN, or 99MEDVISION)."""
     value: str = Field(min_length=1, max_length=64)
+    """Code value in that scheme."""
     meaning: str = Field(min_length=1, max_length=64)
+    """Code meaning (human-readable)."""
 
 
 class ClassLabel(_Strict):
@@ -253,6 +307,7 @@ class ClassLabel(_Strict):
     type), the SEG category, and its display colour (RGB 0-255)."""
 
     code: CodeConfig | None = None
+    """The class's coded concept (SR finding, SEG segmented property type)."""
     category: CodeConfig | None = Field(
         default=None, description="SEG segmented property category (default: SCT Tissue)")
     colour: tuple[int, int, int] | None = Field(default=None, description="RGB, 0-255")
@@ -269,6 +324,7 @@ class ReportConfig(_Strict):
     and a default colour)."""
 
     classes: dict[str, ClassLabel] = Field(default_factory=dict)
+    """Per class name: its code, SEG category and colour."""
 
     def colour(self, name: str, index: int) -> tuple[int, int, int]:
         """The class's colour: declared, else the default palette's."""
@@ -287,25 +343,45 @@ class Pipeline(_Strict):
     """A whole pipeline file."""
 
     name: str
+    """Unique pipeline name (what --pipeline and reports call it)."""
     version: str = "0.1.0"
+    """Version of the pipeline and its weights, shown in reports and audit records."""
     description: str = ""
+    """One line on what the pipeline does."""
     task: Task
+    """What the model does: classify images, segment them or detect objects in them."""
     spatial_dims: Literal[2, 3]
+    """2 for images, 3 for volumes."""
     in_channels: int = Field(default=1, ge=1)
+    """Input channels of the network: colour is averaged to grey for 1, grey repeated for 3."""
     classes: tuple[str, ...] = Field(min_length=2)
+    """Class names in label order (segmentation: index 0 is the background)."""
     data: DataConfig
+    """How training data is laid out and split."""
     preprocess: PreprocessConfig = PreprocessConfig()
+    """Deterministic preparation shared by training and inference."""
     augment: AugmentConfig = AugmentConfig()
+    """Random augmentation during training."""
     model: ModelConfig
+    """The network."""
     loss: LossConfig = LossConfig()
+    """The training loss."""
     optimizer: OptimizerConfig = OptimizerConfig()
+    """The optimizer."""
     schedule: ScheduleConfig = ScheduleConfig()
+    """The learning-rate schedule."""
     training: TrainingConfig = TrainingConfig()
+    """Epochs, batches, caching, threads, selection metric."""
     inference: InferenceConfig = InferenceConfig()
+    """Decision threshold and test-time augmentation."""
     input: InputRules = InputRules()
+    """Which inputs the pipeline accepts (anything else is rejected with a reason)."""
     explanation: ExplanationConfig = ExplanationConfig()
+    """The Captum attribution written next to every prediction."""
     qc: QCConfig = QCConfig()
+    """Out-of-distribution guard and which warnings flag a result."""
     report: ReportConfig = ReportConfig()
+    """Codes and colours of the classes in DICOM results and label sidecars."""
 
     @model_validator(mode="before")
     @classmethod
@@ -321,9 +397,10 @@ class Pipeline(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> Pipeline:
         tasks, options = LOSSES[self.loss.name]
+        fits = [k for k, v in LOSSES.items() if self.task in v[0]]
         if self.task not in tasks:
             raise ValueError(f"loss '{self.loss.name}' is not implemented for {self.task} "
-                             f"(use one of {', '.join(k for k, v in LOSSES.items() if self.task in v[0])})")
+                             f"(use one of {', '.join(fits)})")
         for option in ("class_weights", "label_smoothing"):
             if option in self.loss.model_fields_set and option not in options and \
                     getattr(self.loss, option) not in (None, 0.0):

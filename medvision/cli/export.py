@@ -43,6 +43,18 @@ def run(args: argparse.Namespace) -> int:
     if target.exists() and not args.force:
         raise ModelError(f"{target} exists; pass --force to overwrite")
     size = pipeline.preprocess.size or (64,) * pipeline.spatial_dims
+    if pipeline.task == "detection":
+        from medvision.infer.onnx_backend import OnnxDetectionHead, export_detection_onnx
+
+        export_detection_onnx(predictor.model, tuple(size), pipeline.in_channels, target)
+        example = torch.rand((1, pipeline.in_channels, *size))
+        with torch.no_grad():
+            reference = predictor.model.network(example)
+            mirrored = OnnxDetectionHead(target)(example)
+        difference = max(float((a - b).abs().max()) for key in reference
+                         for a, b in zip(reference[key], mirrored[key], strict=True))
+        print(f"wrote {target}; max |onnx - torch| head output difference {difference:.2e}")
+        return 0
     export_onnx(predictor.model, tuple(size), pipeline.in_channels, target,
                 dynamic_spatial=pipeline.task == "segmentation")
     example = torch.randn((2, pipeline.in_channels, *size))

@@ -10,7 +10,7 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers: Any) -> None:
-    """Register ``pipelines`` with ``list`` and ``show``."""
+    """Register ``pipelines`` with ``list``, ``show`` and ``schema``."""
     parser = subparsers.add_parser(
         "pipelines", help="list the installed pipelines, or show one's model card",
         description="Pipelines come from --pipelines-dir / $MEDVISION_PIPELINES folders first, "
@@ -27,6 +27,14 @@ def add_parser(subparsers: Any) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     show.add_argument("name", help="pipeline name")
     show.set_defaults(run=run)
+    schema = actions.add_parser(
+        "schema", help="the pipeline file's JSON Schema (for editors), or its reference",
+        epilog="examples:\n  medvision pipelines schema > pipeline.schema.json\n"
+               "  medvision pipelines schema --markdown > docs/pipeline-reference.md",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    schema.add_argument("--markdown", action="store_true",
+                        help="the human reference (every key, type, default, meaning)")
+    schema.set_defaults(run=run)
 
 
 def _summary(card: str) -> str:
@@ -51,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
     from medvision.config import load_pipeline
     from medvision.errors import ConfigError
 
+    if args.pipelines_action == "schema":
+        from medvision.config_reference import json_schema, reference_markdown
+
+        print(reference_markdown() if args.markdown else json.dumps(json_schema(), indent=2))
+        return 0
     found = find_pipelines(args.pipelines_dir)
     if args.pipelines_action == "show":
         if args.name not in found:

@@ -35,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
     split = None
     if args.data:
         pipeline = load_pipeline(folder)
-        if pipeline.data.layout == "npz":
+        if pipeline.task == "detection":
+            split = None  # detection pipelines have no feature-distance guard yet
+        elif pipeline.data.layout == "npz":
             split = DataSplit(train=tuple(discover_items(pipeline, args.data, split="train")),
                               val=tuple(discover_items(pipeline, args.data, split="val")))
         else:

@@ -137,6 +137,13 @@ class Predictor:
     def from_bundle(cls, bundle: ModelBundle, *, backend: str = "torch") -> Predictor:
         """A predictor for an already loaded bundle."""
         runner = None
+        model = bundle.build_network()
+        if backend == "onnx" and bundle.pipeline.task == "detection":
+            from medvision.infer.onnx_backend import OnnxDetectionHead
+
+            return cls(bundle=bundle, model=model, backend=OnnxDetectionHead(
+                bundle.weights.with_suffix(".onnx"), threads=bundle.pipeline.training.threads,
+                torch_network=model.network))
         if backend == "onnx":
             from medvision.infer.onnx_backend import OnnxModel
 
@@ -144,7 +151,7 @@ class Predictor:
                                threads=bundle.pipeline.training.threads)
         elif backend != "torch":
             raise ModelError(f"unknown backend '{backend}' (torch or onnx)")
-        return cls(bundle=bundle, model=bundle.build_network(), backend=runner)
+        return cls(bundle=bundle, model=model, backend=runner)
 
     def logits(self, image: Any) -> Any:
         """Network output for a preprocessed batch: sliding window for volumes larger than
@@ -266,9 +273,18 @@ class Predictor:
         import torch
 
         classes = self.pipeline.classes
+        image = (prepared.image[0].as_tensor() if hasattr(prepared.image[0], "as_tensor")
+                 else prepared.image[0])
         with torch.no_grad():
-            found = self.model([prepared.image[0].as_tensor() if hasattr(
-                prepared.image[0], "as_tensor") else prepared.image[0]])[0]
+            if self.backend is not None:  # the ONNX network inside MONAI's post-processing
+                network = self.model.network
+                self.model.network = self.backend
+                try:
+                    found = self.model([image])[0]
+                finally:
+                    self.model.network = network
+            else:
+                found = self.model([image])[0]
         zoom = np.asarray(prepared.data["zoom"], dtype=np.float32)
         scale = np.concatenate([zoom, zoom])
         keep = found["labels_scores"].numpy() >= self.pipeline.inference.threshold

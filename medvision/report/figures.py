@@ -6,9 +6,9 @@ backend and threads can draw at the same time.
 
 Key images follow the radiological convention: 3D volumes are shown in the RAS frame
 (reoriented, never resampled) with the patient's right on the viewer's left; every panel
-of a 3D volume carries orientation letters at its edges (from the affine), square pixels in millimetres (the
-aspect ratio comes from the voxel spacing), a colour bar for the saliency and a legend naming
-each segmented class.
+of a 3D volume carries orientation letters at its edges (from the affine); panels have square
+millimetres (the aspect ratio comes from the voxel spacing), a colour bar for the saliency
+and a legend naming each segmented class.
 """
 
 from __future__ import annotations
@@ -214,7 +214,9 @@ def key_images(volume: Volume, *, saliency: Volume | None = None, mask: Volume |
                     for k in present:
                         ax.contour(plane == k, levels=[0.5], colors=[palette[k]],
                                    linewidths=0.8)
-                        handles.append(Patch(color=tuple(palette[k])[:3], label=_name(classes, k)))  # type: ignore[arg-type]
+                        colour = tuple(palette[k])[:3]
+                        handles.append(Patch(color=colour,  # type: ignore[arg-type]
+                                             label=_name(classes, k)))
             if kind == "overlay" and sal is not None:
                 heat = _display(sal, view)
                 shown = ax.imshow(np.ma.masked_less(heat, 0.2), cmap="jet", alpha=0.45, vmin=0,
@@ -427,8 +429,8 @@ def box_figure(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
         if scores is not None:
             ax.text(x1, y1 - 1, f"{name} {scores[k]:.2f}", color=colour, fontsize=5,
                     va="bottom")
-    handles = [Patch(color=tuple(c / 255 for c in colours.get(n, DEFAULT_COLOURS[1])), label=n)  # type: ignore[arg-type]
-               for n in classes]
+    handles = [Patch(color=tuple(c / 255 for c in colours.get(n, DEFAULT_COLOURS[1])),  # type: ignore[arg-type]
+                     label=n) for n in classes]
     if truth is not None:
         handles.append(Patch(facecolor="none", edgecolor="white", linestyle="--",
                              label="reference"))

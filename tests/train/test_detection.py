@@ -220,3 +220,26 @@ def test_analyze_writes_boxes_counts_overlay_saliency_and_an_sr(
     assert distance.min(axis=0).max() <= 0.01  # and the other way round
     summary = list(csv.DictReader((out / "summary.csv").open()))
     assert {"count_small", "count_large"} <= set(summary[0])
+
+
+def test_onnx_backend_gives_the_same_boxes(trained: tuple[Path, Path, Path],
+                                           tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    pipeline, data, run = trained
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes((run / "best.safetensors").read_bytes())
+    assert main(["export", "--pipeline", str(pipeline), "--weights", str(weights)]) == 0
+    png = sorted((data / "JPEGImages").glob("*.png"))[1]
+    found = {}
+    for backend in ("torch", "onnx"):
+        out = tmp_path / backend
+        assert main(["analyze", str(png), "--pipeline", str(pipeline), "--weights",
+                     str(weights), "-o", str(out), "--backend", backend]) == 0
+        report = json.loads(next(out.glob("*/report.json")).read_text())
+        assert report["pipeline"]["backend"] == backend
+        found[backend] = report["prediction"]["detections"]
+    assert len(found["torch"]) == len(found["onnx"]) > 0
+    for a, b in zip(found["torch"], found["onnx"], strict=True):
+        assert a["class"] == b["class"]
+        assert abs(a["score"] - b["score"]) < 1e-3
+        np.testing.assert_allclose(a["box_px"], b["box_px"], atol=0.05)
