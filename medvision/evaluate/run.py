@@ -171,5 +171,8 @@ def _detection(predictor: Predictor, items: Sequence[dict[str, Any]],
     images = [detection_pr_curves(predictions, items, pipeline.classes, out,
                                   ap={n: v["ap_50"]["value"]
                                       for n, v in metrics["per_class"].items()})]
-    images += box_examples(items[:4], predictions[:4], pipeline.classes, colours, out)
+    from medvision.io import read_volume
+
+    shown = [np.asarray(read_volume(item["image"]).array) for item in items[:4]]
+    images += box_examples(shown, items[:4], predictions[:4], pipeline.classes, colours, out)
     return metrics, images

@@ -442,16 +442,16 @@ def box_figure(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
     return fig
 
 
-def box_examples(items: Sequence[Mapping[str, Any]], predictions: Sequence[Mapping[str, Any]],
-                 classes: Sequence[str], colours: Mapping[str, tuple[int, int, int]],
-                 out_dir: Path, *, min_score: float = 0.5) -> list[Path]:
-    """``example_<n>.png``: predicted (score >= ``min_score``) against true boxes."""
-    from medvision.io import read_volume
-
+def box_examples(images: Sequence[np.ndarray], items: Sequence[Mapping[str, Any]],
+                 predictions: Sequence[Mapping[str, Any]], classes: Sequence[str],
+                 colours: Mapping[str, tuple[int, int, int]], out_dir: Path, *,
+                 min_score: float = 0.5) -> list[Path]:
+    """``example_<n>.png``: each image (``(C, I, J)``) with its predicted (score >=
+    ``min_score``) against its true boxes."""
     paths = []
-    for n, (item, found) in enumerate(zip(items, predictions, strict=False)):
+    for n, (image, item, found) in enumerate(zip(images, items, predictions, strict=False)):
         keep = np.asarray(found["scores"]) >= min_score
-        fig = box_figure(np.asarray(read_volume(item["image"]).array),
+        fig = box_figure(np.asarray(image),
                          np.asarray(found["boxes"])[keep], np.asarray(found["labels"])[keep],
                          classes, colours, scores=np.asarray(found["scores"])[keep],
                          truth=np.asarray(item["boxes"]), title=Path(str(item["image"])).name)
