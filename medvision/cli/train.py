@@ -25,7 +25,11 @@ def add_parser(subparsers: Any) -> None:
                         help="data folder (class folders, or images/ + labels/) or .npz file")
     parser.add_argument("-o", "--output", required=True, help="run folder")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output")
-    parser.add_argument("--init-from", help="safetensors weights to start from")
+    parser.add_argument("--init-from", help="safetensors weights to start from (every tensor "
+                        "skipped or converted is named, and listed in RUN/init.json)")
+    parser.add_argument("--rgb-to-grey", action="store_true",
+                        help="with --init-from: sum a colour first convolution over colour to "
+                             "fit a 1-channel model")
     parser.add_argument("--freeze", nargs="*", default=[],
                         help="parameter-name prefixes to keep fixed (with --init-from)")
     parser.add_argument("--epochs", type=int, help="override training.epochs")
@@ -58,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         split = DataSplit(train=_spread(split.train, args.limit), val=_spread(split.val, args.limit))
     result = train(pipeline, split, args.output, resume=args.resume,
                    init_from=args.init_from, freeze=tuple(args.freeze),
-                   auditor=auditor_from_args(args))
+                   auditor=auditor_from_args(args), rgb_to_grey=args.rgb_to_grey)
     if result.averaged_epochs:  # best.safetensors is the weight average, not one epoch
         chosen = (f"weights averaged over the last {result.averaged_epochs} epoch(s): "
                   f"{pipeline.validation_metric} {result.best_metric:.4f} (best single epoch "

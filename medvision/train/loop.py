@@ -207,7 +207,7 @@ def _better(metric: str, value: float, best: float | None) -> bool:
 def train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str], *,
           resume: bool = False, init_from: str | os.PathLike[str] | None = None,
           freeze: Sequence[str] = (), progress: bool | None = None,
-          auditor: Auditor | None = None) -> TrainResult:
+          auditor: Auditor | None = None, rgb_to_grey: bool = False) -> TrainResult:
     """Train ``pipeline`` on ``split``, writing checkpoints into ``run_dir``.
 
     With an ``auditor`` the run is recorded (failed runs too): the data digests, the
@@ -219,7 +219,10 @@ def train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str],
         run_dir: output folder; must be empty or absent unless ``resume``.
         resume: continue from the folder's last checkpoint.
         init_from: safetensors weights to start from (transfer learning); tensors whose shape
-            does not fit (a different head) are left at their fresh values.
+            does not fit (a different head) are left at their fresh values, each named in a
+            warning and in ``init.json``.
+        rgb_to_grey: with ``init_from``, sum a colour first convolution over colour to fit a
+            1-channel model.
         freeze: parameter-name prefixes to keep fixed.
         progress: show a progress bar (default: when stderr is a terminal).
         auditor: where the run's record goes (``None``: not recorded).
@@ -234,7 +237,7 @@ def train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str],
               "init_from": str(init_from) if init_from else None}
     try:
         result = _train(pipeline, split, run_dir, resume=resume, init_from=init_from,
-                        freeze=freeze, progress=progress)
+                        freeze=freeze, progress=progress, rgb_to_grey=rgb_to_grey)
     except MedvisionError as e:
         if auditor is not None:
             record_run(auditor, action="train", status="failed", pipeline=pipeline,
@@ -257,7 +260,7 @@ def train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str],
 
 def _train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str], *,
            resume: bool, init_from: str | os.PathLike[str] | None, freeze: Sequence[str],
-           progress: bool | None) -> TrainResult:
+           progress: bool | None, rgb_to_grey: bool = False) -> TrainResult:
     import torch
     from monai.utils import set_determinism
     from tqdm import tqdm
@@ -275,7 +278,7 @@ def _train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str]
 
     model = build_model(pipeline)
     if init_from is not None:
-        _init_from(model, Path(init_from))
+        _init_from(model, Path(init_from), run, rgb_to_grey=rgb_to_grey)
     for name, param in model.named_parameters():
         if any(name.startswith(prefix) for prefix in freeze):
             param.requires_grad_(False)
@@ -332,11 +335,12 @@ def _train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str]
             running += loss.item() * image.shape[0]
             seen += image.shape[0]
             bar.set_postfix(loss=f"{running / seen:.4f}")
+        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained at
         scheduler.step()
         train_seconds = time.perf_counter() - t0
         val = evaluate_batches(pipeline, model, val_loader, loss_fn)
         row = {"epoch": epoch, "train_loss": running / max(seen, 1),
-               "lr": optimizer.param_groups[0]["lr"], "train_seconds": round(train_seconds, 2),
+               "lr": lr, "train_seconds": round(train_seconds, 2),
                "samples_per_second": round(seen / train_seconds, 2) if train_seconds else 0.0,
                "data_wait_share": round(waiting / train_seconds, 4) if train_seconds else 0.0,
                **{f"val_{k}": v for k, v in val.items()}}
@@ -457,7 +461,13 @@ def _calibrate(model: Any, run: Path, val_loader: Any) -> None:
     log.info("calibration temperature %.3f", temperature)
 
 
-def _init_from(model: Any, path: Path) -> None:
+def _init_from(model: Any, path: Path, run: Path, *, rgb_to_grey: bool = False) -> None:
+    """Start from ``path``'s tensors where they fit; every tensor skipped, converted or left
+    fresh is named (a warning, and ``init.json`` in the run folder).
+
+    ``rgb_to_grey``: a first convolution trained on colour (3 input channels) is summed over
+    colour to fit a 1-channel model (a grey image seen as R = G = B gives the same response).
+    """
     from safetensors.torch import load_file
 
     try:
@@ -465,11 +475,43 @@ def _init_from(model: Any, path: Path) -> None:
     except (OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read weights ({e})") from e
     own = model.state_dict()
-    skip = tuple(k for k, v in source.items() if k not in own or own[k].shape != v.shape)
-    if len(skip) == len(source):
+    converted, skipped = [], []
+    for name, tensor in list(source.items()):
+        if name not in own:
+            skipped.append({"tensor": name, "reason": "not in this model",
+                            "shape": list(tensor.shape)})
+            continue
+        if own[name].shape == tensor.shape:
+            continue
+        fits_grey = (rgb_to_grey and tensor.dim() >= 4 and tensor.shape[1] == 3
+                     and own[name].shape[1] == 1 and tensor.shape[0] == own[name].shape[0]
+                     and tensor.shape[2:] == own[name].shape[2:])
+        if fits_grey:
+            source[name] = tensor.sum(dim=1, keepdim=True)
+            converted.append({"tensor": name, "from": list(tensor.shape),
+                              "to": list(own[name].shape)})
+            continue
+        skipped.append({"tensor": name, "reason": "shape differs",
+                        "shape": list(tensor.shape), "model": list(own[name].shape)})
+    names = {s["tensor"] for s in skipped}
+    if len(names) == len(source):
         raise CheckpointError(f"{path}: no tensor fits this model")
-    load_weights(model, path, strict=False, skip_prefixes=skip)
-    log.info("initialised from %s (%d tensors skipped)", path, len(skip))
+    kept = {k: v for k, v in source.items() if k not in names}
+    result = model.load_state_dict({k: v.to(own[k].dtype) for k, v in kept.items()},
+                                   strict=False)
+    fresh = sorted(k for k in result.missing_keys)
+    for item in skipped:
+        log.warning("init-from %s: %s skipped (%s, %s)", path.name, item["tensor"],
+                    item["reason"], item.get("model", item["shape"]))
+    for item in converted:
+        log.warning("init-from %s: %s converted from %s to %s (summed over colour)",
+                    path.name, item["tensor"], item["from"], item["to"])
+    if fresh:
+        log.warning("init-from %s: %d model tensor(s) left at fresh values: %s", path.name,
+                    len(fresh), ", ".join(fresh[:10]) + (" ..." if len(fresh) > 10 else ""))
+    (run / "init.json").write_text(json.dumps(
+        {"source": str(path), "loaded": len(kept), "converted": converted, "skipped": skipped,
+         "fresh": fresh}, indent=2))
 
 
 def _append_csv(path: Path, row: dict[str, Any]) -> None:

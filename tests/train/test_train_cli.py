@@ -128,6 +128,37 @@ def test_transfer_learning_with_frozen_layers(shared_data: Path, tmp_path: Path)
     assert not torch.equal(before["layer4.0.conv1.weight"], after["layer4.0.conv1.weight"])
 
 
+def test_init_from_colour_weights_names_every_tensor_and_converts_the_first_conv(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A 3-channel, 4-class network's weights into the 1-channel, 2-class chest model."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    from medvision.config import load_pipeline
+    from medvision.models import build_model, save_weights
+    from medvision.train.loop import _init_from
+
+    pipeline = load_pipeline("chest-xray-pneumonia")
+    colour = pipeline.model_copy(update={"in_channels": 3,
+                                         "classes": ("a", "b", "c", "d")})
+    source = tmp_path / "colour.safetensors"
+    save_weights(build_model(colour), source)
+    model = build_model(pipeline)
+    with caplog.at_level(logging.WARNING):
+        _init_from(model, source, tmp_path, rgb_to_grey=True)
+    report = json.loads((tmp_path / "init.json").read_text())
+    assert [c["tensor"] for c in report["converted"]] == ["conv1.weight"]
+    assert {s["tensor"] for s in report["skipped"]} == {"fc.weight", "fc.bias"}
+    assert "fc.weight" in caplog.text and "conv1.weight converted" in caplog.text
+    original = load_file(str(source))["conv1.weight"]
+    assert torch.allclose(model.state_dict()["conv1.weight"], original.sum(dim=1, keepdim=True))
+    model = build_model(pipeline)
+    _init_from(model, source, tmp_path)  # without conversion the first conv is skipped, named
+    skipped = {s["tensor"] for s in json.loads((tmp_path / "init.json").read_text())["skipped"]}
+    assert "conv1.weight" in skipped
+
+
 def test_weight_average_of_last_epochs(shared_data: Path, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     """swa_epochs: the last epochs run at the constant averaging rate, their weights are
@@ -150,9 +181,11 @@ def test_weight_average_of_last_epochs(shared_data: Path, tmp_path: Path,
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert len(rows) == 3  # early stopping does not cut the averaging epochs short
     lr = spec["optimizer"]["lr"]
-    # metrics.csv logs the rate after the epoch's scheduler step: epochs 2 and 3 use 0.5 * lr
-    assert float(rows[0]["lr"]) == pytest.approx(0.5 * lr)
+    # metrics.csv logs the rate each epoch trained at: the first at lr, the two averaging
+    # epochs at swa_lr * lr (it used to log the next epoch's rate)
+    assert float(rows[0]["lr"]) == pytest.approx(lr)
     assert float(rows[1]["lr"]) == pytest.approx(0.5 * lr)
+    assert float(rows[2]["lr"]) == pytest.approx(0.5 * lr)
     state = json.loads((run / "state.json").read_text())
     assert state["swa_count"] == 2 and 0.0 <= state["swa"]["accuracy"] <= 1.0
     assert state["best_metric"] == state["swa"]["loss"]
