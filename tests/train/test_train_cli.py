@@ -130,20 +130,22 @@ def test_transfer_learning_with_frozen_layers(shared_data: Path, tmp_path: Path)
 
 def test_init_from_colour_weights_names_every_tensor_and_converts_the_first_conv(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A 3-channel, 4-class network's weights into the 1-channel, 2-class chest model."""
+    """A 3-channel, 4-class network's weights (written as a torchvision checkpoint would be
+    converted) into the 1-channel, 2-class chest model."""
     import logging
 
     from safetensors.torch import load_file
 
     from medvision.config import load_pipeline
-    from medvision.models import build_model, save_weights
+    from medvision.models import build_model
     from medvision.train.loop import _init_from
+    from medvision.train.pretrained import to_safetensors
 
     pipeline = load_pipeline("chest-xray-pneumonia")
     colour = pipeline.model_copy(update={"in_channels": 3,
                                          "classes": ("a", "b", "c", "d")})
     source = tmp_path / "colour.safetensors"
-    save_weights(build_model(colour), source)
+    to_safetensors(build_model(colour).state_dict(), source)
     model = build_model(pipeline)
     with caplog.at_level(logging.WARNING):
         _init_from(model, source, tmp_path, rgb_to_grey=True)
