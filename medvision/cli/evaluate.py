@@ -24,6 +24,10 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--data", required=True, help="labelled data folder or .npz file")
     parser.add_argument("-o", "--output", required=True, help="evaluation folder")
     parser.add_argument("--weights", help="safetensors weights (default: the pipeline's)")
+    parser.add_argument("--explain", nargs="?", const=0, type=int, metavar="N",
+                        help="also score the explanations: share of saliency inside the true "
+                             "region (segmentation mask, detection boxes) for the first N "
+                             "items (all when N is not given)")
     parser.add_argument("--split", choices=["all", "train", "val", "test"],
                         help="which items: for an .npz file its official split (default test); "
                              "for a folder 'all' (default) or 'train'/'val', the pipeline's "
@@ -64,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
             split = split_items(pipeline, items)
             items = list(split.val if args.split == "val" else split.train)
     metrics = evaluate(predictor, items, args.output, force=args.force,
+                       explain_items=args.explain,
                        auditor=auditor_from_args(args),
                        audit_inputs={"data": items_digest(items), "split": args.split,
                                      "weights_sha256": predictor.weights_sha256})

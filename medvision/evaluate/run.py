@@ -26,12 +26,14 @@ __all__ = ["evaluate"]
 def evaluate(predictor: Predictor, items: Sequence[dict[str, Any]],
              out_dir: str | os.PathLike[str], *, force: bool = False,
              auditor: Auditor | None = None,
-             audit_inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+             audit_inputs: dict[str, Any] | None = None,
+             explain_items: int | None = None) -> dict[str, Any]:
     """Score ``predictor`` on ``items`` and write the evaluation folder; returns the metrics.
 
     Unreadable items are skipped with a warning and listed under ``skipped_items``. With an
     ``auditor`` the run is recorded (``audit_inputs`` describes the data; by default a digest
-    of the items).
+    of the items). ``explain_items`` (0: all) also scores the explanations' localisation
+    (:mod:`medvision.evaluate.localisation`) into ``metrics["explanation"]``.
 
     Raises:
         ConfigError: ``out_dir`` already holds an evaluation and ``force`` is false.
@@ -57,6 +59,11 @@ def evaluate(predictor: Predictor, items: Sequence[dict[str, Any]],
                            "weights_sha256": predictor.weights_sha256,
                            "temperature": predictor.temperature}
     metrics["skipped_items"] = [{"path": p, "reason": r} for p, r in skipped]
+    if explain_items is not None:
+        from medvision.evaluate.localisation import localisation_scores
+
+        metrics["explanation"] = localisation_scores(predictor, items,
+                                                     limit=explain_items or None)
     metrics["interval_note"] = (
         "Detection metrics have percentile bootstrap intervals over images."
         if pipeline.task == "detection" else

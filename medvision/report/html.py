@@ -111,6 +111,11 @@ def metric_rows(metrics: Mapping[str, Any]) -> list[dict[str, str]]:
     for key, value in metrics.items():
         if isinstance(value, Mapping) and "value" in value:
             add(key.replace("_", " "), value)
+        elif key == "explanation" and isinstance(value, Mapping):
+            for sub, item in value.items():
+                if isinstance(item, Mapping) and "value" in item:
+                    add(f"explanation ({value.get('method', '')}): {sub.replace('_', ' ')}",
+                        item)
         elif (key.endswith("_per_class") or key == "per_class") and isinstance(value, Mapping):
             for name, item in value.items():
                 if isinstance(item, Mapping) and "value" in item:

@@ -266,3 +266,23 @@ def test_a_folder_has_no_test_split(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["evaluate", "--pipeline", "chest-xray-pneumonia", "--data", str(tmp_path),
                  "--split", "test", "-o", str(tmp_path / "eval")]) == 2
     assert "no official test split" in capsys.readouterr().err
+
+
+def test_evaluate_explain_scores_saliency_inside_the_truth(shared_data: Path,
+                                                           tmp_path: Path) -> None:
+    """The shipped hippocampus model's saliency lies mostly inside the true hippocampus: far
+    above the share a map spread evenly would get (the region's share of the image)."""
+    data = tmp_path / "hippo"
+    for sub in ("images", "labels"):
+        (data / sub).mkdir(parents=True)
+        for path in sorted((shared_data / "hippocampus" / sub).glob("*.nii.gz"))[-4:]:
+            (data / sub / path.name).symlink_to(path)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "hippocampus-seg", "--data", str(data), "-o", str(out),
+                 "--explain"]) == 0
+    explanation = json.loads((out / "metrics.json").read_text())["explanation"]
+    assert explanation["scored"] == 4
+    inside, chance = explanation["energy_inside"], explanation["chance_level"]
+    assert 0.0 <= chance["value"] < inside["value"] <= 1.0
+    assert inside["ci95"][0] <= inside["value"] <= inside["ci95"][1]
+    assert "explanation" in (out / "summary.html").read_text()
