@@ -8,7 +8,6 @@ mAP@0.5), ``last.safetensors`` with ``optimizer.safetensors`` and ``state.json``
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from medvision.atomic import append_csv
 from medvision.config import Pipeline
 from medvision.errors import CheckpointError, ConfigError
 from medvision.models import load_weights, save_weights
@@ -149,14 +149,6 @@ def predict_boxes(detector: Any, pipeline: Pipeline, items: Sequence[Mapping[str
     return out
 
 
-def _append_csv(path: Path, row: dict[str, Any]) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
 
 def train_detection(pipeline: Pipeline, train_items: Sequence[dict[str, Any]],
                     val_items: Sequence[dict[str, Any]], run_dir: str | os.PathLike[str], *,
@@ -245,7 +237,7 @@ def train_detection(pipeline: Pipeline, train_items: Sequence[dict[str, Any]],
             if value > best:
                 best, best_epoch = value, epoch + 1
                 save_weights(detector, run / "best.safetensors")
-        _append_csv(run / "metrics.csv", row)
+        append_csv(run / "metrics.csv", row)
         log.info("epoch %d: %s", epoch + 1, row)
         save_training_state(run, model=detector, optimizer=optimizer, scheduler=scheduler,
                             state={"epoch": epoch + 1, "best": best, "best_epoch": best_epoch})

@@ -14,7 +14,6 @@ Outputs in the run folder:
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -28,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from medvision.atomic import write_text_atomic
+from medvision.atomic import append_csv, write_text_atomic
 from medvision.audit.records import Auditor, items_digest, record_run
 from medvision.config import Pipeline, config_hash
 from medvision.errors import CheckpointError, ConfigError, DataError, MedvisionError
@@ -345,7 +344,7 @@ def _train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str]
                "data_wait_share": round(waiting / train_seconds, 4) if train_seconds else 0.0,
                **{f"val_{k}": v for k, v in val.items()}}
         state["history"].append(row)
-        _append_csv(run / "metrics.csv", row)
+        append_csv(run / "metrics.csv", row)
         if _better(metric, val[metric], state["best_metric"]):
             state.update(best_metric=val[metric], best_epoch=epoch, stale_epochs=0)
             save_weights(model, run / "best.safetensors",
@@ -513,14 +512,6 @@ def _init_from(model: Any, path: Path, run: Path, *, rgb_to_grey: bool = False) 
         {"source": str(path), "loaded": len(kept), "converted": converted, "skipped": skipped,
          "fresh": fresh}, indent=2))
 
-
-def _append_csv(path: Path, row: dict[str, Any]) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
 
 
 def _yaml(pipeline: Pipeline) -> str:
