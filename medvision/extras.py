@@ -17,6 +17,10 @@ def require(module: str, extra: str, what: str) -> None:
         extra: the medvision extra that installs it (``pacs``, ``itk``...).
         what: what needs it, for the message (``the PACS bridge``...).
     """
-    if importlib.util.find_spec(module) is None:
+    try:
+        found = importlib.util.find_spec(module)
+    except ModuleNotFoundError:  # a dotted name whose parent package is missing
+        found = None
+    if found is None:
         raise MissingDependencyError(
             f"{what} needs {module}, which is not installed: pip install 'medvision[{extra}]'")

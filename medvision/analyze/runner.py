@@ -72,6 +72,8 @@ class AnalyzeOptions:
         progress: show a progress bar (``None``: when stderr is a terminal).
         dicom: also write the DICOM results (SR; SEG and Parametric Map for series) of
             DICOM inputs into ``<study>/dicom/``.
+        fhir: also write ``fhir.json``: a FHIR R4 Bundle (DiagnosticReport, Observations,
+            ImagingStudy, Device) with a pseudonymous subject.
     """
 
     explain_method: str | None = None
@@ -81,6 +83,7 @@ class AnalyzeOptions:
     overwrite: bool = True
     progress: bool | None = None
     dicom: bool = False
+    fhir: bool = False
 
 
 class _Rejected(Exception):
@@ -125,6 +128,8 @@ def run_fingerprint(predictor: Predictor, options: AnalyzeOptions,
            "schema_version": SCHEMA_VERSION, "input_sha256": input_signature(study.paths)}
     if options.dicom:
         run["dicom"] = True
+    if options.fhir:
+        run["fhir"] = True
     return run
 
 
@@ -493,6 +498,11 @@ def run_study(study: Study, predictor: Predictor, out: Path, options: AnalyzeOpt
         log.warning("study %s: cannot hash its inputs (%s)", study.key, e)
         patient, study_key = None, pseudonymizer.pseudonym("study", study.key)
         inputs = {"source_name": study.source_name, "error": str(e)}
+    if options.fhir and report.status in (Status.OK, Status.FLAGGED):
+        from medvision.report.fhir import render_fhir
+
+        write_text_atomic(staging / "fhir.json", render_fhir(
+            report, predictor.pipeline, subject_key=patient or study_key))
     return StudyOutcome(study=study.key, report=report.light(), document=document,
                         staging=staging, patient_key=patient, study_key=study_key,
                         inputs=inputs)

@@ -57,6 +57,10 @@ def add_parser(subparsers: Any) -> None:
                              "series a SEG of the mask and a Parametric Map of the saliency; "
                              "overlay images) into OUT/<study>/dicom/, and copy them to "
                              "DIR/<study>/ when DIR is given")
+    parser.add_argument("--fhir", action="store_true",
+                        help="also write OUT/<study>/fhir.json: a FHIR R4 Bundle "
+                             "(DiagnosticReport, Observations, ImagingStudy, Device) with a "
+                             "pseudonymous subject (needs medvision[fhir])")
     parser.add_argument("--include-phi", action="store_true",
                         help="write patient name, ID and birth date into report.json (off: "
                              "reports, logs and audit records carry pseudonyms only)")
@@ -78,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     results = analyze(args.inputs, predictor, args.output, auditor=auditor, options=AnalyzeOptions(
         explain_method=args.explain, faithfulness=args.faithfulness, force=args.force,
         overwrite=not args.no_overwrite, include_phi=args.include_phi,
-        dicom=args.dicom is not None), scheduler=args.scheduler)
+        dicom=args.dicom is not None, fhir=args.fhir), scheduler=args.scheduler)
     if args.dicom:
         import shutil
 

@@ -24,7 +24,7 @@ def flagged_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]
     root = tmp_path_factory.mktemp("rg1")
     out = root / "out"
     assert main(["analyze", str(RG1), "--pipeline", "chest-xray-pneumonia", "-o", str(out),
-                 "--dicom", str(root / "copies")]) == 0
+                 "--dicom", str(root / "copies"), "--fhir"]) == 0
     folder = next(p.parent for p in out.glob("*/report.json"))
     report = json.loads((folder / "report.json").read_text())
     assert report["status"] == "flagged"
@@ -43,7 +43,7 @@ def mr_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, list
         pytest.skip("../shared/data/hippocampus is not available")
     files = mr_series_from_nifti(images[0], root / "mr")
     assert main(["analyze", str(root / "mr"), "--pipeline", "hippocampus-seg", "-o",
-                 str(root / "out"), "--dicom"]) == 0
+                 str(root / "out"), "--dicom", "--fhir"]) == 0
     folder = next((root / "out").glob("*/report.json")).parent
     return folder, json.loads((folder / "report.json").read_text()), files
 
@@ -189,3 +189,30 @@ def test_deidentified_copies_pass_dciodvfy(dciodvfy: str, tmp_path: Path) -> Non
     for path in outputs:
         assert _errors(dciodvfy, path) == [], path.name
         assert all(len(v) <= 64 for v in pydicom.dcmread(path).DeidentificationMethod)
+
+
+def test_fhir_bundles_validate_and_carry_the_report_numbers(
+        flagged_study: tuple[Path, dict], mr_study: tuple[Path, dict, list[Path]]) -> None:
+    """FHIR R4 (R4B) Bundles, validated with fhir.resources; no patient identity in them."""
+    from fhir.resources.R4B.bundle import Bundle
+
+    for folder, report in (flagged_study, mr_study[:2]):
+        text = (folder / "fhir.json").read_text()
+        bundle = Bundle.model_validate_json(text)
+        resources = {e.resource.get_resource_type() for e in bundle.entry}
+        assert resources == {"DiagnosticReport", "Observation", "ImagingStudy", "Device"}
+        values = {}
+        for entry in bundle.entry:
+            resource = entry.resource
+            if resource.get_resource_type() == "Observation" and resource.valueQuantity:
+                values[resource.note[0].text] = float(resource.valueQuantity.value)
+        prediction = report["prediction"]
+        for name, p in (prediction.get("probabilities") or {}).items():
+            assert values[f"probability of {name}"] == pytest.approx(p, abs=1e-6)
+        for name, ml in (prediction.get("volumes_ml") or {}).items():
+            assert values[f"volume of {name}"] == pytest.approx(ml, abs=1e-4)
+        for forbidden in ("Bridge^Test", "BRIDGE-1", "PatientName"):
+            assert forbidden not in text
+        device = next(e.resource for e in bundle.entry
+                      if e.resource.get_resource_type() == "Device")
+        assert report["pipeline"]["weights_sha256"] in {v.value for v in device.version}
