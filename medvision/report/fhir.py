@@ -141,7 +141,7 @@ def fhir_bundle(report: StudyReport, pipeline: Pipeline, *, subject_key: str,
     if prediction is not None:
         diagnostic["conclusionCode"] = [_class_coding(pipeline, n) for n in
                                         prediction.label.split("+") if n in prediction.classes]
-    resources = [diagnostic, device, study, *observations]
+    resources: list[dict[str, Any]] = [diagnostic, device, study, *observations]
     bundle = {"resourceType": "Bundle", "id": _uid(seed + "/bundle"), "type": "collection",
               "entry": [{"fullUrl": f"urn:uuid:{r['id']}", "resource": r} for r in resources]}
     try:
