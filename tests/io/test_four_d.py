@@ -195,3 +195,12 @@ def test_a_3d_pipeline_rejects_a_4d_series_with_the_reason_or_selects(
     # the first volume is taken: whatever else the checks say, it is not the 4D rule
     assert report["status"] != "rejected" or "4D" not in report["reason"], report["reason"]
     assert report["input"]["geometry"]["shape"] == [64, 64, 9]
+
+
+def test_info_command_prints_the_volume_count(shared_data: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    folder = shared_data / "dicom" / "philips_4d" / "In" / "Magdeburg_2014" / "fmri"
+    assert main(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[0]") == 1 and "[1]" not in out
+    assert "volumes     : 3 (time), separated by TemporalPositionIdentifier, TR 2 s" in out
