@@ -177,7 +177,9 @@ class OptimizerConfig(_Strict):
 
     @model_validator(mode="after")
     def _honoured(self) -> OptimizerConfig:
-        if "momentum" in self.model_fields_set and self.name != "sgd":
+        # a dumped pipeline (a run's pipeline.yaml) carries the default; only another value
+        # is a request the optimizer would silently ignore
+        if self.name != "sgd" and self.momentum != 0.9:
             raise ValueError(f"optimizer.momentum applies to sgd only, not {self.name} "
                              "(Adam-type optimizers use their own moment estimates)")
         return self

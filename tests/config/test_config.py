@@ -106,3 +106,12 @@ def test_onecycle_is_a_real_schedule() -> None:
     assert onecycle[0] == pytest.approx(1 / 25)  # starts low...
     assert max(onecycle) == pytest.approx(1.0) and onecycle.index(1.0) == 3  # peaks at 30%
     assert onecycle[-1] < 0.05 and cosine[0] == 1.0
+
+
+def test_a_dumped_pipeline_loads_again(tmp_path: Path) -> None:
+    """A run folder's pipeline.yaml (every field written out, defaults included) is valid."""
+    for name in ("chest-xray-pneumonia", "hippocampus-seg", "adrenal-3d", "bccd-cells"):
+        pipeline = load_pipeline(ROOT / "pipelines" / name)
+        (tmp_path / "pipeline.yaml").write_text(
+            yaml.safe_dump(pipeline.model_dump(mode="json"), sort_keys=False))
+        assert load_pipeline(tmp_path / "pipeline.yaml") == pipeline
