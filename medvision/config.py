@@ -33,6 +33,7 @@ __all__ = [
     "PreprocessConfig",
     "QCConfig",
     "TrainingConfig",
+    "DEFAULT_COLOURS",
     "config_hash",
     "load_pipeline",
     "pipeline_dir",
@@ -333,11 +334,11 @@ class ReportConfig(_Strict):
         from_config = self.classes.get(name)
         if from_config is not None and from_config.colour is not None:
             return from_config.colour
-        return _DEFAULT_COLOURS[index % len(_DEFAULT_COLOURS)]
+        return DEFAULT_COLOURS[index % len(DEFAULT_COLOURS)]
 
 
 #: Label colours when a pipeline declares none (index 0: the background).
-_DEFAULT_COLOURS = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),
+DEFAULT_COLOURS = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),
                     (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230))
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "bootstrap_interval",
     "classification_metrics",
     "detection_metrics",
+    "match_detections",
     "expected_calibration_error",
     "segmentation_metrics",
     "wilson",
@@ -250,6 +251,34 @@ def segmentation_metrics(dice: np.ndarray, hd95: np.ndarray, classes: Sequence[s
 # --- detection ----------------------------------------------------------------------------
 
 
+def match_detections(found: Mapping[str, Any], truth: Mapping[str, Any], *,
+                     iou: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Greedy matching of one image's detections, highest score first: a detection is a hit
+    when an unmatched true box of its class overlaps it by at least ``iou``.
+
+    Returns ``(scores, labels, hits)`` of the detections, in descending score order.
+    """
+    from monai.data.box_utils import box_iou
+
+    boxes = np.asarray(found.get("boxes", np.zeros((0, 4))), dtype=np.float32).reshape(-1, 4)
+    labels = np.asarray(found.get("labels", np.zeros(0)), dtype=np.int64).reshape(-1)
+    scores = np.asarray(found.get("scores", np.zeros(0)), dtype=np.float32).reshape(-1)
+    true_boxes = np.asarray(truth["boxes"], dtype=np.float32).reshape(-1, 4)
+    true_labels = np.asarray(truth["labels"], dtype=np.int64).reshape(-1)
+    overlap = (np.asarray(box_iou(boxes, true_boxes)) if len(boxes) and len(true_boxes)
+               else np.zeros((len(boxes), len(true_boxes))))
+    order = np.argsort(-scores, kind="stable")
+    taken: set[int] = set()
+    hits = np.zeros(len(order), dtype=float)
+    for rank, k in enumerate(order):
+        free = [int(j) for j in np.flatnonzero((true_labels == labels[k]) & (overlap[k] >= iou))
+                if int(j) not in taken]
+        if free:
+            taken.add(max(free, key=lambda j: overlap[k, j]))
+            hits[rank] = 1.0
+    return scores[order], labels[order], hits
+
+
 def detection_metrics(predictions: Sequence[Mapping[str, Any]],
                       truths: Sequence[Mapping[str, Any]], classes: Sequence[str], *,
                       seed: int = 0, intervals: bool = True,
@@ -295,31 +324,18 @@ def detection_metrics(predictions: Sequence[Mapping[str, Any]],
     def coco(index: np.ndarray) -> dict[str, float]:
         return dict(metric([matched[i] for i in index])[0])
 
+    # greedy matching does not depend on which images a resample draws: done once
+    matches = [match_detections(predictions[i], truths[i]) for i in range(n)]
+
     def recall_at(index: np.ndarray, fp_per_image: float) -> float:
-        scores, hits, positives = [], [], 0
-        for i in index:
-            iou = box_iou(pb[i], gb[i]) if len(pb[i]) and len(gb[i]) else np.zeros(
-                (len(pb[i]), len(gb[i])))
-            order = np.argsort(-ps[i])
-            taken: set[int] = set()
-            for k in order:
-                same: Any = (np.flatnonzero((gc[i] == pc[i][k]) & (iou[k] >= 0.5))
-                             if iou.size else [])
-                free = [j for j in same if j not in taken]
-                if free:
-                    taken.add(int(max(free, key=lambda j: iou[k, j])))
-                    hits.append(1)
-                else:
-                    hits.append(0)
-                scores.append(ps[i][k])
-            positives += len(gb[i])
+        positives = int(sum(len(gb[i]) for i in index))
         if positives == 0:
             return float("nan")
-        order = np.argsort(-np.asarray(scores))
-        hit = np.asarray(hits)[order]
+        scores = np.concatenate([matches[i][0] for i in index])
+        hits = np.concatenate([matches[i][2] for i in index])
+        hit = hits[np.argsort(-scores, kind="stable")]
         false = np.cumsum(1 - hit)
-        allowed = fp_per_image * len(index)
-        within = false <= allowed
+        within = false <= fp_per_image * len(index)
         return float(np.cumsum(hit)[within][-1] / positives) if within.any() else 0.0
 
     def stats(index: np.ndarray) -> dict[str, float]:

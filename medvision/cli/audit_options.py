@@ -60,15 +60,3 @@ def signer_from_args(args: argparse.Namespace) -> Any:
     if path is None and os.environ.get("MEDVISION_AUDIT_SIGNING_KEY"):
         path = Path(os.environ["MEDVISION_AUDIT_SIGNING_KEY"])
     return Signer.from_file(path) if path is not None else None
-
-
-
-
-def record_run(args: argparse.Namespace, *, action: str, status: str, pipeline: Any,
-               inputs: dict[str, Any], outputs: list[Path], result: dict[str, Any],
-               seconds: float, reason: str | None = None) -> None:
-    """Append a train/evaluate record; raises AuditError when it cannot be written."""
-    from medvision.audit.records import record_run as append
-
-    append(auditor_from_args(args), action=action, status=status, pipeline=pipeline,
-           inputs=inputs, outputs=outputs, result=result, seconds=seconds, reason=reason)

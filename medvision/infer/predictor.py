@@ -140,10 +140,16 @@ class Predictor:
         model = bundle.build_network()
         if backend == "onnx" and bundle.pipeline.task == "detection":
             from medvision.infer.onnx_backend import OnnxDetectionHead
+            from medvision.models.detection import build_detector
 
-            return cls(bundle=bundle, model=model, backend=OnnxDetectionHead(
+            # a second detector (same anchors and post-processing) whose network runs in
+            # onnxruntime; the PyTorch one stays whole for explanations
+            runner = build_detector(bundle.pipeline)
+            runner.network = OnnxDetectionHead(
                 bundle.weights.with_suffix(".onnx"), threads=bundle.pipeline.training.threads,
-                torch_network=model.network))
+                torch_network=model.network)
+            runner.eval()
+            return cls(bundle=bundle, model=model, backend=runner)
         if backend == "onnx":
             from medvision.infer.onnx_backend import OnnxModel
 
@@ -275,16 +281,9 @@ class Predictor:
         classes = self.pipeline.classes
         image = (prepared.image[0].as_tensor() if hasattr(prepared.image[0], "as_tensor")
                  else prepared.image[0])
+        detector = self.backend if self.backend is not None else self.model
         with torch.no_grad():
-            if self.backend is not None:  # the ONNX network inside MONAI's post-processing
-                network = self.model.network
-                self.model.network = self.backend
-                try:
-                    found = self.model([image])[0]
-                finally:
-                    self.model.network = network
-            else:
-                found = self.model([image])[0]
+            found = detector([image])[0]
         zoom = np.asarray(prepared.data["zoom"], dtype=np.float32)
         scale = np.concatenate([zoom, zoom])
         keep = found["labels_scores"].numpy() >= self.pipeline.inference.threshold

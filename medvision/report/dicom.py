@@ -30,6 +30,7 @@ import numpy as np
 
 from medvision._version import __version__
 from medvision.errors import ReportError
+from medvision.report.labels import PRIVATE_SCHEME
 
 if TYPE_CHECKING:
     from medvision.config import Pipeline
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
 
 __all__ = ["DicomResult", "class_code", "write_dicom"]
 
-PRIVATE_SCHEME = "99MEDVISION"
 
 #: Standard concepts used whatever the pipeline (checked against pydicom's dictionary in tests).
 FINDING = ("121071", "DCM", "Finding")

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from medvision.config import DEFAULT_COLOURS
 from medvision.io import Volume
 
 __all__ = ["KeyImage", "classification_plots", "dice_boxplot", "drift_plot", "figure",
@@ -29,9 +30,6 @@ __all__ = ["KeyImage", "classification_plots", "dice_boxplot", "drift_plot", "fi
 
 _PLANES = {2: "axial", 1: "coronal", 0: "sagittal"}
 
-#: Label colours when a pipeline declares none (RGB 0-255; index 0 is the background).
-DEFAULT_COLOURS = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),
-                   (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230))
 
 
 def figure(width: float, height: float, dpi: int = 120) -> Any:
@@ -463,29 +461,14 @@ def detection_pr_curves(predictions: Sequence[Mapping[str, Any]],
                         truths: Sequence[Mapping[str, Any]], classes: Sequence[str],
                         out_dir: Path, *, ap: Mapping[str, float] | None = None) -> Path:
     """``pr.png``: precision against recall per class at IoU 0.5 (greedy matching by score)."""
-    from monai.data.box_utils import box_iou
+    from medvision.metrics import match_detections
 
     fig, ax = _plot()
+    matches = [match_detections(f, t) for f, t in zip(predictions, truths, strict=True)]
     for c, name in enumerate(classes):
-        scored: list[tuple[float, int]] = []
-        positives = 0
-        for found, truth in zip(predictions, truths, strict=True):
-            gt = np.asarray(truth["boxes"]).reshape(-1, 4)[np.asarray(truth["labels"]) == c]
-            positives += len(gt)
-            pick = np.asarray(found["labels"]) == c
-            boxes = np.asarray(found["boxes"]).reshape(-1, 4)[pick]
-            scores = np.asarray(found["scores"])[pick]
-            iou = np.asarray(box_iou(boxes, gt)) if len(boxes) and len(gt) else np.zeros(
-                (len(boxes), len(gt)))
-            taken: set[int] = set()
-            for k in np.argsort(-scores):
-                hit = 0
-                if iou.size:
-                    free = [j for j in np.flatnonzero(iou[k] >= 0.5) if j not in taken]
-                    if free:
-                        taken.add(int(max(free, key=lambda j: iou[k, j])))
-                        hit = 1
-                scored.append((float(scores[k]), hit))
+        positives = int(sum((np.asarray(t["labels"]) == c).sum() for t in truths))
+        scored = [(float(s), float(h)) for scores, labels, hits in matches
+                  for s, lab, h in zip(scores, labels, hits, strict=True) if lab == c]
         if not positives:
             continue
         scored.sort(key=lambda s: -s[0])
