@@ -270,3 +270,23 @@ def test_a_3d_detector_trains_a_step_and_predicts_boxes() -> None:
     with torch.no_grad():
         found = detector([image])[0]
     assert found["boxes"].shape[1] == 6 and len(found["labels"]) == len(found["boxes"])
+
+
+def test_bad_annotations_say_which_file_and_why(tmp_path: Path) -> None:
+    from medvision.errors import DataError
+    from medvision.train.boxes import detection_items
+
+    pipeline = load_pipeline(_pipeline(tmp_path, "voc"))
+    root = _voc(tmp_path / "voc", count=2)
+    first = sorted((root / "Annotations").glob("*.xml"))[0]
+    first.write_text(first.read_text()[:40])  # truncated XML
+    with pytest.raises(DataError, match=first.name):
+        detection_items(pipeline, root)
+    first.write_text("<annotation><filename>img_000.png</filename><object><name>tumour"
+                     "</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax>"
+                     "</bndbox></object></annotation>")
+    with pytest.raises(DataError, match="class 'tumour' is not one of"):
+        detection_items(pipeline, root)
+    (root / "JPEGImages" / "annotations.json").write_text("{not json")
+    with pytest.raises(DataError, match="not a COCO annotation file"):
+        detection_items(load_pipeline(_pipeline(tmp_path, "coco")), root / "JPEGImages")
