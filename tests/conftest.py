@@ -101,6 +101,22 @@ def sr_content(sr: Any) -> dict[str, object]:
     return out
 
 
+def chest_radiograph(folder: Path) -> tuple[Path, str]:
+    """pydicom-data's RG1 (a real CR chest radiograph) as a new study; returns the file and
+    its Study Instance UID."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = pydicom.dcmread(next(p for p in pydicom_test_files() if p.name == "RG1_UNCR.dcm"))
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    path = folder / "chest.dcm"
+    ds.save_as(path)
+    return path, str(ds.StudyInstanceUID)
+
+
 def mr_series_from_nifti(nifti: Path, folder: Path) -> list[Path]:
     """A real hippocampus MRI written as a DICOM MR series (one file per axial slice)."""
     import nibabel as nib

@@ -1,4 +1,5 @@
-"""``medvision pacs listen|status|echo|send|query``: the PACS bridge and operator commands."""
+"""``medvision pacs listen|watch|status|retry|echo|send|query``: the PACS bridge and operator
+commands."""
 
 from __future__ import annotations
 
@@ -28,15 +29,23 @@ def add_parser(subparsers: Any) -> None:
         description="A Store SCP that spools received instances durably, analyses each study "
                     "after a quiet period with the pipeline its routing rules choose, and "
                     "sends SR/SEG/overlay results to the configured destination.")
-    listen.add_argument("--config", required=True, type=Path, help="bridge settings (YAML)")
-    listen.add_argument("--workdir", required=True, type=Path, help="spool and job database")
-    listen.add_argument("--audit-log", type=Path,
-                        help="audit log (SQLite); default: the settings' audit_log, else "
-                             "WORKDIR/audit.sqlite")
-    listen.add_argument("--audit-key", type=Path, help="pseudonymisation key file")
-    listen.add_argument("--signing-key", type=Path,
-                        help="Ed25519 key that signs the audit log's checkpoints "
-                             "(default $MEDVISION_AUDIT_SIGNING_KEY, else unsigned)")
+    watch = actions.add_parser(
+        "watch", help="run the bridge with its DICOMweb sources: poll, analyse, send back",
+        description="Everything 'pacs listen' does, and also polls each DICOMweb source of "
+                    "the settings (QIDO-RS) for new or changed studies that match the routes, "
+                    "retrieves them (WADO-RS) into the durable spool and sends results back "
+                    "into the source study (STOW-RS). State is kept in WORKDIR/jobs.sqlite: a "
+                    "restart neither misses nor repeats a study.")
+    for sub in (listen, watch):
+        sub.add_argument("--config", required=True, type=Path, help="bridge settings (YAML)")
+        sub.add_argument("--workdir", required=True, type=Path, help="spool and job database")
+        sub.add_argument("--audit-log", type=Path,
+                         help="audit log (SQLite); default: the settings' audit_log, else "
+                              "WORKDIR/audit.sqlite")
+        sub.add_argument("--audit-key", type=Path, help="pseudonymisation key file")
+        sub.add_argument("--signing-key", type=Path,
+                         help="Ed25519 key that signs the audit log's checkpoints "
+                              "(default $MEDVISION_AUDIT_SIGNING_KEY, else unsigned)")
     status = actions.add_parser(
         "status", help="studies and results queued in a work folder",
         description="Reads the work folder without writing to it, so it answers on a full "
@@ -64,13 +73,15 @@ def add_parser(subparsers: Any) -> None:
                        help="query keys, e.g. StudyInstanceUID=1.2.3 (repeatable)")
     examples(listen, "medvision pacs listen --config docs/examples/bridge.yaml --workdir "
                      "/var/lib/medvision-bridge --signing-key keys/audit-signing.key")
+    examples(watch, "medvision pacs watch --config docs/examples/dicomweb.yaml --workdir "
+                    "/var/lib/medvision-bridge")
     examples(status, "medvision pacs status --workdir /var/lib/medvision-bridge --json")
     examples(retry, "medvision pacs retry --workdir /var/lib/medvision-bridge --all")
     examples(echo, "medvision pacs echo --port 4242 --called-ae ORTHANC")
     examples(send, "medvision pacs send --port 4242 --called-ae ORTHANC scans/*.dcm")
     examples(query, "medvision pacs query --port 4242 --called-ae ORTHANC --match "
                     "ModalitiesInStudy=CR")
-    for sub in (listen, status, retry, echo, send, query):
+    for sub in (listen, watch, status, retry, echo, send, query):
         sub.set_defaults(run=run)
 
 
@@ -81,18 +92,28 @@ def run(args: argparse.Namespace) -> int:
 
     action = args.pacs_action
     require("pynetdicom", "pacs", f"'medvision pacs {action}'")
-    if action == "listen":
-        require("highdicom", "pacs", "'medvision pacs listen'")
-    if action == "listen":
+    if action in ("listen", "watch"):
         from medvision.cli.audit_options import signer_from_args
+        from medvision.errors import ConfigError
         from medvision.pacs.bridge import Bridge
         from medvision.pacs.config import load_bridge_config
 
+        require("highdicom", "pacs", f"'medvision pacs {action}'")
         config = load_bridge_config(args.config)
+        if config.stow is not None or config.sources or not isinstance(
+                config.destination, Peer | None):
+            require("dicomweb_client", "dicomweb", "DICOMweb in the bridge")
+            require("starlette", "dicomweb", "the STOW-RS listener")
+            require("uvicorn", "dicomweb", "the STOW-RS listener")
+        if config.fhir is not None:
+            require("fhir.resources", "fhir", "FHIR output")
+        if action == "watch" and not config.sources:
+            raise ConfigError(f"{args.config}: no DICOMweb `sources` to watch ('pacs listen' "
+                              "runs a bridge without them)")
         if args.audit_log is not None:
             config = config.model_copy(update={"audit_log": args.audit_log})
-        Bridge(config, args.workdir,
-               audit_key=args.audit_key, signer=signer_from_args(args)).serve_forever()
+        Bridge(config, args.workdir, audit_key=args.audit_key,
+               signer=signer_from_args(args)).serve_forever(watch=action == "watch")
         return 0
     if action == "status":
         from medvision.pacs.store import read_status
@@ -101,16 +122,23 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(state, indent=2))
         else:
+            for end in state["endpoints"]:
+                print(f"{end['role']} {end['name']} ({end['detail']}): {end['queue']} queued, "
+                      f"last success {end['last_success'] or 'never'}"
+                      + (f", last error {end['last_error_at']}: {end['last_error']}"
+                         if end["last_error"] else ""))
             for study in state["studies"]:
                 print(f"study {study['study']}: {study['state']} ({study['instances']} "
-                      f"instance(s), from {study['calling_ae']}, analysis attempts "
+                      f"instance(s), from {study['source']} {study['calling_ae']}, "
+                      f"analysis attempts "
                       f"{study['attempts']})" + (f" - {study['error']}" if study["error"] else ""))
             waiting = [o for o in state["outbox"] if o["state"] in ("pending", "sent_awaiting")]
             undelivered = [o for o in state["outbox"] if o["state"] == "failed"]
             print(f"{len(state['outbox'])} result object(s), {len(waiting)} waiting to be sent "
                   f"or confirmed, {len(undelivered)} failed")
             for item in waiting + undelivered:
-                print(f"  {item['kind']} for {item['study']}: {item['state']}, "
+                print(f"  {item['kind']} for {item['study']} to {item['destination']}: "
+                      f"{item['state']}, "
                       f"{item['attempts']} failed attempt(s)"
                       + (f", last error: {item['error']}" if item["error"] else ""))
         bad = any(s["state"] == "failed" for s in state["studies"]) or any(

@@ -1,10 +1,14 @@
-"""The PACS bridge: a Store SCP that spools studies, a worker that analyses them, a sender.
+"""The PACS bridge: inputs that spool studies, workers that analyse them, a sender.
 
-Received instances are written durably before success is returned (see
-:mod:`medvision.pacs.store`). A study quiet for ``quiet_period_s`` is routed to a pipeline by
-the settings' rules, analysed like ``medvision analyze`` (report folder and audit record, the
-calling AE as the actor), turned into DICOM results (SR, SEG, overlays) and sent to the
-destination with retries. Everything is resumable after a crash or SIGKILL.
+Inputs: a DIMSE Store SCP, a STOW-RS endpoint (:mod:`medvision.pacs.stow`) and DICOMweb
+sources polled with QIDO-RS/WADO-RS (:mod:`medvision.pacs.web`). Received instances are written
+durably before success is returned (see :mod:`medvision.pacs.store`). A study quiet for
+``quiet_period_s`` (or fully retrieved from a watched source) is routed to a pipeline by the
+settings' rules, analysed like ``medvision analyze`` (report folder and audit record, the
+sender as the actor), turned into DICOM results (SR, SEG, overlays) and, optionally, a FHIR
+Bundle, and sent with retries: DICOM by C-STORE or STOW-RS to the study's destination (a
+watched source gets its results back), FHIR to the FHIR server. Everything is resumable after
+a crash or SIGKILL.
 """
 
 from __future__ import annotations
@@ -32,9 +36,31 @@ from medvision.errors import (
     PacsError,
 )
 from medvision.infer import Predictor
-from medvision.pacs.config import BridgeConfig, Route
+from medvision.pacs.config import (
+    DESTINATION,
+    DIMSE_SOURCE,
+    FHIR_DESTINATION,
+    STOW_SOURCE,
+    BridgeConfig,
+    DicomWebEndpoint,
+    FhirServer,
+    Peer,
+    Route,
+)
 from medvision.pacs.scu import STORAGE_COMMITMENT, deliver, request_commitment
 from medvision.pacs.store import BridgeStore, OutboxItem, StudyJob
+from medvision.pacs.stow import (
+    CANNOT_UNDERSTAND as STOW_CANNOT_UNDERSTAND,
+)
+from medvision.pacs.stow import (
+    OUT_OF_RESOURCES as STOW_OUT_OF_RESOURCES,
+)
+from medvision.pacs.stow import (
+    PROCESSING_FAILURE,
+    StoreOutcome,
+    StowServer,
+    parse_instance,
+)
 from medvision.pacs.throttle import ThrottledLog
 
 __all__ = ["Bridge"]
@@ -95,9 +121,11 @@ class Bridge:
         self._local = threading.local()
         self._stop = threading.Event()
         self._server: Any = None
+        self._stow: StowServer | None = None
         self._threads: list[threading.Thread] = []
         self._active: set[str] = set()
         self._active_lock = threading.Lock()
+        self._successes: dict[tuple[str, str], float] = {}
         self._errors = ThrottledLog(log, interval_s=60.0)
 
     # --- receiving -------------------------------------------------------------------------
@@ -118,11 +146,79 @@ class Bridge:
         try:
             self.store.store_instance(study_uid=str(ds.StudyInstanceUID),
                                       sop_uid=str(ds.SOPInstanceUID), data=data,
-                                      calling_ae=calling)
+                                      calling_ae=calling, source=DIMSE_SOURCE)
         except (OSError, PacsError) as e:
             self._errors.log(f"storing an instance from {calling} (answered 0xA700)", e)
             return OUT_OF_RESOURCES
+        self._note_success(DIMSE_SOURCE, "source")
         return 0x0000
+
+    def _on_stow(self, data: bytes, sender: str, study: str | None) -> StoreOutcome:
+        """One STOW-RS part: checked and stored like a C-STORE, or refused with a reason."""
+        sop_class = sop_uid = ""
+        try:
+            ds = parse_instance(data)
+            sop_class = str(ds.get("SOPClassUID", ""))
+            sop_uid = str(ds.get("SOPInstanceUID", ""))
+            _validate(ds)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - as in _on_store
+            why = type(e).__name__ + (f": {e}" if isinstance(e, ValueError) else "")
+            log.warning("STOW-RS: refused an instance from %s: %s", sender, why)
+            return StoreOutcome(sop_class, sop_uid, STOW_CANNOT_UNDERSTAND, why)
+        if study is not None and str(ds.StudyInstanceUID) != study:
+            log.warning("STOW-RS: refused an instance from %s: not in the study of the URL",
+                        sender)
+            return StoreOutcome(sop_class, sop_uid, PROCESSING_FAILURE,
+                                "Study Instance UID differs from the URL's")
+        try:
+            self.store.store_instance(study_uid=str(ds.StudyInstanceUID), sop_uid=sop_uid,
+                                      data=data, calling_ae=sender, source=STOW_SOURCE)
+        except (OSError, PacsError) as e:
+            self._errors.log(f"storing an instance from {sender} (STOW-RS)", e)
+            return StoreOutcome(sop_class, sop_uid, STOW_OUT_OF_RESOURCES, str(e))
+        self._note_success(STOW_SOURCE, "source")
+        return StoreOutcome(sop_class, sop_uid)
+
+    def _note_success(self, name: str, role: str) -> None:
+        """Record a source's or destination's success for `pacs status`, at most every few
+        seconds (each record is a synchronous database write)."""
+        now = time.monotonic()
+        with self._active_lock:
+            if now - self._successes.get((role, name), -1e9) < 5.0:
+                return
+            self._successes[(role, name)] = now
+        try:
+            self.store.endpoint_result(name, role=role)
+        except Exception as e:  # noqa: BLE001 - bookkeeping must not refuse an instance
+            self._errors.log("recording a success", e)
+
+    def _endpoints(self) -> list[tuple[str, str, str]]:
+        """The configured sources and destinations ``(name, role, detail)``."""
+        config = self.config
+        found: list[tuple[str, str, str]] = []
+        if config.port is not None:
+            found.append((DIMSE_SOURCE, "source",
+                          f"DIMSE {config.ae_title}@{config.host}:{config.port}"))
+        if config.stow is not None:
+            found.append((STOW_SOURCE, "source",
+                          f"STOW-RS http{'s' if config.stow.tls else ''}://{config.stow.host}:"
+                          f"{config.stow.port}/studies"))
+        for source in config.sources:
+            found.append((source.name, "source", f"DICOMweb {source.dicomweb.url}"))
+            if source.results == "source":
+                found.append((source.name, "destination",
+                              f"STOW-RS {source.dicomweb.url}"))
+        destination = config.destination
+        if isinstance(destination, Peer):
+            found.append((DESTINATION, "destination", f"DIMSE {destination.ae_title}@"
+                          f"{destination.host}:{destination.port}"))
+        elif destination is not None:
+            found.append((DESTINATION, "destination", f"STOW-RS {destination.url}"))
+        if config.fhir is not None and config.fhir.server is not None:
+            found.append((FHIR_DESTINATION, "destination", f"FHIR {config.fhir.server.url}"))
+        return found
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         tls = self.config.tls
@@ -135,17 +231,20 @@ class Bridge:
             context.verify_mode = ssl.CERT_REQUIRED
         return context
 
-    def start(self) -> None:
-        """Recover interrupted work, start listening, start the worker."""
-        from pynetdicom import AE, AllStoragePresentationContexts, evt
-        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+    def start(self, *, watch: bool = True) -> None:
+        """Recover interrupted work, start the configured inputs (the DICOMweb watchers only
+        with ``watch``), the workers and the sender.
 
+        Raises:
+            PacsError: a listener could not start.
+        """
         recovered = self.store.recover()
         if recovered:
             log.info("recovered %d study(ies) interrupted mid-analysis", recovered)
         removed = self.store.clean_temporary_files()
         if removed:
             log.info("removed %d temporary file(s) left by interrupted writes", removed)
+        self.store.register_endpoints(self._endpoints())
         self._import_heavy_modules()
         if self.config.workers > 1:
             import os
@@ -154,6 +253,34 @@ class Bridge:
 
             # The workers share the cores: one intra-op thread pool each, not one per core.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.config.workers))
+        if self.config.port is not None:
+            self._start_dimse(self.config.port)
+        if self.config.stow is not None:
+            self._stow = StowServer(self.config.stow, self._on_stow)
+            self._stow.start()
+        self._threads = [threading.Thread(target=self._analysis_loop, daemon=True,
+                                          name=f"medvision-bridge-analysis-{n}")
+                         for n in range(self.config.workers)]
+        self._threads.append(threading.Thread(target=self._send_loop, daemon=True,
+                                              name="medvision-bridge-sender"))
+        if watch:
+            from medvision.pacs.web import Watcher
+
+            for source in self.config.sources:
+                watcher = Watcher(source, self.store, self.config.routes,
+                                  quiet_period_s=self.config.quiet_period_s, validate=_validate)
+                self._threads.append(threading.Thread(
+                    target=watcher.run, args=(self._stop, self._errors.log), daemon=True,
+                    name=f"medvision-bridge-watch-{source.name}"))
+                log.info("watching %s (%s) every %.0f s", source.name, source.dicomweb.url,
+                         source.poll_interval_s)
+        for thread in self._threads:
+            thread.start()
+
+    def _start_dimse(self, port: int) -> None:
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
         ae = AE(ae_title=self.config.ae_title)
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(str(context.abstract_syntax),
@@ -162,33 +289,28 @@ class Bridge:
         # The destination's storage commitment reports arrive as N-EVENT-REPORTs on
         # associations it opens to us.
         ae.add_supported_context(STORAGE_COMMITMENT, scu_role=True, scp_role=True)
+        destination = self.config.destination
         if self.config.allowed_calling_aes:
             allowed = list(self.config.allowed_calling_aes)
-            if self.config.destination.storage_commitment:
+            if isinstance(destination, Peer) and destination.storage_commitment:
                 # the destination opens associations to us for its commitment reports
-                allowed.append(self.config.destination.ae_title)
+                allowed.append(destination.ae_title)
             ae.require_calling_aet = allowed
         ae.maximum_associations = 32
         self._server = ae.start_server(
-            (self.config.host, self.config.port), block=False,
+            (self.config.host, port), block=False,
             evt_handlers=[(evt.EVT_C_STORE, self._on_store),
                           (evt.EVT_N_EVENT_REPORT, self._on_commitment_report)],
             ssl_context=self._ssl_context())
-        self._threads = [threading.Thread(target=self._analysis_loop, daemon=True,
-                                          name=f"medvision-bridge-analysis-{n}")
-                         for n in range(self.config.workers)]
-        self._threads.append(threading.Thread(target=self._send_loop, daemon=True,
-                                              name="medvision-bridge-sender"))
-        for thread in self._threads:
-            thread.start()
-        log.info("listening as %s on %s:%d", self.config.ae_title, self.config.host,
-                 self.config.port)
+        log.info("listening as %s on %s:%d", self.config.ae_title, self.config.host, port)
 
     def stop(self) -> None:
         """Stop listening and let the workers finish their current step."""
         self._stop.set()
         if self._server is not None:
             self._server.shutdown()
+        if self._stow is not None:
+            self._stow.stop()
         for thread in self._threads:
             thread.join(timeout=120)
 
@@ -288,8 +410,10 @@ class Bridge:
             self.store.finish_analysis(job.study_uid, [], error="no route matches the study")
             return
         predictor = self._predictor(route.pipeline)
+        who = {DIMSE_SOURCE: "calling_ae", STOW_SOURCE: "stow_sender"}.get(job.source,
+                                                                          "dicomweb_source")
         auditor = Auditor(self.audit_log, self.pseudonymizer,
-                          actor={"calling_ae": job.calling_ae, "via": self.config.ae_title})
+                          actor={who: job.calling_ae, "via": self.config.ae_title})
         import pydicom
 
         predecessors = []
@@ -298,11 +422,14 @@ class Bridge:
                 predecessors.append(pydicom.dcmread(previous, stop_before_pixels=True))
             except (OSError, pydicom.errors.InvalidDicomError) as e:
                 log.warning("%s: an earlier SR is unreadable (%s)", study.key, e)
-        outcome = run_study(study, predictor, self.store.results, AnalyzeOptions(dicom=True),
-                            self.pseudonymizer, predecessors=predecessors)
+        fhir = self.config.fhir is not None
+        outcome = run_study(study, predictor, self.store.results,
+                            AnalyzeOptions(dicom=True, fhir=fhir), self.pseudonymizer,
+                            predecessors=predecessors)
         commit(outcome, auditor, self.store.results)
         report = outcome.report
         outputs: list[tuple[str, Path, str]] = []
+        series: dict[str, str] = {}
         if report.status in ("ok", "flagged"):
             # Each analysis sends from its own folder: files already queued are never
             # overwritten by a later analysis of the same study.
@@ -318,42 +445,88 @@ class Bridge:
                 except OSError:
                     shutil.copyfile(source, path)
                 outputs.append((item["sop_instance_uid"], path, item["kind"]))
+                series[item["sop_instance_uid"]] = str(pydicom.dcmread(
+                    path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]
+                ).SeriesInstanceUID)
+            bundle = self.store.results / study.key / "fhir.json"
+            if fhir and self.config.fhir and self.config.fhir.server and bundle.is_file():
+                import json
+
+                path = target / "fhir.json"
+                shutil.copyfile(bundle, path)
+                outputs.append((f"fhir:{json.loads(path.read_text())['id']}", path, "FHIR"))
+        destination = self.config.destination_for(job.source)
+        destinations = {kind: FHIR_DESTINATION if kind == "FHIR" else destination
+                        for _, _, kind in outputs}
         state = self.store.finish_analysis(
-            job.study_uid, outputs, analysis=job.analysis,
-            error=None if report.status in ("ok", "flagged") else report.reason)
+            job.study_uid, outputs, analysis=job.analysis, destinations=destinations,
+            series=series, error=None if report.status in ("ok", "flagged") else report.reason)
         log.info("%s: %s, %d result object(s), study %s", study.key, report.status,
                  len(outputs), state)
 
     def _send_due(self) -> None:
         retry = self.config.retry
+        unreachable: set[str] = set()
         for item in self.store.due_outbox(backoff_s=retry.backoff_s,
                                           max_backoff_s=retry.max_backoff_s):
+            if item.destination in unreachable:
+                continue
+            endpoint = self.config.endpoint(item.destination)
+            committing = isinstance(endpoint, Peer) and endpoint.storage_commitment
             try:
-                delivery = deliver(self.config.destination, item.path,
-                                   calling_ae=self.config.ae_title)
+                note = self._deliver(item, endpoint)
             except DeliveryError as e:
                 state = self.store.mark_failed_send(item.sop_uid, str(e),
                                                     max_attempts=retry.max_attempts,
                                                     permanent=e.permanent)
+                self._endpoint_failed(item.destination, str(e))
                 self._send_failed(item, str(e), state)
                 continue
             except (PacsError, OSError) as e:
                 state = self.store.mark_failed_send(item.sop_uid, str(e),
                                                     max_attempts=retry.max_attempts)
+                self._endpoint_failed(item.destination, str(e))
                 self._send_failed(item, str(e), state)
-                return  # the destination is unreachable: wait for the next round
-            if delivery.note:
-                log.warning("%s result delivered with a %s", item.kind, delivery.note)
-            self.store.mark_sent(item.sop_uid, note=delivery.note,
-                                 awaiting_commitment=self.config.destination.storage_commitment)
-        if self.config.destination.storage_commitment:
-            self._request_commitments()
+                unreachable.add(item.destination)  # wait for the next round
+                continue
+            if note:
+                log.warning("%s result delivered with a %s", item.kind, note)
+            self.store.mark_sent(item.sop_uid, note=note, awaiting_commitment=committing)
+            self._note_success(item.destination, "destination")
+        destination = self.config.destination
+        if isinstance(destination, Peer) and destination.storage_commitment:
+            self._request_commitments(destination)
 
-    def _request_commitments(self) -> None:
+    def _deliver(self, item: OutboxItem,
+                 endpoint: Peer | DicomWebEndpoint | FhirServer | None) -> str | None:
+        """Send one result to its destination; returns a warning worth keeping.
+
+        Raises:
+            DeliveryError: refused (``permanent`` when resending cannot help).
+            PacsError: no connection.
+        """
+        if endpoint is None:
+            raise DeliveryError(f"destination {item.destination!r} is not in the settings any "
+                                "more", permanent=True)
+        if isinstance(endpoint, Peer):
+            return deliver(endpoint, item.path, calling_ae=self.config.ae_title).note
+        from medvision.pacs import web
+
+        if isinstance(endpoint, FhirServer):
+            return web.fhir_deliver(endpoint, item.path)
+        return web.stow_deliver(endpoint, item.path)
+
+    def _endpoint_failed(self, name: str, error: str) -> None:
+        try:
+            self.store.endpoint_result(name, error, role="destination")
+        except Exception as e:  # noqa: BLE001 - bookkeeping only
+            self._errors.log("recording a delivery error", e)
+
+    def _request_commitments(self, peer: Peer) -> None:
         """Ask the destination to commit to what was sent; re-send what it never confirmed."""
         import pydicom
 
-        peer, retry = self.config.destination, self.config.retry
+        retry = self.config.retry
         now = time.time()
         for item, asked in self.store.awaiting_commitment(requested=True):
             if now - asked > peer.commitment_timeout_s:
@@ -411,15 +584,15 @@ class Bridge:
                 action="deliver", status="failed", actor=auditor.actor, reason=reason,
                 study_key=self.pseudonymizer.pseudonym("study", item.study_uid),
                 result={"kind": item.kind, "attempts": item.attempts + 1,
-                        "destination": self.config.destination.ae_title}))
+                        "destination": item.destination}))
         except AuditError as e:
             self._errors.log("recording a failed delivery", e)
 
-    def serve_forever(self) -> None:
+    def serve_forever(self, *, watch: bool = True) -> None:
         """Start, then block until SIGINT/SIGTERM."""
         import signal
 
-        self.start()
+        self.start(watch=watch)
         stopped = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stopped.set())

@@ -52,13 +52,25 @@ CREATE TABLE IF NOT EXISTS outbox (
     state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_try REAL NOT NULL,
     error TEXT
 );
+CREATE TABLE IF NOT EXISTS remote_studies (
+    source TEXT NOT NULL, study_uid TEXT NOT NULL, done_signature TEXT,
+    pending_signature TEXT, pending_since REAL NOT NULL DEFAULT 0, series TEXT NOT NULL DEFAULT '{}',
+    updated REAL NOT NULL, PRIMARY KEY (source, study_uid)
+);
+CREATE TABLE IF NOT EXISTS endpoints (
+    name TEXT NOT NULL, role TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '',
+    last_success REAL, last_error TEXT, last_error_at REAL, PRIMARY KEY (role, name)
+);
 """
 #: Columns added after the first release, with their definitions (added to older databases).
 _MIGRATIONS = {
-    "studies": {"retry_after": "REAL NOT NULL DEFAULT 0", "analyses": "INTEGER NOT NULL DEFAULT 0"},
+    "studies": {"retry_after": "REAL NOT NULL DEFAULT 0", "analyses": "INTEGER NOT NULL DEFAULT 0",
+                "source": "TEXT NOT NULL DEFAULT 'dimse'",
+                "complete": "INTEGER NOT NULL DEFAULT 0"},
     "outbox": {"last_try": "REAL NOT NULL DEFAULT 0", "queued": "REAL NOT NULL DEFAULT 0",
                "note": "TEXT", "analysis": "INTEGER NOT NULL DEFAULT 0",
-               "commit_tx": "TEXT", "commit_requested": "REAL NOT NULL DEFAULT 0"},
+               "commit_tx": "TEXT", "commit_requested": "REAL NOT NULL DEFAULT 0",
+               "destination": "TEXT NOT NULL DEFAULT 'destination'", "series_uid": "TEXT"},
 }
 
 
@@ -71,6 +83,7 @@ class StudyJob:
     calling_ae: str
     instances: int
     analysis: int = 1
+    source: str = "dimse"
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,7 @@ class OutboxItem:
     path: Path
     kind: str
     attempts: int
+    destination: str = "destination"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -138,12 +152,15 @@ class BridgeStore:
 
     # --- receiving -------------------------------------------------------------------------
     def store_instance(self, *, study_uid: str, sop_uid: str, data: bytes,
-                       calling_ae: str) -> Path:
+                       calling_ae: str, source: str = "dimse", hold: bool = False) -> Path:
         """Write one received instance durably and record it (idempotent for repeats).
 
         The temporary file's name is unique per process, thread and call, so the same
         instance arriving on several associations at once is written several times and
-        committed once. A failed write leaves no temporary file behind.
+        committed once. A failed write leaves no temporary file behind. ``calling_ae`` is who
+        sent it (an AE title, a STOW-RS sender's name, a watched source's name); ``source``
+        the input it came by. With ``hold`` (retrieval in progress) the study waits as
+        ``retrieving`` until :meth:`release_retrieved`, instead of for a quiet period.
 
         Raises:
             OSError: the file could not be written (disk full...).
@@ -173,19 +190,102 @@ class BridgeStore:
                                  (sop_uid, study_uid, str(target), now)).rowcount
                 row = db.execute("SELECT state FROM studies WHERE study_uid = ?",
                                  (study_uid,)).fetchone()
+                state = "retrieving" if hold else "receiving"
                 if row is None:
                     db.execute("INSERT INTO studies (study_uid, folder, calling_ae, "
-                               "first_received, last_received, instances, state, updated) "
-                               "VALUES (?, ?, ?, ?, ?, 1, 'receiving', ?)",
-                               (study_uid, str(folder), calling_ae, now, now, now))
+                               "first_received, last_received, instances, state, updated, "
+                               "source) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?)",
+                               (study_uid, str(folder), calling_ae, now, now, state, now,
+                                source))
                 elif new:  # a new instance: (re)open the study for analysis
                     db.execute("UPDATE studies SET last_received = ?, instances = instances + 1, "
-                               "state = 'receiving', attempts = 0, retry_after = 0, error = NULL, "
-                               "updated = ? WHERE study_uid = ?", (now, now, study_uid))
+                               "state = ?, attempts = 0, retry_after = 0, error = NULL, "
+                               "complete = 0, updated = ? WHERE study_uid = ?",
+                               (now, state, now, study_uid))
                 db.execute("COMMIT")
         except sqlite3.Error as e:
             raise PacsError(f"{self.db_path}: cannot record an instance ({e})") from e
         return target
+
+    # --- watching DICOMweb sources ------------------------------------------------------------
+    def remote_study(self, source: str, study_uid: str) -> tuple[str | None, str | None, float,
+                                                                 dict[str, int]]:
+        """What a watched source's study looked like: the signature last retrieved, the one
+        seen pending (and since when) and the instance count per retrieved series."""
+        import json
+
+        with self._db() as db:
+            row = db.execute("SELECT done_signature, pending_signature, pending_since, series "
+                             "FROM remote_studies WHERE source = ? AND study_uid = ?",
+                             (source, study_uid)).fetchone()
+        if row is None:
+            return None, None, 0.0, {}
+        return row[0], row[1], float(row[2]), json.loads(row[3])
+
+    def remote_pending(self, source: str, study_uid: str, signature: str) -> None:
+        """A watched study changed (or is new): note its signature and since when."""
+        now = time.time()
+        with self._db() as db:
+            db.execute("INSERT INTO remote_studies (source, study_uid, pending_signature, "
+                       "pending_since, updated) VALUES (?, ?, ?, ?, ?) "
+                       "ON CONFLICT(source, study_uid) DO UPDATE SET pending_signature = "
+                       "excluded.pending_signature, pending_since = excluded.pending_since, "
+                       "updated = excluded.updated", (source, study_uid, signature, now, now))
+
+    def release_retrieved(self, source: str, study_uid: str, signature: str,
+                          series: dict[str, int]) -> bool:
+        """Everything needed of a watched study is in the spool: record what was retrieved
+        and queue the study for analysis at once, in one transaction (a crash before this
+        retrieves again; after it, never again). Returns whether a study was queued."""
+        import json
+
+        now = time.time()
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO remote_studies (source, study_uid, done_signature, "
+                       "pending_signature, series, updated) VALUES (?, ?, ?, ?, ?, ?) "
+                       "ON CONFLICT(source, study_uid) DO UPDATE SET done_signature = "
+                       "excluded.done_signature, pending_signature = excluded.pending_signature, "
+                       "series = excluded.series, updated = excluded.updated",
+                       (source, study_uid, signature, signature, json.dumps(series), now))
+            queued = db.execute("UPDATE studies SET state = 'receiving', complete = 1, "
+                                "updated = ? WHERE study_uid = ? AND state = 'retrieving'",
+                                (now, study_uid)).rowcount
+            db.execute("COMMIT")
+        return bool(queued)
+
+    def own_series(self) -> set[str]:
+        """Series Instance UIDs of results this bridge produced (never analysed as input)."""
+        with self._db() as db:
+            return {r[0] for r in db.execute("SELECT DISTINCT series_uid FROM outbox "
+                                             "WHERE series_uid IS NOT NULL")}
+
+    # --- sources and destinations, for `pacs status` ----------------------------------------
+    def register_endpoints(self, endpoints: list[tuple[str, str, str]]) -> None:
+        """The running configuration's sources and destinations ``(name, role, detail)``."""
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            keep = {(role, name) for name, role, _ in endpoints}
+            for role, name in db.execute("SELECT role, name FROM endpoints").fetchall():
+                if (role, name) not in keep:
+                    db.execute("DELETE FROM endpoints WHERE role = ? AND name = ?", (role, name))
+            for name, role, detail in endpoints:
+                db.execute("INSERT INTO endpoints (name, role, detail) VALUES (?, ?, ?) "
+                           "ON CONFLICT(role, name) DO UPDATE SET detail = excluded.detail",
+                           (name, role, detail))
+            db.execute("COMMIT")
+
+    def endpoint_result(self, name: str, error: str | None = None, *,
+                        role: str = "source") -> None:
+        """Record a success (``error`` None) or a failure of a source or destination."""
+        now = time.time()
+        with self._db() as db:
+            if error is None:
+                db.execute("UPDATE endpoints SET last_success = ? WHERE role = ? AND name = ?",
+                           (now, role, name))
+            else:
+                db.execute("UPDATE endpoints SET last_error = ?, last_error_at = ? "
+                           "WHERE role = ? AND name = ?", (error[:500], now, role, name))
 
     def clean_temporary_files(self) -> int:
         """Remove temporary files left by writes that were interrupted; returns how many."""
@@ -215,10 +315,10 @@ class BridgeStore:
         now = time.time()
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
-            row = db.execute("SELECT study_uid, folder, calling_ae, instances, analyses "
-                             "FROM studies WHERE state = 'receiving' AND last_received <= ? "
-                             "AND retry_after <= ? ORDER BY last_received LIMIT 1",
-                             (now - quiet_period_s, now)).fetchone()
+            row = db.execute("SELECT study_uid, folder, calling_ae, instances, analyses, source "
+                             "FROM studies WHERE state = 'receiving' AND (last_received <= ? "
+                             "OR complete = 1) AND retry_after <= ? ORDER BY last_received "
+                             "LIMIT 1", (now - quiet_period_s, now)).fetchone()
             if row is None:
                 db.execute("COMMIT")
                 return None
@@ -227,12 +327,15 @@ class BridgeStore:
                        (now, row[0]))
             db.execute("COMMIT")
         return StudyJob(study_uid=row[0], folder=Path(row[1]), calling_ae=row[2],
-                        instances=row[3], analysis=int(row[4]) + 1)
+                        instances=row[3], analysis=int(row[4]) + 1, source=row[5])
 
     def finish_analysis(self, study_uid: str, outputs: list[tuple[str, Path, str]], *,
-                        error: str | None = None, analysis: int = 0) -> str:
+                        error: str | None = None, analysis: int = 0,
+                        destinations: dict[str, str] | None = None,
+                        series: dict[str, str] | None = None) -> str:
         """Queue the results ``(sop_uid, path, kind)`` and move the study on, in one
-        transaction; returns the study's new state.
+        transaction; returns the study's new state. ``destinations`` names where each kind
+        goes (default ``destination``); ``series`` gives each result's Series Instance UID.
 
         A result already queued (same SOP Instance UID: the same inputs gave the same object)
         is not queued again. The study is ``sending`` while any of its results waits, else
@@ -244,9 +347,12 @@ class BridgeStore:
             db.execute("BEGIN IMMEDIATE")
             for sop_uid, path, kind in outputs:
                 db.execute("INSERT INTO outbox (sop_uid, study_uid, path, kind, state, next_try, "
-                           "queued, analysis) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?) "
+                           "queued, analysis, destination, series_uid) "
+                           "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?) "
                            "ON CONFLICT(sop_uid) DO NOTHING",
-                           (sop_uid, study_uid, str(path), kind, now, now, analysis))
+                           (sop_uid, study_uid, str(path), kind, now, now, analysis,
+                            (destinations or {}).get(kind, "destination"),
+                            (series or {}).get(sop_uid)))
             state = self._settled_state(db, study_uid)
             db.execute("UPDATE studies SET state = ?, error = ?, updated = ? "
                        "WHERE study_uid = ? AND state = 'processing'",
@@ -295,9 +401,10 @@ class BridgeStore:
         """Results whose next try is due under the given (current) retry settings."""
         now = time.time()
         with self._db() as db:
-            rows = db.execute("SELECT sop_uid, study_uid, path, kind, attempts, last_try "
-                              "FROM outbox WHERE state = 'pending' ORDER BY queued").fetchall()
-        return [OutboxItem(r[0], r[1], Path(r[2]), r[3], r[4]) for r in rows
+            rows = db.execute("SELECT sop_uid, study_uid, path, kind, attempts, last_try, "
+                              "destination FROM outbox WHERE state = 'pending' "
+                              "ORDER BY queued").fetchall()
+        return [OutboxItem(r[0], r[1], Path(r[2]), r[3], r[4], r[6]) for r in rows
                 if r[5] + backoff_delay(r[4], backoff_s=backoff_s,
                                         max_backoff_s=max_backoff_s) <= now]
 
@@ -362,10 +469,12 @@ class BridgeStore:
         (``requested=False``) or those asked for, with when."""
         with self._db() as db:
             rows = db.execute("SELECT sop_uid, study_uid, path, kind, attempts, "
-                              "commit_requested FROM outbox WHERE state = 'sent_awaiting' AND "
+                              "commit_requested, destination FROM outbox WHERE "
+                              "state = 'sent_awaiting' AND "
                               + ("commit_requested > 0" if requested else "commit_requested = 0")
                               ).fetchall()
-        return [(OutboxItem(r[0], r[1], Path(r[2]), r[3], r[4]), float(r[5])) for r in rows]
+        return [(OutboxItem(r[0], r[1], Path(r[2]), r[3], r[4], r[6]), float(r[5]))
+                for r in rows]
 
     def mark_commitment_requested(self, sop_uids: list[str], transaction_uid: str) -> None:
         """Storage commitment was asked for these results under ``transaction_uid``."""
@@ -445,20 +554,46 @@ def read_status(workdir: str | os.PathLike[str]) -> dict[str, Any]:
         except sqlite3.Error as e:
             raise PacsError(f"{path}: cannot open the job database ({e})") from e
     try:
-        columns = {r[1] for r in connection.execute("PRAGMA table_info(outbox)")}
-        note = "note" if "note" in columns else "NULL"
+        def has(table: str, column: str) -> bool:
+            return column in {r[1] for r in connection.execute(f"PRAGMA table_info({table})")}
+
+        note = "note" if has("outbox", "note") else "NULL"
+        destination = "destination" if has("outbox", "destination") else "'destination'"
+        source = "source" if has("studies", "source") else "'dimse'"
         name = BridgeStore.study_folder_name
         studies = [{"study": name(r[0]), "state": r[1], "instances": r[2], "attempts": r[3],
-                    "error": r[4], "calling_ae": r[5]}
-                   for r in connection.execute("SELECT study_uid, state, instances, attempts, "
-                                               "error, calling_ae FROM studies "
-                                               "ORDER BY first_received")]
+                    "error": r[4], "calling_ae": r[5], "source": r[6]}
+                   for r in connection.execute(f"SELECT study_uid, state, instances, attempts, "
+                                               f"error, calling_ae, {source} FROM studies "
+                                               f"ORDER BY first_received")]
         outbox = [{"study": name(r[0]), "kind": r[1], "state": r[2], "attempts": r[3],
-                   "error": r[4], "note": r[5]}
+                   "error": r[4], "note": r[5], "destination": r[6]}
                   for r in connection.execute(f"SELECT study_uid, kind, state, attempts, error, "
-                                              f"{note} FROM outbox ORDER BY next_try")]
+                                              f"{note}, {destination} FROM outbox "
+                                              f"ORDER BY next_try")]
+        endpoints = []
+        if connection.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND "
+                              "name = 'endpoints'").fetchone():
+            for r in connection.execute("SELECT name, role, detail, last_success, last_error, "
+                                        "last_error_at FROM endpoints ORDER BY role, name"):
+                if r[1] == "source":
+                    queue = sum(1 for s in studies if s["source"] == r[0] and s["state"] in (
+                        "retrieving", "receiving", "processing"))
+                else:
+                    queue = sum(1 for o in outbox if o["destination"] == r[0] and o["state"] in (
+                        "pending", "sent_awaiting"))
+                endpoints.append({"name": r[0], "role": r[1], "detail": r[2], "queue": queue,
+                                  "last_success": _iso(r[3]), "last_error": r[4],
+                                  "last_error_at": _iso(r[5])})
     except sqlite3.Error as e:
         raise PacsError(f"{path}: cannot read the job database ({e})") from e
     finally:
         connection.close()
-    return {"studies": studies, "outbox": outbox}
+    return {"endpoints": endpoints, "studies": studies, "outbox": outbox}
+
+
+def _iso(seconds: float | None) -> str | None:
+    from datetime import UTC, datetime
+
+    return None if seconds is None else datetime.fromtimestamp(seconds, UTC).isoformat(
+        timespec="seconds")

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,9 +15,9 @@ import numpy as np
 import pydicom
 import pytest
 import yaml
-from pydicom.uid import generate_uid
 
 from conftest import (
+    chest_radiograph,
     dcmtk_tool,
     mr_series_from_nifti,
     pydicom_test_files,
@@ -27,6 +25,7 @@ from conftest import (
     sr_content,
     wait_until,
 )
+from orthanc_peer import Orthanc, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -34,64 +33,6 @@ RG1 = next(p for p in pydicom_test_files() if p.name == "RG1_UNCR.dcm")
 MEDVISION = str(Path(sys.executable).parent / "medvision")
 # dcmtk, not pynetdicom's same-named apps in the virtual environment
 STORESCU, ECHOSCU = dcmtk_tool("storescu") or "storescu", dcmtk_tool("echoscu") or "echoscu"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Orthanc:
-    def __init__(self, root: Path, **extra: object) -> None:
-        require(shutil.which("Orthanc") is not None, "Orthanc is not installed (apt-get install orthanc)")
-        self.http, self.dicom = _free_port(), _free_port()
-        config = {"Name": "medvision-test", "StorageDirectory": str(root / "db"),
-                  "IndexDirectory": str(root / "db"), "HttpPort": self.http,
-                  "DicomPort": self.dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
-                  "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
-                  "DicomAlwaysAllowStore": True, "Plugins": [], "HttpServerEnabled": True,
-                  **extra}
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "orthanc.json").write_text(json.dumps(config))
-        self.log = (root / "orthanc.log").open("ab")
-        self.proc = subprocess.Popen(["Orthanc", "--verbose", str(root / "orthanc.json")],
-                                     stdout=self.log, stderr=self.log)
-        wait_until(self._up, 60, "Orthanc did not start")
-
-    def _up(self) -> bool:
-        try:
-            self.get("/system")
-            return True
-        except OSError:
-            return False
-
-    def get(self, path: str) -> object:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=10) as r:
-            return json.loads(r.read())
-
-    def raw(self, path: str) -> bytes:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=30) as r:
-            return r.read()
-
-    def instances_in_study(self, study_uid: str) -> list[dict]:
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.http}/tools/find", method="POST",
-            data=json.dumps({"Level": "Instance", "Query": {"StudyInstanceUID": study_uid},
-                             "Expand": True, "RequestedTags": ["Modality", "SOPClassUID"]}).encode())
-        with urllib.request.urlopen(request, timeout=10) as r:
-            return json.loads(r.read())
-
-    def modalities(self, study_uid: str) -> list[str]:
-        out = []
-        for instance in self.instances_in_study(study_uid):
-            series = self.get(f"/series/{instance['ParentSeries']}")
-            out.append(series["MainDicomTags"].get("Modality", ""))
-        return out
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
 
 
 @pytest.fixture
@@ -103,7 +44,7 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
 
 class BridgeProcess:
     def __init__(self, root: Path, orthanc: Orthanc) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.workdir = root / "bridge"
         self.config = root / "bridge.yaml"
         settings = yaml.safe_load((Path(__file__).resolve().parents[2] / "docs" / "examples" /
@@ -148,22 +89,11 @@ def bridge(tmp_path: Path, orthanc: Orthanc) -> Iterator[BridgeProcess]:
     process.stop()
 
 
-def _chest(folder: Path) -> tuple[Path, str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    ds = pydicom.dcmread(RG1)
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    path = folder / "chest.dcm"
-    ds.save_as(path)
-    return path, str(ds.StudyInstanceUID)
-
-
 def test_results_arrive_in_the_source_study(bridge: BridgeProcess, orthanc: Orthanc,
                                            shared_data: Path, tmp_path: Path) -> None:
     import highdicom as hd
 
-    chest, chest_study = _chest(tmp_path / "chest")
+    chest, chest_study = chest_radiograph(tmp_path / "chest")
     mr = mr_series_from_nifti(sorted((shared_data / "hippocampus" / "images").glob("*.nii.gz"))[0],
                     tmp_path / "mr")
     ct = sorted((shared_data / "dicom" / "ct_head_tilt").glob("*.dcm"))
@@ -243,7 +173,7 @@ def test_sigkill_and_restart_lose_nothing(bridge: BridgeProcess, orthanc: Orthan
                                           tmp_path: Path) -> None:
     studies = []
     for i in range(3):
-        path, uid = _chest(tmp_path / f"c{i}")
+        path, uid = chest_radiograph(tmp_path / f"c{i}")
         studies.append(uid)
         assert bridge.storescu([path]).returncode == 0  # acknowledged
     bridge.kill()  # before the quiet period ends: nothing analysed yet
@@ -262,7 +192,7 @@ def test_sigkill_and_restart_lose_nothing(bridge: BridgeProcess, orthanc: Orthan
 
 
 def test_unknown_calling_ae_is_rejected(bridge: BridgeProcess, tmp_path: Path) -> None:
-    chest, _ = _chest(tmp_path / "x")
+    chest, _ = chest_radiograph(tmp_path / "x")
     result = bridge.storescu([chest], aet="INTRUDER")
     assert result.returncode != 0
     assert "Rejected" in result.stderr or "rejected" in result.stderr.lower()
@@ -314,7 +244,7 @@ def test_tls_listener_requires_a_client_certificate(tmp_path: Path) -> None:
     require(dcmtk_tool("storescu") is not None, "dcmtk is not installed (apt-get install dcmtk)")
     require(shutil.which("openssl") is not None, "openssl is not installed")
     certs = _certificates(tmp_path / "certs")
-    port = _free_port()
+    port = free_port()
     settings = yaml.safe_load((Path(__file__).resolve().parents[2] / "docs" / "examples" /
                                "bridge.yaml").read_text())
     settings.update(port=port, quiet_period_s=600,  # receive only: no analysis in this test
@@ -337,7 +267,7 @@ def test_tls_listener_requires_a_client_certificate(tmp_path: Path) -> None:
         anonymous = ["+tla", "+cf", str(certs["ca.crt"])]
         assert subprocess.run([ECHOSCU, *anonymous, *peer], capture_output=True,
                               timeout=60).returncode != 0
-        chest, study = _chest(tmp_path / "chest")
+        chest, study = chest_radiograph(tmp_path / "chest")
         sent = subprocess.run([STORESCU, *tls, *peer, str(chest)], capture_output=True,
                               text=True, timeout=60)
         assert sent.returncode == 0, sent.stderr
@@ -358,7 +288,7 @@ def test_storage_commitment_against_orthanc(tmp_path: Path, orthanc_drops_sr: bo
     the commitment report shows the SR is not there, and the bridge sends it again until
     max_attempts, then marks it failed."""
     require(dcmtk_tool("storescu") is not None, "dcmtk is not installed (apt-get install dcmtk)")
-    bridge_port = _free_port()
+    bridge_port = free_port()
     extra: dict[str, object] = {
         "DicomModalities": {"medvision": ["MEDVISION", "127.0.0.1", bridge_port]}}
     if orthanc_drops_sr:
@@ -377,7 +307,7 @@ def test_storage_commitment_against_orthanc(tmp_path: Path, orthanc_drops_sr: bo
         bridge.config.write_text(yaml.safe_dump(settings))
         bridge.start()
         try:
-            chest, study_uid = _chest(tmp_path / "chest")
+            chest, study_uid = chest_radiograph(tmp_path / "chest")
             assert bridge.storescu([chest]).returncode == 0
 
             def outbox() -> dict[str, dict]:
