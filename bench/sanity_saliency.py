@@ -7,6 +7,7 @@ correlation (near 1) would mean the method shows image structure, not the model'
 Also prints the deletion-curve AUC for trained vs random-order deletion.
 
     .venv/bin/python bench/sanity_saliency.py [--pipeline chest-xray-pneumonia] [--n 5]
+        [--method layercam --layer layer3]
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--pipeline", default="chest-xray-pneumonia")
     parser.add_argument("--n", type=int, default=5)
     parser.add_argument("--method", default=None)
+    parser.add_argument("--layer", default=None, help="GradCAM/LayerCAM layer (default: the "
+                        "pipeline's)")
     args = parser.parse_args(argv)
     trained = Predictor.from_pipeline(args.pipeline)
     import torch
@@ -48,10 +51,10 @@ def main(argv: list[str]) -> int:
         volume = read_volume(path)
         prepared = trained.prepare(volume)
         prediction = trained.predict(prepared)
-        saliency = explain(trained, prepared, prediction, method=args.method)
+        saliency = explain(trained, prepared, prediction, method=args.method, layer=args.layer)
         # The randomised network explains the same target as the trained one.
         random_saliency = explain(randomised, randomised.prepare(volume), prediction,
-                                  method=args.method)
+                                  method=args.method, layer=args.layer)
         model, target, _ = explained_model(trained, prediction)
         curve = deletion_curve(model, prepared.image, saliency.model_space, target=target)
         faithful.append(curve["deletion_auc"])
@@ -59,7 +62,8 @@ def main(argv: list[str]) -> int:
         rho = spearmanr(saliency.model_space.ravel(), random_saliency.model_space.ravel()).statistic
         correlations.append(0.0 if np.isnan(rho) else float(rho))
     method = args.method or trained.pipeline.explanation.method
-    print(f"{args.pipeline}, {method}, {len(correlations)} inputs: Spearman rho trained vs "
+    layer = args.layer or trained.pipeline.explanation.layer
+    print(f"{args.pipeline}, {method} at {layer}, {len(correlations)} inputs: Spearman rho trained vs "
           f"randomised weights median {statistics.median(correlations):.3f} "
           f"(range {min(correlations):.3f}..{max(correlations):.3f}); deletion AUC median "
           f"{statistics.median(faithful):.3f} vs random order {statistics.median(random_order):.3f}")

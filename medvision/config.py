@@ -222,6 +222,11 @@ class TrainingConfig(_Strict):
                     "run at a constant learning rate; the average becomes best.safetensors")
     swa_lr: float = Field(default=0.25, gt=0, le=1,
                           description="learning rate of the averaging epochs, times optimizer.lr")
+    folds: int | None = Field(
+        default=None, ge=2, le=20,
+        description="cross-validation: split the patients (groups) into this many folds, "
+                    "stratified by class; `train --fold I` trains on all folds but I and "
+                    "validates on I; `publish` of the fold runs ships their ensemble")
 
 
 class InferenceConfig(_Strict):
@@ -261,8 +266,9 @@ class ExplanationConfig(_Strict):
     """The Captum attribution written next to every prediction."""
 
     method: ExplanationMethod = ExplanationMethod.GRADCAM
-    """Captum method: gradcam, integrated_gradients, saliency or occlusion."""
-    layer: str | None = Field(default=None, description="GradCAM: module name, e.g. layer4")
+    """Captum method: gradcam, layercam, integrated_gradients, saliency or occlusion."""
+    layer: str | None = Field(default=None, description="GradCAM/LayerCAM: module name, e.g. "
+                              "layer4 (coarsest), layer3 (twice as fine)")
     steps: int = Field(default=32, ge=2, description="Integrated Gradients: path steps")
     internal_batch_size: int = Field(default=8, ge=1)
     """Integrated Gradients / occlusion: inputs per forward pass."""

@@ -41,6 +41,7 @@ class ExplanationMethod(StrEnum):
     """Captum attribution methods a pipeline or ``analyze --explain`` can name."""
 
     GRADCAM = "gradcam"
+    LAYERCAM = "layercam"
     INTEGRATED_GRADIENTS = "integrated_gradients"
     SALIENCY = "saliency"
     OCCLUSION = "occlusion"

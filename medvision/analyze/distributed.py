@@ -33,8 +33,9 @@ __all__ = ["run_on_cluster"]
 
 @lru_cache(maxsize=4)
 def _worker_predictor(pipeline: str, weights: str, backend: str) -> Predictor:
-    """One loaded pipeline per worker process (loading takes longer than a study)."""
-    return Predictor.from_pipeline(pipeline, weights=weights, backend=backend)
+    """One loaded pipeline per worker process (loading takes longer than a study);
+    ``weights`` empty: the pipeline's own (an ensemble loads all its members)."""
+    return Predictor.from_pipeline(pipeline, weights=weights or None, backend=backend)
 
 
 def _remote_study(key: str, paths: tuple[str, ...], pipeline: str, weights: str,
@@ -72,7 +73,8 @@ def run_on_cluster(studies: Sequence[Study], predictor: Predictor, out: Path,
     with Client(scheduler, timeout="30s") as client:
         futures = [
             client.submit(_remote_study, study.key, study.paths, str(predictor.folder),
-                          str(predictor.weights), predictor.backend_name, str(out.resolve()),
+                          "" if predictor.ensemble_size > 1 else str(predictor.weights),
+                          predictor.backend_name, str(out.resolve()),
                           options, pseudonymizer, (previous or {}).get(study.key),
                           key=f"medvision-{batch}-{study.key}",
                           pure=False, retries=2)

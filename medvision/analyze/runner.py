@@ -64,6 +64,7 @@ class AnalyzeOptions:
 
     Attributes:
         explain_method: saliency method (``None``: the pipeline's).
+        explain_layer: GradCAM/LayerCAM layer (``None``: the pipeline's).
         faithfulness: also compute a deletion-curve score.
         include_phi: write patient name, ID and birth date into report.json.
         force: re-run studies even when their report matches this run.
@@ -77,6 +78,7 @@ class AnalyzeOptions:
     """
 
     explain_method: str | None = None
+    explain_layer: str | None = None
     faithfulness: bool = False
     include_phi: bool = False
     force: bool = False
@@ -126,6 +128,8 @@ def run_fingerprint(predictor: Predictor, options: AnalyzeOptions,
            "explain_method": str(options.explain_method or pipeline.explanation.method),
            "faithfulness": options.faithfulness, "include_phi": options.include_phi,
            "schema_version": SCHEMA_VERSION, "input_sha256": input_signature(study.paths)}
+    if options.explain_layer:
+        run["explain_layer"] = options.explain_layer
     if options.dicom:
         run["dicom"] = True
     if options.fhir:
@@ -253,7 +257,8 @@ def _process(study: Study, predictor: Predictor, options: AnalyzeOptions,
 
     t0 = time.perf_counter()
     draft.prediction = prediction
-    draft.saliency = explain(predictor, prepared, prediction, method=options.explain_method)
+    draft.saliency = explain(predictor, prepared, prediction, method=options.explain_method,
+                             layer=options.explain_layer)
     if options.faithfulness:
         model, target, _ = explained_model(predictor, prediction)
         draft.faithfulness = deletion_curve(model, prepared.image,

@@ -35,6 +35,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("-o", "--output", required=True, help="output folder")
     parser.add_argument("--weights", help="weights to use instead of the pipeline's")
     parser.add_argument("--explain", choices=EXPLANATION_METHODS, help="override the saliency method")
+    parser.add_argument("--explain-layer", metavar="MODULE",
+                        help="GradCAM/LayerCAM: the layer to explain at instead of the "
+                             "pipeline's (e.g. layer3 for maps twice as fine as layer4)")
     parser.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                         help="what runs the predictions (onnx: needs 'medvision export')")
     parser.add_argument("--faithfulness", action="store_true",
@@ -80,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
                                         search=args.pipelines_dir,
                                         backend=args.backend)
     results = analyze(args.inputs, predictor, args.output, auditor=auditor, options=AnalyzeOptions(
-        explain_method=args.explain, faithfulness=args.faithfulness, force=args.force,
+        explain_method=args.explain, explain_layer=args.explain_layer,
+        faithfulness=args.faithfulness, force=args.force,
         overwrite=not args.no_overwrite, include_phi=args.include_phi,
         dicom=args.dicom is not None, fhir=args.fhir), scheduler=args.scheduler)
     if args.dicom:

@@ -9,6 +9,7 @@ from typing import Any
 from medvision.audit.records import items_digest
 from medvision.cli.audit_options import add_audit_arguments, auditor_from_args
 from medvision.cli.conventions import add_pipeline_argument, examples, pipeline_of
+from medvision.vocabulary import EXPLANATION_METHODS
 
 __all__ = ["add_parser", "run"]
 
@@ -33,6 +34,13 @@ def add_parser(subparsers: Any) -> None:
                              "for a folder 'all' (default) or 'train'/'val', the pipeline's "
                              "validation split of that folder (grouped by patient when the "
                              "pipeline has data.group_pattern); a folder has no 'test' split")
+    parser.add_argument("--explain-method", choices=EXPLANATION_METHODS,
+                        help="with --explain: score this method instead of the pipeline's")
+    parser.add_argument("--explain-layer", metavar="MODULE",
+                        help="with --explain: GradCAM/LayerCAM at this layer (e.g. layer3)")
+    parser.add_argument("--fold", type=int, metavar="I",
+                        help="with --split train/val: that side of cross-validation fold I "
+                             "(the fold a 'train --fold I' run validated on)")
     parser.add_argument("--force", action="store_true", help="overwrite an evaluation")
     parser.add_argument("--json", action="store_true", help="the metrics as JSON on stdout")
     add_audit_arguments(parser)
@@ -44,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate and print the headline metrics."""
     from medvision.evaluate.run import evaluate
     from medvision.infer import Predictor
-    from medvision.train import discover_items, split_items
+    from medvision.train import discover_items, pipeline_split
 
     predictor = Predictor.from_pipeline(pipeline_of(args), weights=args.weights,
                                         search=args.pipelines_dir)
@@ -55,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
         items = detection_items(pipeline, args.data,
                                 split=args.split if args.split in ("train", "val", "test")
                                 else None)
+    elif args.fold is not None or (args.split in ("train", "val")):
+        split = pipeline_split(pipeline, args.data, fold=args.fold)
+        items = list(split.train if args.split == "train" else split.val)
     elif pipeline.data.layout == "npz":
         items = discover_items(pipeline, args.data, split=args.split or "test")
     else:
@@ -64,11 +75,9 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{args.data}: a folder has no official test split; evaluate "
                               "on a separate test folder with --split all (the default)")
         items = discover_items(pipeline, args.data)
-        if args.split in ("train", "val"):
-            split = split_items(pipeline, items)
-            items = list(split.val if args.split == "val" else split.train)
     metrics = evaluate(predictor, items, args.output, force=args.force,
-                       explain_items=args.explain,
+                       explain_items=args.explain, explain_method=args.explain_method,
+                       explain_layer=args.explain_layer,
                        auditor=auditor_from_args(args),
                        audit_inputs={"data": items_digest(items), "split": args.split,
                                      "weights_sha256": predictor.weights_sha256})

@@ -55,11 +55,21 @@ def run(args: argparse.Namespace) -> int:
                          for a, b in zip(reference[key], mirrored[key], strict=True))
         print(f"wrote {target}; max |onnx - torch| head output difference {difference:.2e}")
         return 0
-    export_onnx(predictor.model, tuple(size), pipeline.in_channels, target,
-                dynamic_spatial=pipeline.task == "segmentation")
+    members = predictor.bundle.members
+    if members and args.output is None:  # an ensemble: every member beside its weights
+        jobs = [(predictor.bundle.build_network(m.weights), m.weights.with_suffix(".onnx"))
+                for m in members]
+        for _, path in jobs[1:]:
+            if path.exists() and not args.force:
+                raise ModelError(f"{path} exists; pass --force to overwrite")
+    else:
+        jobs = [(predictor.model, target)]
     example = torch.randn((2, pipeline.in_channels, *size))
-    with torch.no_grad():
-        reference = predictor.model(example).numpy()
-    difference = float(np.abs(OnnxModel(target)(example).numpy() - reference).max())
-    print(f"wrote {target}; max |onnx - torch| logit difference {difference:.2e}")
+    for network, path in jobs:
+        export_onnx(network, tuple(size), pipeline.in_channels, path,
+                    dynamic_spatial=pipeline.task == "segmentation")
+        with torch.no_grad():
+            reference = network(example).numpy()
+        difference = float(np.abs(OnnxModel(path)(example).numpy() - reference).max())
+        print(f"wrote {path}; max |onnx - torch| logit difference {difference:.2e}")
     return 0

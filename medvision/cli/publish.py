@@ -1,4 +1,5 @@
-"""``medvision publish RUN_DIR --pipeline NAME --data DIR``: ship a trained run."""
+"""``medvision publish RUN_DIR [RUN_DIR...] --pipeline NAME --data DIR``: ship a trained run,
+or the fold runs of a cross-validation as an ensemble."""
 
 from __future__ import annotations
 
@@ -17,30 +18,37 @@ def add_parser(subparsers: Any) -> None:
         "publish", help="copy a run's best weights into a pipeline folder and fit its OOD guard",
         description="Copies best.safetensors (as model.safetensors) and calibration.json into "
                     "the pipeline folder and fits the out-of-distribution guard on the run's "
-                    "training split (threshold from its validation split).")
-    parser.add_argument("run_dir", help="a training run folder")
+                    "training split (threshold from its validation split). Several runs (the "
+                    "folds of a cross-validation, 'train --fold I') ship as one ensemble: "
+                    "model.safetensors, fold-1.safetensors... and ensemble.json, whose "
+                    "calibrated probabilities are averaged at inference.")
+    parser.add_argument("run_dir", nargs="+", help="a training run folder (several: the fold "
+                                                   "runs of one cross-validation)")
     parser.add_argument("--pipeline", required=True, help="pipeline name or folder to ship into")
     parser.add_argument("--data", help="the training data (to fit the OOD guard)")
-    examples(parser, 'medvision publish runs/chest --pipeline chest-xray-pneumonia --data DATA')
+    examples(parser, 'medvision publish runs/chest --pipeline chest-xray-pneumonia --data DATA',
+             'medvision publish runs/chest-fold0 runs/chest-fold1 runs/chest-fold2 --pipeline '
+             'chest-xray-pneumonia --data DATA')
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Publish and print the summary as JSON."""
     from medvision.config import load_pipeline, pipeline_dir
-    from medvision.train import DataSplit, discover_items, split_items
-    from medvision.train.publish import publish
+    from medvision.train import pipeline_split
+    from medvision.train.publish import publish, publish_ensemble
 
     folder = pipeline_dir(args.pipeline, search=args.pipelines_dir)
+    ensemble = len(args.run_dir) > 1
     split = None
     if args.data:
         pipeline = load_pipeline(folder)
-        if pipeline.task == "detection":
-            split = None  # detection pipelines have no feature-distance guard yet
-        elif pipeline.data.layout == "npz":
-            split = DataSplit(train=tuple(discover_items(pipeline, args.data, split="train")),
-                              val=tuple(discover_items(pipeline, args.data, split="val")))
-        else:
-            split = split_items(pipeline, discover_items(pipeline, args.data))
-    print(json.dumps(publish(args.run_dir, folder, split=split), indent=2))
+        if pipeline.task != "detection":  # detection pipelines have no feature guard yet
+            # an ensemble's guard belongs to its first member: fold 0's split
+            split = pipeline_split(pipeline, args.data, fold=0 if ensemble else None)
+    if ensemble:
+        summary = publish_ensemble(args.run_dir, folder, split=split)
+    else:
+        summary = publish(args.run_dir[0], folder, split=split)
+    print(json.dumps(summary, indent=2))
     return 0

@@ -32,6 +32,9 @@ def add_parser(subparsers: Any) -> None:
                              "fit a 1-channel model")
     parser.add_argument("--freeze", nargs="*", default=[],
                         help="parameter-name prefixes to keep fixed (with --init-from)")
+    parser.add_argument("--fold", type=int, metavar="I",
+                        help="cross-validation: train on every fold but I (from 0) and validate "
+                             "on I (needs training.folds); --resume with the same --fold")
     parser.add_argument("--epochs", type=int, help="override training.epochs")
     parser.add_argument("--limit", type=int,
                         help="use at most this many training and validation items (smoke runs)")
@@ -43,7 +46,7 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Train; prints the best epoch and metric."""
     from medvision.config import load_pipeline
-    from medvision.train import DataSplit, discover_items, split_items, train
+    from medvision.train import DataSplit, pipeline_split, train
 
     pipeline = load_pipeline(pipeline_of(args), search=args.pipelines_dir)
     if args.epochs:
@@ -53,13 +56,10 @@ def run(args: argparse.Namespace) -> int:
             update={"epochs": args.epochs, "swa_epochs": swa})})
     if pipeline.task == "detection":
         return _run_detection(args, pipeline)
-    if pipeline.data.layout == "npz":
-        split = DataSplit(train=tuple(discover_items(pipeline, args.data, split="train")),
-                          val=tuple(discover_items(pipeline, args.data, split="val")))
-    else:
-        split = split_items(pipeline, discover_items(pipeline, args.data))
+    split = pipeline_split(pipeline, args.data, fold=args.fold)
     if args.limit:
-        split = DataSplit(train=_spread(split.train, args.limit), val=_spread(split.val, args.limit))
+        split = DataSplit(train=_spread(split.train, args.limit),
+                          val=_spread(split.val, args.limit), fold=split.fold)
     result = train(pipeline, split, args.output, resume=args.resume,
                    init_from=args.init_from, freeze=tuple(args.freeze),
                    auditor=auditor_from_args(args), rgb_to_grey=args.rgb_to_grey)
@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         chosen = (f"best epoch {result.best_epoch}: {pipeline.validation_metric} "
                   f"{result.best_metric:.4f}")
-    print(f"trained {result.epochs_run} epoch(s) in {result.seconds:.0f} s; {chosen}; "
+    fold = "" if args.fold is None else f"fold {args.fold} of {pipeline.training.folds}: "
+    print(f"{fold}trained {result.epochs_run} epoch(s) in {result.seconds:.0f} s; {chosen}; "
           f"weights in {result.run_dir / 'best.safetensors'}")
     if result.skipped:
         print(f"{len(result.skipped)} unreadable item(s) skipped (see "

@@ -39,7 +39,8 @@ def _region(predictor: Predictor, item: dict[str, Any], shape: tuple[int, ...]) 
 
 
 def localisation_scores(predictor: Predictor, items: Sequence[dict[str, Any]], *,
-                        method: str | None = None, limit: int | None = None) -> dict[str, Any]:
+                        method: str | None = None, layer: str | None = None,
+                        limit: int | None = None) -> dict[str, Any]:
     """Energy inside the true region per item, with a BCa interval over items."""
     if predictor.pipeline.task == "classification":
         return {"scored": 0, "note": "classification items have no true region to score"}
@@ -49,7 +50,7 @@ def localisation_scores(predictor: Predictor, items: Sequence[dict[str, Any]], *
         volume = read_volume(item["image"])
         prepared = predictor.prepare(volume)
         prediction = predictor.predict(prepared)
-        saliency = explain(predictor, prepared, prediction, method=method)
+        saliency = explain(predictor, prepared, prediction, method=method, layer=layer)
         energy = np.clip(np.asarray(saliency.volume.array[0], dtype=np.float64), 0, None)
         region = _region(predictor, item, energy.shape)
         total = float(energy.sum())
@@ -62,5 +63,6 @@ def localisation_scores(predictor: Predictor, items: Sequence[dict[str, Any]], *
     values, base = np.array(inside), np.array(chance)
     cases = [np.arange(len(values))]
     return {"scored": len(values), "method": used_method,
+            "layer": layer or predictor.pipeline.explanation.layer,
             "energy_inside": bootstrap_interval(lambda i: float(values[i].mean()), cases),
             "chance_level": bootstrap_interval(lambda i: float(base[i].mean()), cases)}

@@ -27,7 +27,8 @@ def evaluate(predictor: Predictor, items: Sequence[dict[str, Any]],
              out_dir: str | os.PathLike[str], *, force: bool = False,
              auditor: Auditor | None = None,
              audit_inputs: dict[str, Any] | None = None,
-             explain_items: int | None = None) -> dict[str, Any]:
+             explain_items: int | None = None, explain_method: str | None = None,
+             explain_layer: str | None = None) -> dict[str, Any]:
     """Score ``predictor`` on ``items`` and write the evaluation folder; returns the metrics.
 
     Unreadable items are skipped with a warning and listed under ``skipped_items``. With an
@@ -62,7 +63,8 @@ def evaluate(predictor: Predictor, items: Sequence[dict[str, Any]],
     if explain_items is not None:
         from medvision.evaluate.localisation import localisation_scores
 
-        metrics["explanation"] = localisation_scores(predictor, items,
+        metrics["explanation"] = localisation_scores(predictor, items, method=explain_method,
+                                                     layer=explain_layer,
                                                      limit=explain_items or None)
     metrics["interval_note"] = (
         "Detection metrics have percentile bootstrap intervals over images."

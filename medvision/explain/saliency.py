@@ -140,6 +140,19 @@ def attribute(model: Any, image: Any, target: int, cfg: ExplanationConfig,
             maps, tuple(spatial), interpolate_mode="bilinear" if len(spatial) == 2 else "trilinear")
         params = {"layer": cfg.layer, "upsampled": "bilinear" if len(spatial) == 2 else "trilinear"}
         result = maps.sum(dim=1)
+    elif method == "layercam":
+        # LayerCAM (Jiang et al., 2021): each activation weighted by its own positive
+        # gradient, not by the channel's mean gradient as in Grad-CAM, so shallower, finer
+        # layers give usable maps.
+        layer = _module(model, cfg.layer)
+        gradients = attr.LayerGradientXActivation(model, layer, multiply_by_inputs=False
+                                                  ).attribute(image, target=target)
+        activations = attr.LayerActivation(model, layer).attribute(image)
+        maps = (gradients.clamp(min=0) * activations).sum(dim=1, keepdim=True).clamp(min=0)
+        maps = attr.LayerAttribution.interpolate(
+            maps, tuple(spatial), interpolate_mode="bilinear" if len(spatial) == 2 else "trilinear")
+        params = {"layer": cfg.layer, "upsampled": "bilinear" if len(spatial) == 2 else "trilinear"}
+        result = maps.sum(dim=1)
     elif method == "integrated_gradients":
         baseline = torch.zeros_like(image)
         maps = attr.IntegratedGradients(model).attribute(
@@ -174,7 +187,7 @@ def _normalise(values: np.ndarray) -> np.ndarray:
 
 
 def explain(predictor: Predictor, prepared: Prepared, prediction: Prediction, *,
-            method: str | None = None) -> SaliencyMap:
+            method: str | None = None, layer: str | None = None) -> SaliencyMap:
     """Attribute ``prediction`` to the input and map the result onto the input's grid.
 
     Args:
@@ -182,11 +195,14 @@ def explain(predictor: Predictor, prepared: Prepared, prediction: Prediction, *,
         prepared: the preprocessed input.
         prediction: what to explain (its predicted class, or its predicted regions).
         method: override the pipeline's ``explanation.method``.
+        layer: override its ``explanation.layer`` (GradCAM, LayerCAM).
 
     Raises:
         ExplainError: misconfiguration, or Captum failing on this network.
     """
     cfg = predictor.pipeline.explanation
+    if layer:
+        cfg = cfg.model_copy(update={"layer": layer})
     method = method or cfg.method
     model, target, described = explained_model(predictor, prediction)
     try:

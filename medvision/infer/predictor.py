@@ -72,6 +72,30 @@ class Prediction:
         return self.classes.index(self.label) if self.label in self.classes else 1
 
 
+class Ensemble:
+    """Members' calibrated probabilities averaged: ``log(mean_k softmax(z_k / T_k))``.
+
+    Returned as log-probabilities so the rest of inference treats it as logits: a softmax of
+    it gives back the mean probabilities, and an argmax picks the class they favour.
+    """
+
+    def __init__(self, members: Sequence[Any], temperatures: Sequence[float]) -> None:
+        self.members = list(members)
+        self.temperatures = list(temperatures)
+
+    def __call__(self, image: Any) -> Any:
+        import torch
+
+        total = None
+        for member, temperature in zip(self.members, self.temperatures, strict=True):
+            out = member(image)
+            out = out.as_tensor() if hasattr(out, "as_tensor") else out
+            probs = torch.softmax(out / temperature, dim=1)
+            total = probs if total is None else total + probs
+        assert total is not None
+        return torch.log((total / len(self.members)).clamp_min(1e-12))
+
+
 @dataclass(frozen=True, eq=False)
 class Predictor:
     """A model bundle with its network built (in eval mode), ready to predict."""
@@ -79,6 +103,7 @@ class Predictor:
     bundle: ModelBundle
     model: Any
     backend: Any = None
+    kind: str = "torch"
 
     @property
     def pipeline(self) -> Pipeline:
@@ -113,7 +138,12 @@ class Predictor:
     @property
     def backend_name(self) -> str:
         """``torch`` or ``onnx``: what makes the predictions."""
-        return "torch" if self.backend is None else "onnx"
+        return self.kind
+
+    @property
+    def ensemble_size(self) -> int:
+        """Networks whose probabilities are averaged (1: a single model)."""
+        return max(1, len(self.bundle.members))
 
     @classmethod
     def from_pipeline(cls, name_or_path: str | os.PathLike[str], *,
@@ -135,9 +165,25 @@ class Predictor:
 
     @classmethod
     def from_bundle(cls, bundle: ModelBundle, *, backend: str = "torch") -> Predictor:
-        """A predictor for an already loaded bundle."""
+        """A predictor for an already loaded bundle (an ensemble: every member)."""
         runner = None
         model = bundle.build_network()
+        if bundle.members:
+            if bundle.pipeline.task == "detection":
+                raise ModelError("detection ensembles are not supported")
+            if backend not in ("torch", "onnx"):
+                raise ModelError(f"unknown backend '{backend}' (torch or onnx)")
+            runners: list[Any] = []
+            for n, member in enumerate(bundle.members):
+                if backend == "onnx":
+                    from medvision.infer.onnx_backend import OnnxModel
+
+                    runners.append(OnnxModel(member.weights.with_suffix(".onnx"),
+                                             threads=bundle.pipeline.training.threads))
+                else:
+                    runners.append(model if n == 0 else bundle.build_network(member.weights))
+            ensemble = Ensemble(runners, [m.temperature for m in bundle.members])
+            return cls(bundle=bundle, model=model, backend=ensemble, kind=backend)
         if backend == "onnx" and bundle.pipeline.task == "detection":
             from medvision.infer.onnx_backend import OnnxDetectionHead
             from medvision.models.detection import build_detector
@@ -149,7 +195,7 @@ class Predictor:
                 bundle.weights.with_suffix(".onnx"), threads=bundle.pipeline.training.threads,
                 torch_network=model.network)
             runner.eval()
-            return cls(bundle=bundle, model=model, backend=runner)
+            return cls(bundle=bundle, model=model, backend=runner, kind="onnx")
         if backend == "onnx":
             from medvision.infer.onnx_backend import OnnxModel
 
@@ -157,7 +203,7 @@ class Predictor:
                                threads=bundle.pipeline.training.threads)
         elif backend != "torch":
             raise ModelError(f"unknown backend '{backend}' (torch or onnx)")
-        return cls(bundle=bundle, model=model, backend=runner)
+        return cls(bundle=bundle, model=model, backend=runner, kind=backend)
 
     def logits(self, image: Any) -> Any:
         """Network output for a preprocessed batch: sliding window for volumes larger than

@@ -8,7 +8,15 @@ A bundle folder (``pipelines/<name>/`` for a shipped model, or a training run) h
 ``calibration.json``          temperature scaling, fitted on the validation split
 ``ood.safetensors``           the out-of-distribution guard (:mod:`medvision.models.ood`)
 ``MODEL_CARD.md``             data, split, metrics with intervals, intended use, limits
+``ensemble.json``             (a cross-validation ensemble) its members: one weights file
+                              per fold (``model.safetensors``, ``fold-1.safetensors``...),
+                              each with its SHA-256, its own calibration temperature and
+                              the validation metric of its fold
 ============================  ==========================================================
+
+An ensemble predicts the mean of its members' calibrated probabilities; the bundle's
+``weights`` is then its first member (what the OOD guard and explanations use) and its
+``weights_sha256`` the SHA-256 of the member list, so a report names exactly what predicted.
 
 ``train`` writes bundles and ``infer`` reads them; neither imports the other.
 """
@@ -29,7 +37,8 @@ from medvision.models.checkpoint import load_weights, weights_sha256
 from medvision.models.ood import OOD_FILE, FeatureGuard
 from medvision.models.registry import build_model
 
-__all__ = ["CARD_FILE", "PIPELINE_FILE", "RUN_WEIGHTS_FILE", "WEIGHTS_FILE", "ModelBundle"]
+__all__ = ["CARD_FILE", "ENSEMBLE_FILE", "PIPELINE_FILE", "RUN_WEIGHTS_FILE", "WEIGHTS_FILE",
+           "EnsembleMember", "ModelBundle", "ensemble_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +48,27 @@ WEIGHTS_FILE = "model.safetensors"
 #: A training run's selected weights.
 RUN_WEIGHTS_FILE = "best.safetensors"
 CARD_FILE = "MODEL_CARD.md"
+ENSEMBLE_FILE = "ensemble.json"
+
+
+@dataclass(frozen=True)
+class EnsembleMember:
+    """One member of a cross-validation ensemble."""
+
+    weights: Path
+    weights_sha256: str
+    temperature: float = 1.0
+    fold: int | None = None
+    metrics: dict[str, float] | None = None
+
+
+def ensemble_digest(members: tuple[EnsembleMember, ...] | list[EnsembleMember]) -> str:
+    """SHA-256 naming an ensemble: of its members' weights hashes and temperatures, in order."""
+    import hashlib
+    import json
+
+    text = json.dumps([[m.weights_sha256, m.temperature] for m in members])
+    return hashlib.sha256(text.encode()).hexdigest()
 
 #: Shipped weights stay under 25 MB; larger float32 files are stored as float16.
 MAX_SHIPPED_BYTES = 24 * 1024 * 1024
@@ -67,6 +97,7 @@ class ModelBundle:
     guard: FeatureGuard | None = None
     card: str | None = None
     folder: Path | None = None
+    members: tuple[EnsembleMember, ...] = ()
 
     @classmethod
     def load(cls, name_or_path: str | os.PathLike[str], *,
@@ -82,6 +113,14 @@ class ModelBundle:
         """
         folder = pipeline_dir(name_or_path, search=search)
         pipeline = load_pipeline(folder)
+        card = folder / CARD_FILE
+        if weights is None and (folder / ENSEMBLE_FILE).is_file():
+            members = _read_ensemble(folder)
+            first = members[0].weights
+            return cls(pipeline=pipeline, weights=first, weights_sha256=ensemble_digest(members),
+                       guard=FeatureGuard.load(first),
+                       card=card.read_text() if card.is_file() else None, folder=folder,
+                       members=members)
         if weights is not None:
             path = Path(weights)
         elif (folder / WEIGHTS_FILE).is_file() or not (folder / RUN_WEIGHTS_FILE).is_file():
@@ -93,18 +132,43 @@ class ModelBundle:
                 f"{path}: no trained weights for pipeline '{pipeline.name}'; train it with "
                 "'medvision train' and pass --weights RUN/best.safetensors")
         calibration = read_calibration(path.parent)
-        card = folder / CARD_FILE
         return cls(pipeline=pipeline, weights=path, weights_sha256=weights_sha256(path),
                    temperature=float((calibration or {}).get("temperature", 1.0)),
                    calibration=calibration, guard=FeatureGuard.load(path),
                    card=card.read_text() if card.is_file() else None, folder=folder)
 
-    def build_network(self) -> Any:
-        """The network with these weights loaded, in eval mode."""
+    def build_network(self, weights: Path | None = None) -> Any:
+        """The network with these weights (or ``weights``) loaded, in eval mode."""
         model = build_model(self.pipeline)
-        load_weights(model, self.weights)
+        load_weights(model, weights or self.weights)
         model.eval()
         return model
+
+    def save_ensemble(self, folder: str | os.PathLike[str]) -> Path:
+        """Write an ensemble's members (``model.safetensors``, ``fold-1.safetensors``...,
+        float16 where float32 would pass the size limit) and ``ensemble.json`` into
+        ``folder``, beside :meth:`save`'s other files. Returns the manifest."""
+        import json
+
+        target = Path(folder)
+        target.mkdir(parents=True, exist_ok=True)
+        entries = []
+        for n, member in enumerate(self.members):
+            name = WEIGHTS_FILE if n == 0 else f"fold-{n}.safetensors"
+            path = target / name
+            if path.resolve() != member.weights.resolve():
+                if member.weights.stat().st_size > MAX_SHIPPED_BYTES:
+                    _save_half(member.weights, path)
+                else:
+                    shutil.copyfile(member.weights, path)
+            entries.append({"weights": name, "sha256": weights_sha256(path),
+                            "temperature": member.temperature, "fold": member.fold,
+                            "metrics": member.metrics})
+        manifest = target / ENSEMBLE_FILE
+        manifest.write_text(json.dumps({"combine": "mean of calibrated probabilities",
+                                        "members": entries}, indent=2))
+        (target / CALIBRATION_FILE).unlink(missing_ok=True)  # each member has its own
+        return manifest
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Write the bundle into ``folder`` (weights as ``model.safetensors``, stored as
@@ -119,6 +183,9 @@ class ModelBundle:
 
         target = Path(folder)
         target.mkdir(parents=True, exist_ok=True)
+        for stale in [target / ENSEMBLE_FILE, *target.glob("fold-*.safetensors"),
+                      *target.glob("fold-*.onnx")]:  # a single model replaces an ensemble
+            stale.unlink(missing_ok=True)
         weights = target / WEIGHTS_FILE
         if weights.resolve() != self.weights.resolve():
             if self.weights.stat().st_size > MAX_SHIPPED_BYTES:
@@ -145,6 +212,37 @@ class ModelBundle:
             found["pipeline"] = self.folder / PIPELINE_FILE
             found["card"] = self.folder / CARD_FILE
         return {k: v for k, v in found.items() if v.is_file()}
+
+
+def _read_ensemble(folder: Path) -> tuple[EnsembleMember, ...]:
+    """The members ``ensemble.json`` lists, each checked against its recorded SHA-256.
+
+    Raises:
+        CheckpointError: unreadable manifest, a missing member or one whose file changed.
+    """
+    import json
+
+    path = folder / ENSEMBLE_FILE
+    try:
+        entries = json.loads(path.read_text())["members"]
+        members = []
+        for entry in entries:
+            weights = folder / entry["weights"]
+            if not weights.is_file():
+                raise CheckpointError(f"{path}: member {entry['weights']} is missing")
+            digest = weights_sha256(weights)
+            if digest != entry["sha256"]:
+                raise CheckpointError(f"{path}: member {entry['weights']} changed since the "
+                                      "ensemble was written (SHA-256 differs)")
+            members.append(EnsembleMember(
+                weights=weights, weights_sha256=digest,
+                temperature=float(entry.get("temperature", 1.0)), fold=entry.get("fold"),
+                metrics=entry.get("metrics")))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable ensemble manifest ({e})") from e
+    if not members:
+        raise CheckpointError(f"{path}: an ensemble without members")
+    return tuple(members)
 
 
 def _save_half(source: Path, target: Path) -> None:

@@ -166,6 +166,20 @@ class BridgeStore:
             OSError: the file could not be written (disk full...).
             PacsError: the job database could not be updated.
         """
+        target = self.write_instance(study_uid, sop_uid, data)
+        self.record_instances(study_uid, [(sop_uid, target)], calling_ae=calling_ae,
+                              source=source, hold=hold)
+        return target
+
+    def write_instance(self, study_uid: str, sop_uid: str, data: bytes, *,
+                       sync_folder: bool = True) -> Path:
+        """Write one instance's file durably (fsync, atomic rename and, with
+        ``sync_folder``, fsync of its folder); not yet recorded: see
+        :meth:`record_instances`.
+
+        Raises:
+            OSError: the file could not be written.
+        """
         folder = self.spool / self.study_folder_name(study_uid)
         folder.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha256(sop_uid.encode()).hexdigest()[:32] + ".dcm"
@@ -181,31 +195,48 @@ class BridgeStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        if sync_folder:
+            _fsync_dir(folder)
+        return target
+
+    def record_instances(self, study_uid: str, instances: list[tuple[str, Path]], *,
+                         calling_ae: str, source: str = "dimse", hold: bool = False) -> int:
+        """Record written instances ``(sop_uid, path)`` of one study in one transaction
+        (fsyncs their folder first); returns how many were new.
+
+        Raises:
+            OSError: the folder could not be synced.
+            PacsError: the job database could not be updated.
+        """
+        if not instances:
+            return 0
+        folder = self.spool / self.study_folder_name(study_uid)
         _fsync_dir(folder)
         now = time.time()
         try:
             with self._db() as db:
                 db.execute("BEGIN IMMEDIATE")
-                new = db.execute("INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?)",
-                                 (sop_uid, study_uid, str(target), now)).rowcount
+                new = sum(db.execute("INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?)",
+                                     (sop_uid, study_uid, str(path), now)).rowcount
+                          for sop_uid, path in instances)
                 row = db.execute("SELECT state FROM studies WHERE study_uid = ?",
                                  (study_uid,)).fetchone()
                 state = "retrieving" if hold else "receiving"
                 if row is None:
                     db.execute("INSERT INTO studies (study_uid, folder, calling_ae, "
                                "first_received, last_received, instances, state, updated, "
-                               "source) VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?)",
-                               (study_uid, str(folder), calling_ae, now, now, state, now,
+                               "source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                               (study_uid, str(folder), calling_ae, now, now, new, state, now,
                                 source))
-                elif new:  # a new instance: (re)open the study for analysis
-                    db.execute("UPDATE studies SET last_received = ?, instances = instances + 1, "
+                elif new:  # new instances: (re)open the study for analysis
+                    db.execute("UPDATE studies SET last_received = ?, instances = instances + ?, "
                                "state = ?, attempts = 0, retry_after = 0, error = NULL, "
                                "complete = 0, updated = ? WHERE study_uid = ?",
-                               (now, state, now, study_uid))
+                               (now, new, state, now, study_uid))
                 db.execute("COMMIT")
         except sqlite3.Error as e:
             raise PacsError(f"{self.db_path}: cannot record an instance ({e})") from e
-        return target
+        return new
 
     # --- watching DICOMweb sources ------------------------------------------------------------
     def remote_study(self, source: str, study_uid: str) -> tuple[str | None, str | None, float,

@@ -168,7 +168,7 @@ class StowServer:
                 options.update(ssl_ca_certs=str(tls.ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
         config = uvicorn.Config(self.app(), host=self.listener.host, port=self.listener.port,
                                 log_level="warning", access_log=False, lifespan="off",
-                                **options)
+                                timeout_graceful_shutdown=10, **options)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True,
                                         name="medvision-bridge-stow")

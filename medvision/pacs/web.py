@@ -52,22 +52,34 @@ def session_for(auth: HttpAuth) -> requests.Session:
     """
     import requests
 
-    session = requests.Session()
+    ca_bundle = None if auth.ca_bundle is None else str(auth.ca_bundle)
+
+    class Session(requests.Session):
+        # requests lets REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE override a session's own CA
+        # bundle; the configured one must win.
+        def merge_environment_settings(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            settings: dict[str, Any] = super().merge_environment_settings(*args, **kwargs)
+            if ca_bundle is not None:
+                settings["verify"] = ca_bundle
+            return settings
+
+    session = Session()
     if auth.username:
         session.auth = (auth.username, auth.secret(auth.password_env) or "")
     token = auth.secret(auth.token_env)
     if token:
         session.headers["Authorization"] = f"Bearer {token}"
-    if auth.ca_bundle is not None:
-        session.verify = str(auth.ca_bundle)
+    if ca_bundle is not None:
+        session.verify = ca_bundle
     return session
 
 
-def client_for(endpoint: DicomWebEndpoint) -> DICOMwebClient:
+def client_for(endpoint: DicomWebEndpoint,
+               session: requests.Session | None = None) -> DICOMwebClient:
     """A ``dicomweb-client`` for the endpoint (credentials, TLS, timeout)."""
     from dicomweb_client.api import DICOMwebClient
 
-    client = DICOMwebClient(endpoint.url.rstrip("/"), session=session_for(endpoint),
+    client = DICOMwebClient(endpoint.url.rstrip("/"), session=session or session_for(endpoint),
                             timeout=endpoint.timeout_s)
     # Our own loop retries; the client's retries would hide an outage for minutes.
     client.set_http_retry_params(retry=False)
@@ -105,8 +117,7 @@ def _http_error(where: str, error: Exception) -> PacsError:
                      "running and the URL right?")
 
 
-def stow_deliver(endpoint: DicomWebEndpoint, path: Path, *,
-                 client: DICOMwebClient | None = None) -> str | None:
+def stow_deliver(endpoint: DicomWebEndpoint, path: Path) -> str | None:
     """STOW-RS one result file into its study. Returns a warning to keep, or ``None``.
 
     Raises:
@@ -120,12 +131,15 @@ def stow_deliver(endpoint: DicomWebEndpoint, path: Path, *,
         ds = pydicom.dcmread(path)
     except (pydicom.errors.InvalidDicomError, OSError) as e:
         raise DeliveryError(f"{path}: cannot read the result for sending ({e})") from e
-    client = client or client_for(endpoint)
     where = f"STOW-RS to {endpoint.url}"
+    session = session_for(endpoint)
     try:
-        response = client.store_instances([ds], study_instance_uid=str(ds.StudyInstanceUID))
+        response = client_for(endpoint, session).store_instances(
+            [ds], study_instance_uid=str(ds.StudyInstanceUID))
     except requests.RequestException as e:
         raise _http_error(where, e) from e
+    finally:
+        session.close()
     failed = [item for item in response.get("FailedSOPSequence", [])
               if str(item.get("ReferencedSOPInstanceUID", "")) == str(ds.SOPInstanceUID)]
     if failed:
@@ -167,8 +181,9 @@ def fhir_deliver(server: FhirServer, path: Path) -> str | None:
     except (OSError, ValueError) as e:
         raise DeliveryError(f"{path}: cannot read the FHIR bundle ({e})") from e
     where = f"FHIR transaction to {server.url}"
+    session = session_for(server)
     try:
-        response = session_for(server).post(
+        response = session.post(
             server.url.rstrip("/"), json=fhir_transaction(bundle), timeout=server.timeout_s,
             headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"})
         response.raise_for_status()
@@ -177,6 +192,8 @@ def fhir_deliver(server: FhirServer, path: Path) -> str | None:
         raise _http_error(where, e) from e
     except ValueError as e:
         raise DeliveryError(f"{where}: the answer is not JSON ({e})") from e
+    finally:
+        session.close()
     bad = [entry.get("response", {}).get("status", "") for entry in answer.get("entry", [])
            if not str(entry.get("response", {}).get("status", "")).startswith("2")]
     if bad:
@@ -311,6 +328,7 @@ class Watcher:
         import requests
 
         stored = rejected = 0
+        written: list[tuple[str, Path]] = []
         try:
             for ds in self.client.iter_series(study_uid, series_uid):
                 try:
@@ -325,10 +343,23 @@ class Watcher:
                                                     else ""))
                     rejected += 1
                     continue
-                self.store.store_instance(study_uid=study_uid, sop_uid=str(ds.SOPInstanceUID),
-                                          data=buffer.getvalue(), calling_ae=self.source.name,
-                                          source=self.source.name, hold=True)
-                stored += 1
+                # Durable file by file; recorded in batches (the study is held until the
+                # whole retrieval is released, and a crash before a batch is recorded means
+                # retrieving those instances again, not losing them).
+                uid = str(ds.SOPInstanceUID)
+                written.append((uid, self.store.write_instance(study_uid, uid, buffer.getvalue(),
+                                                               sync_folder=False)))
+                if len(written) >= 64:
+                    stored += self._record(study_uid, written)
         except requests.RequestException as e:
             raise _http_error(f"WADO-RS at {self.source.dicomweb.url}", e) from e
+        finally:
+            stored += self._record(study_uid, written)
         return RetrievedSeries(stored=stored, rejected=rejected)
+
+    def _record(self, study_uid: str, written: list[tuple[str, Path]]) -> int:
+        count = len(written)
+        self.store.record_instances(study_uid, written, calling_ae=self.source.name,
+                                    source=self.source.name, hold=True)
+        written.clear()
+        return count

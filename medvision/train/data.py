@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from medvision.config import Pipeline
-from medvision.errors import DataError
+from medvision.errors import ConfigError, DataError
 from medvision.io import read_volume
 
-__all__ = ["DataSplit", "discover_items", "readable_items", "split_items"]
+__all__ = ["DataSplit", "discover_items", "pipeline_split", "readable_items", "split_items"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,8 @@ class DataSplit:
 
     train: tuple[Item, ...]
     val: tuple[Item, ...]
+    fold: int | None = None
+    """The cross-validation fold held out as ``val`` (None: a plain hold-out split)."""
 
 
 def _group(name: str, pattern: str | None) -> str:
@@ -98,12 +100,23 @@ def discover_items(pipeline: Pipeline, data: str | os.PathLike[str], *,
     return items
 
 
-def split_items(pipeline: Pipeline, items: list[Item]) -> DataSplit:
+def split_items(pipeline: Pipeline, items: list[Item], *, fold: int | None = None) -> DataSplit:
     """Split by group (patient), stratified by class for classification; reproducible.
 
-    Every item of one group lands on the same side. The validation side gets about
-    ``data.val_fraction`` of each class's groups (at least one when a class has two or more).
+    Every item of one group lands on the same side. Without ``fold`` the validation side gets
+    about ``data.val_fraction`` of each class's groups (at least one when a class has two or
+    more). With ``fold`` (cross-validation, ``training.folds`` = k) each class's groups are
+    shuffled with ``data.split_seed`` and dealt round-robin into k folds; fold ``fold`` is the
+    validation side, the others train. Over the k folds every group is validated exactly once.
+
+    Raises:
+        ConfigError: ``fold`` without ``training.folds``, or out of range.
+        DataError: a side would be empty.
     """
+    folds = pipeline.training.folds
+    if fold is not None and (folds is None or not 0 <= fold < folds):
+        raise ConfigError(f"pipeline '{pipeline.name}': fold {fold} needs training.folds "
+                          f"greater than it (now {folds}); folds count from 0")
     by_class: dict[Any, list[str]] = defaultdict(list)
     group_class: dict[str, Any] = {}
     for item in items:
@@ -113,9 +126,15 @@ def split_items(pipeline: Pipeline, items: list[Item]) -> DataSplit:
             by_class[key].append(item["group"])
     rng = random.Random(pipeline.data.split_seed)
     val_groups: set[str] = set()
-    for key in sorted(by_class, key=str):
+    for n, key in enumerate(sorted(by_class, key=str)):
         groups = sorted(by_class[key])
         rng.shuffle(groups)
+        if fold is not None and folds is not None:
+            # deal on from where the previous class stopped, so small classes do not all
+            # land in fold 0
+            offset = sum(len(by_class[k]) for k in sorted(by_class, key=str)[:n])
+            val_groups.update(g for j, g in enumerate(groups) if (j + offset) % folds == fold)
+            continue
         count = round(len(groups) * pipeline.data.val_fraction)
         if len(groups) >= 2:
             count = min(max(count, 1), len(groups) - 1)
@@ -124,8 +143,28 @@ def split_items(pipeline: Pipeline, items: list[Item]) -> DataSplit:
     val = tuple(i for i in items if i["group"] in val_groups)
     if not train or not val:
         raise DataError(f"cannot split {len(items)} items into training and validation; "
-                        "add data or change data.val_fraction")
-    return DataSplit(train=train, val=val)
+                        "add data or change data.val_fraction" if fold is None else
+                        f"fold {fold} of {folds} is empty on one side: too few groups")
+    return DataSplit(train=train, val=val, fold=fold)
+
+
+def pipeline_split(pipeline: Pipeline, data: str | os.PathLike[str], *,
+                   fold: int | None = None) -> DataSplit:
+    """The training/validation split ``train``, ``evaluate --split`` and ``publish`` share: an
+    ``npz`` file's official train/val split, else :func:`split_items`. With ``fold``, an
+    ``npz`` file's train and val are pooled and split into the folds.
+
+    Raises:
+        ConfigError: a bad ``fold``.
+        DataError: no items, or a side would be empty.
+    """
+    if pipeline.data.layout == "npz":
+        train = discover_items(pipeline, data, split="train")
+        val = discover_items(pipeline, data, split="val")
+        if fold is None:
+            return DataSplit(train=tuple(train), val=tuple(val))
+        return split_items(pipeline, train + val, fold=fold)
+    return split_items(pipeline, discover_items(pipeline, data), fold=fold)
 
 
 def readable_items(items: Sequence[Item]) -> tuple[list[Item], list[tuple[str, str]]]:

@@ -287,6 +287,13 @@ def _train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str]
     metric = pipeline.validation_metric
     state: dict[str, Any] = {"epoch": 0, "best_metric": None, "best_epoch": 0, "history": [],
                              "stale_epochs": 0, "seconds": 0.0}
+    if resume and (run / "split.json").is_file():
+        recorded = json.loads((run / "split.json").read_text()).get("fold")
+        if recorded != split.fold:
+            raise ConfigError(f"{run}: this run trains fold {recorded}; resume it with "
+                              f"--fold {recorded}" if recorded is not None else
+                              f"{run}: this run is not a cross-validation fold; resume it "
+                              "without --fold")
     if resume and (run / "state.json").is_file():
         state = load_training_state(run, model=model, optimizer=optimizer, scheduler=scheduler)
         if state.get("config_hash") != config_hash(pipeline):
@@ -297,7 +304,9 @@ def _train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str]
     else:
         (run / "pipeline.yaml").write_text(_yaml(pipeline))
         (run / "split.json").write_text(json.dumps(
-            {"train_groups": sorted({str(i["group"]) for i in split.train}),
+            {"fold": split.fold, "folds": pipeline.training.folds if split.fold is not None
+             else None,
+             "train_groups": sorted({str(i["group"]) for i in split.train}),
              "val_groups": sorted({str(i["group"]) for i in split.val})}, indent=1))
 
     split, skipped = _readable_split(split)
@@ -399,7 +408,7 @@ def _readable_split(split: DataSplit) -> tuple[DataSplit, list[tuple[str, str]]]
     if not train_items or not val_items:
         raise DataError(f"no readable {'training' if not train_items else 'validation'} items "
                         f"left after skipping {len(skipped)} unreadable one(s)")
-    return DataSplit(train=tuple(train_items), val=tuple(val_items)), skipped
+    return DataSplit(train=tuple(train_items), val=tuple(val_items), fold=split.fold), skipped
 
 
 def _accumulate_average(model: Any, path: Path, count: int) -> int:

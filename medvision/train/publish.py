@@ -23,7 +23,7 @@ from medvision.models.ood import FeatureGuard
 from medvision.train.data import DataSplit
 from medvision.transforms import build_transforms
 
-__all__ = ["fit_guard", "publish"]
+__all__ = ["fit_guard", "publish", "publish_ensemble"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,77 @@ def publish(run_dir: str | os.PathLike[str], target: str | os.PathLike[str], *,
                                "bytes": weights.stat().st_size}
     if trained.calibration:
         summary["temperature"] = trained.temperature
+    if guard is not None:
+        summary["ood"] = guard.describe()
+    return summary
+
+
+def publish_ensemble(run_dirs: list[str | os.PathLike[str]], target: str | os.PathLike[str], *,
+                     split: DataSplit | None) -> dict[str, Any]:
+    """Ship the fold runs of a cross-validation (``train --fold I`` for each I) as one
+    ensemble bundle: every run's best weights with its own calibration temperature and its
+    fold's validation metric, and the OOD guard fitted for the first member on ``split``.
+
+    Returns a summary with the per-fold metric, its mean and standard deviation.
+
+    Raises:
+        CheckpointError: a run without weights or without a fold.
+        ConfigError: runs of different folds settings, a fold twice, or a pipeline mismatch.
+    """
+    import json
+
+    from medvision.models.bundle import EnsembleMember, ensemble_digest
+
+    folder = Path(target)
+    pipeline = load_pipeline(folder)
+    members = []
+    for run_dir in run_dirs:
+        run = Path(run_dir)
+        if not (run / RUN_WEIGHTS_FILE).is_file():
+            raise CheckpointError(f"{run}: no {RUN_WEIGHTS_FILE} to publish")
+        try:
+            fold_info = json.loads((run / "split.json").read_text())
+            state = json.loads((run / "state.json").read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{run}: not a finished training run ({e})") from e
+        if fold_info.get("fold") is None:
+            raise CheckpointError(f"{run}: not a cross-validation fold run (train --fold I)")
+        trained = ModelBundle.load(run, weights=run / RUN_WEIGHTS_FILE)
+        for part in ("model", "classes", "preprocess", "in_channels", "spatial_dims"):
+            if getattr(trained.pipeline, part) != getattr(pipeline, part):
+                raise ConfigError(f"{run}: trained with a different '{part}' than {folder}")
+        metric = trained.pipeline.validation_metric
+        members.append((int(fold_info["fold"]), int(fold_info["folds"]), EnsembleMember(
+            weights=trained.weights, weights_sha256=trained.weights_sha256,
+            temperature=trained.temperature, fold=int(fold_info["fold"]),
+            metrics={metric: float(state["best_metric"])} if state.get("best_metric")
+            is not None else None)))
+    folds = {f for _, f, _ in members}
+    order = [f for f, _, _ in members]
+    if len(folds) != 1 or len(set(order)) != len(order):
+        raise ConfigError("the runs must be distinct folds of one cross-validation "
+                          f"(folds {sorted(order)} of {sorted(folds)})")
+    members.sort(key=lambda m: m[0])
+    ordered = tuple(m for _, _, m in members)
+    guard = None
+    if split is not None and pipeline.qc.feature_layer:
+        guard = fit_guard(pipeline, ordered[0].weights, split)
+    bundle = ModelBundle(pipeline=pipeline, weights=ordered[0].weights,
+                         weights_sha256=ensemble_digest(ordered), guard=guard,
+                         members=ordered)
+    manifest = bundle.save_ensemble(folder)
+    if guard is not None:
+        guard.save(folder)
+    saved = ModelBundle.load(folder)  # what ships: the stored (maybe float16) members
+    values = [next(iter(m.metrics.values())) for m in ordered if m.metrics]
+    summary: dict[str, Any] = {
+        "ensemble": str(manifest), "members": len(ordered), "folds": folds.pop(),
+        "weights_sha256": saved.weights_sha256,
+        "bytes": sum(m.weights.stat().st_size for m in saved.members),
+        "fold_metrics": {f"fold {m.fold}": m.metrics for m in ordered}}
+    if values:
+        summary["fold_metric_mean"] = float(np.mean(values))
+        summary["fold_metric_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
     if guard is not None:
         summary["ood"] = guard.describe()
     return summary

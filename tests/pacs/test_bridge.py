@@ -23,6 +23,7 @@ from conftest import (
     pydicom_test_files,
     require,
     sr_content,
+    tls_certificates,
     wait_until,
 )
 from orthanc_peer import Orthanc, free_port
@@ -217,33 +218,13 @@ def test_corrupt_instance_gets_a_failure_status(bridge: BridgeProcess, tmp_path:
     assert "Corrupt" not in log and "Secret" not in log
 
 
-def _certificates(folder: Path) -> dict[str, Path]:
-    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate."""
-    folder.mkdir(parents=True)
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
-
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
-            "ca.crt", "-subj", "/CN=medvision test CA", "-days", "2")
-    for name in ("server", "client"):
-        (folder / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
-                f"{name}.csr", "-subj", f"/CN={name}")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile",
-                f"{name}.ext")
-    return {n: folder / n for n in ("ca.crt", "server.crt", "server.key", "client.crt",
-                                    "client.key")}
-
-
 def test_tls_listener_requires_a_client_certificate(tmp_path: Path) -> None:
     """With `tls` (certificate, key, CA) only peers with a certificate from that CA get in:
     dcmtk over TLS with a client certificate is accepted and its instance spooled; plain TCP
     and anonymous TLS are refused."""
     require(dcmtk_tool("storescu") is not None, "dcmtk is not installed (apt-get install dcmtk)")
     require(shutil.which("openssl") is not None, "openssl is not installed")
-    certs = _certificates(tmp_path / "certs")
+    certs = tls_certificates(tmp_path / "certs")
     port = free_port()
     settings = yaml.safe_load((Path(__file__).resolve().parents[2] / "docs" / "examples" /
                                "bridge.yaml").read_text())

@@ -211,3 +211,43 @@ def test_http_answers_map_to_retry_or_give_up(code: int, kind: type, permanent: 
 def test_no_answer_is_an_outage_not_a_refusal() -> None:
     error = _http_error("QIDO-RS", requests.ConnectionError("refused"))
     assert type(error) is PacsError and "no answer" in str(error)
+
+
+def test_stow_over_tls_with_a_token_and_a_private_ca(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our STOW-RS client (the sender of results) against our STOW-RS listener, both over TLS:
+    the client trusts the server only through the configured CA bundle."""
+    import shutil
+
+    from medvision.pacs.config import DicomWebEndpoint
+    from medvision.pacs.web import stow_deliver
+
+    from conftest import require, tls_certificates
+    from orthanc_peer import free_port
+
+    require(shutil.which("openssl") is not None, "openssl is not installed")
+    certificates = tls_certificates(tmp_path / "pki")
+    port = free_port()
+    config = load_bridge_config(_settings(
+        tmp_path, sources=[], destination={"url": "http://127.0.0.1:9/dicom-web/"},
+        stow={"port": port, "senders": [{"name": "peer", "token_env": "MV_STOW_TOKEN"}],
+              "tls": {"certificate": str(certificates["server.crt"]),
+                      "key": str(certificates["server.key"])}}))
+    monkeypatch.setenv("MV_STOW_TOKEN", "tls-token")
+    bridge = Bridge(config, tmp_path / "w")
+    assert config.stow is not None
+    server = StowServer(config.stow, bridge._on_stow)
+    server.start()
+    try:
+        chest, _ = chest_radiograph(tmp_path / "c")
+        endpoint = DicomWebEndpoint(url=f"https://127.0.0.1:{port}", token_env="MV_STOW_TOKEN",
+                                    ca_bundle=certificates["ca.crt"])
+        assert stow_deliver(endpoint, chest) is None
+        assert len(list((tmp_path / "w" / "spool").rglob("*.dcm"))) == 1
+        with pytest.raises(PacsError, match="no answer"):  # the system CAs do not know ours
+            stow_deliver(endpoint.model_copy(update={"ca_bundle": None}), chest)
+        monkeypatch.setenv("MV_STOW_TOKEN", "wrong")
+        with pytest.raises(DeliveryError, match="HTTP 401: the server refused our credentials"):
+            stow_deliver(endpoint, chest)
+    finally:
+        server.stop()
