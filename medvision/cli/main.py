@@ -28,6 +28,8 @@ from medvision.cli import (
     info,
     pacs,
     pipelines,
+    plan,
+    pretrain,
     publish,
     train,
 )
@@ -35,8 +37,8 @@ from medvision.errors import ConfigError, MedvisionError, MissingDependencyError
 
 __all__ = ["main"]
 
-SUBCOMMANDS: tuple[ModuleType, ...] = (info, convert, pipelines, train, evaluate, publish,
-                                        export, analyze, pacs, audit, deid)
+SUBCOMMANDS: tuple[ModuleType, ...] = (info, convert, pipelines, plan, pretrain, train,
+                                        evaluate, publish, export, analyze, pacs, audit, deid)
 
 log = logging.getLogger("medvision")
 

@@ -1,0 +1,62 @@
+"""``medvision plan DATA --budget-minutes N -o FILE``: a pipeline file planned for the data."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from medvision.cli.conventions import examples
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``plan``."""
+    parser = subparsers.add_parser(
+        "plan", help="inspect a dataset and write a pipeline file that trains in a time budget",
+        description="Fingerprints the data (layout, classes and balance, sizes, spacings, "
+                    "channels, intensities, the patient key in file names, duplicate files), "
+                    "chooses preprocessing, network and augmentation, measures a few training "
+                    "steps on this machine and sets the epochs that fit the budget. The "
+                    "fingerprint, the timings and the reasoning are comments in the file.")
+    parser.add_argument("data", type=Path, help="a class-folder, images/labels, VOC, COCO, "
+                                                "boxes.csv folder or an .npz file")
+    parser.add_argument("--task", choices=["classification", "segmentation", "detection"],
+                        help="checked against the layout (default: the layout's)")
+    parser.add_argument("--budget-minutes", type=float, required=True,
+                        help="wall-clock minutes training may take on this machine")
+    parser.add_argument("-o", "--output", type=Path, required=True,
+                        help="a pipeline file (.yaml) or a folder to write pipeline.yaml into")
+    parser.add_argument("--name", help="pipeline name (default: the output folder's name)")
+    parser.add_argument("--sample", type=int, default=64,
+                        help="images read for the fingerprint (default 64)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing file")
+    examples(parser, "medvision plan ../shared/data/chest_xray/train --task classification "
+                     "--budget-minutes 60 -o pipelines/my-chest")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Plan and write the file; prints where and the headline choices."""
+    import re
+
+    from medvision.errors import ConfigError
+    from medvision.train.plan import plan_pipeline
+
+    target = args.output if args.output.suffix in (".yaml", ".yml") else \
+        args.output / "pipeline.yaml"
+    if target.exists() and not args.force:
+        raise ConfigError(f"{target}: exists; pass --force to overwrite")
+    name = args.name or re.sub(r"[^a-z0-9-]+", "-", (
+        target.parent.name if target.name == "pipeline.yaml" else target.stem).lower()
+    ).strip("-") or "planned"
+    plan = plan_pipeline(args.data, budget_minutes=args.budget_minutes, task=args.task,
+                         name=name, sample=args.sample)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(plan.yaml())
+    training = plan.settings["training"]
+    print(f"wrote {target}: {plan.settings['task']}, {plan.settings['model']['name']} at "
+          f"{plan.settings['preprocess']['size']}, {training['epochs']} epoch(s) of batch "
+          f"{training['batch_size']} (about {plan.timing['epoch_estimate']:.0f} s each here)")
+    return 0
