@@ -122,6 +122,16 @@ def tls_certificates(folder: Path) -> dict[str, Path]:
                                     "client.key")}
 
 
+def chest_subset(shared_data: Path, root: Path, per_class: int = 8) -> Path:
+    """The first ``per_class`` radiographs of each class of the chest training folder, as
+    symbolic links in class folders under ``root``."""
+    for name in ("NORMAL", "PNEUMONIA"):
+        (root / name).mkdir(parents=True)
+        for path in sorted((shared_data / "chest_xray" / "train" / name).glob("*.jpeg"))[:per_class]:
+            (root / name / path.name).symlink_to(path)
+    return root
+
+
 def chest_radiograph(folder: Path) -> tuple[Path, str]:
     """pydicom-data's RG1 (a real CR chest radiograph) as a new study; returns the file and
     its Study Instance UID."""

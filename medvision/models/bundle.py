@@ -156,11 +156,7 @@ class ModelBundle:
         for n, member in enumerate(self.members):
             name = WEIGHTS_FILE if n == 0 else f"fold-{n}.safetensors"
             path = target / name
-            if path.resolve() != member.weights.resolve():
-                if member.weights.stat().st_size > MAX_SHIPPED_BYTES:
-                    _save_half(member.weights, path)
-                else:
-                    shutil.copyfile(member.weights, path)
+            _ship_weights(member.weights, path)
             entries.append({"weights": name, "sha256": weights_sha256(path),
                             "temperature": member.temperature, "fold": member.fold,
                             "metrics": member.metrics})
@@ -187,11 +183,7 @@ class ModelBundle:
                       *target.glob("fold-*.onnx")]:  # a single model replaces an ensemble
             stale.unlink(missing_ok=True)
         weights = target / WEIGHTS_FILE
-        if weights.resolve() != self.weights.resolve():
-            if self.weights.stat().st_size > MAX_SHIPPED_BYTES:
-                _save_half(self.weights, weights)
-            else:
-                shutil.copyfile(self.weights, weights)
+        _ship_weights(self.weights, weights)
         if self.calibration:
             (target / CALIBRATION_FILE).write_text(json.dumps(self.calibration, indent=2))
         if self.guard is not None:
@@ -243,6 +235,17 @@ def _read_ensemble(folder: Path) -> tuple[EnsembleMember, ...]:
     if not members:
         raise CheckpointError(f"{path}: an ensemble without members")
     return tuple(members)
+
+
+def _ship_weights(source: Path, target: Path) -> None:
+    """Copy weights to where a bundle ships them: as float16 when float32 would pass the
+    shipped-size limit; nothing to do when they are already there."""
+    if target.resolve() == source.resolve():
+        return
+    if source.stat().st_size > MAX_SHIPPED_BYTES:
+        _save_half(source, target)
+    else:
+        shutil.copyfile(source, target)
 
 
 def _save_half(source: Path, target: Path) -> None:

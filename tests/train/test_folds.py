@@ -18,6 +18,8 @@ from medvision.errors import CheckpointError, ConfigError
 from medvision.io import read_volume
 from medvision.train import discover_items, split_items
 
+from conftest import chest_subset
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -33,14 +35,6 @@ def _pipeline(tmp_path: Path, folds: int | None = 3) -> Path:
     (folder / "pipeline.yaml").write_text(yaml.safe_dump(settings))
     return folder
 
-
-def _data(shared_data: Path, tmp_path: Path, per_class: int = 9) -> Path:
-    root = tmp_path / "data"
-    for name in ("NORMAL", "PNEUMONIA"):
-        (root / name).mkdir(parents=True)
-        for path in sorted((shared_data / "chest_xray" / "train" / name).glob("*.jpeg"))[:per_class]:
-            (root / name / path.name).symlink_to(path)
-    return root
 
 
 def test_folds_validate_every_patient_exactly_once(shared_data: Path, tmp_path: Path) -> None:
@@ -72,7 +66,7 @@ def test_fold_runs_become_an_ensemble(shared_data: Path, tmp_path: Path,
     from medvision.models import ModelBundle
     from medvision.models.bundle import ensemble_digest
 
-    folder, data = _pipeline(tmp_path), _data(shared_data, tmp_path)
+    folder, data = _pipeline(tmp_path), chest_subset(shared_data, tmp_path / "data", per_class=9)
     runs = [tmp_path / f"fold{i}" for i in range(3)]
     for i, run in enumerate(runs):
         assert main(["train", str(folder), "--data", str(data), "-o", str(run),

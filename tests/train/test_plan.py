@@ -13,13 +13,7 @@ from medvision.config import load_pipeline
 from medvision.errors import ConfigError
 from medvision.train.plan import fingerprint
 
-
-def _chest(shared_data: Path, root: Path, per_class: int = 6) -> Path:
-    for name in ("NORMAL", "PNEUMONIA"):
-        (root / name).mkdir(parents=True)
-        for path in sorted((shared_data / "chest_xray" / "train" / name).glob("*.jpeg"))[:per_class]:
-            (root / name / path.name).symlink_to(path)
-    return root
+from conftest import chest_subset
 
 
 def _hippocampus(shared_data: Path, root: Path, cases: int = 6) -> Path:
@@ -45,7 +39,7 @@ def _bccd(shared_data: Path, root: Path, images: int = 6) -> Path:
 @pytest.mark.parametrize("layout", ["class_folders", "image_label_folders", "voc"])
 def test_plan_then_train(layout: str, shared_data: Path, tmp_path: Path,
                          capsys: pytest.CaptureFixture[str]) -> None:
-    data = {"class_folders": _chest, "image_label_folders": _hippocampus,
+    data = {"class_folders": chest_subset, "image_label_folders": _hippocampus,
             "voc": _bccd}[layout](shared_data, tmp_path / "data")
     folder = tmp_path / "planned"
     assert main(["plan", str(data), "--budget-minutes", "2", "-o", str(folder)]) == 0
@@ -76,7 +70,7 @@ def test_plan_then_train(layout: str, shared_data: Path, tmp_path: Path,
 
 def test_fingerprint_reports_duplicates_and_refuses_a_wrong_task(shared_data: Path,
                                                                  tmp_path: Path) -> None:
-    data = _chest(shared_data, tmp_path / "data", per_class=4)
+    data = chest_subset(shared_data, tmp_path / "data", per_class=4)
     first = sorted((data / "NORMAL").iterdir())[0]
     shutil.copyfile(first.resolve(), data / "PNEUMONIA" / ("copy-" + first.name))
     found, items = fingerprint(data)

@@ -11,18 +11,12 @@ import pytest
 from medvision.cli.main import main
 from medvision.errors import ConfigError
 
-
-def _chest(shared_data: Path, root: Path, per_class: int = 5) -> Path:
-    for name in ("NORMAL", "PNEUMONIA"):
-        (root / name).mkdir(parents=True)
-        for path in sorted((shared_data / "chest_xray" / "train" / name).glob("*.jpeg"))[:per_class]:
-            (root / name / path.name).symlink_to(path)
-    return root
+from conftest import chest_subset
 
 
 def test_contrastive_pretraining_resumes_and_starts_a_classifier(
         shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    data = _chest(shared_data, tmp_path / "data")
+    data = chest_subset(shared_data, tmp_path / "data", per_class=5)
     run = tmp_path / "ssl"
     args = ["pretrain", "chest-xray-pneumonia", "--data", str(data), "-o", str(run),
             "--batch-size", "4"]

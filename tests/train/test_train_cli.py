@@ -14,14 +14,7 @@ from medvision.config import load_pipeline
 from medvision.errors import ConfigError
 from medvision.train import discover_items, split_items
 
-
-def _tiny_chest(shared_data: Path, tmp_path: Path, per_class: int = 8) -> Path:
-    root = tmp_path / "chest"
-    for name in ("NORMAL", "PNEUMONIA"):
-        (root / name).mkdir(parents=True)
-        for path in sorted((shared_data / "chest_xray" / "train" / name).glob("*.jpeg"))[:per_class]:
-            (root / name / path.name).symlink_to(path)
-    return root
+from conftest import chest_subset
 
 
 def test_chest_split_is_grouped_by_patient(shared_data: Path) -> None:
@@ -39,7 +32,7 @@ def test_chest_split_is_grouped_by_patient(shared_data: Path) -> None:
 
 
 def test_train_one_epoch_then_resume(shared_data: Path, tmp_path: Path, capsys) -> None:
-    data = _tiny_chest(shared_data, tmp_path)
+    data = chest_subset(shared_data, tmp_path / "chest")
     run = tmp_path / "run"
     args = ["train", "chest-xray-pneumonia", "--data", str(data), "-o", str(run)]
     assert main([*args, "--epochs", "1"]) == 0
@@ -68,7 +61,7 @@ def test_npz_official_splits(shared_data: Path, tmp_path: Path) -> None:
 
 
 def test_train_then_evaluate_classification(shared_data: Path, tmp_path: Path, capsys) -> None:
-    data = _tiny_chest(shared_data, tmp_path, per_class=10)
+    data = chest_subset(shared_data, tmp_path / "chest", per_class=10)
     run = tmp_path / "run"
     assert main(["train", "chest-xray-pneumonia", "--data", str(data), "-o", str(run),
                  "--epochs", "1"]) == 0
@@ -114,7 +107,7 @@ def test_train_then_evaluate_segmentation(shared_data: Path, tmp_path: Path) -> 
 def test_transfer_learning_with_frozen_layers(shared_data: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    data = _tiny_chest(shared_data, tmp_path, per_class=6)
+    data = chest_subset(shared_data, tmp_path / "chest", per_class=6)
     first, second = tmp_path / "first", tmp_path / "second"
     assert main(["train", "chest-xray-pneumonia", "--data", str(data), "-o", str(first),
                  "--epochs", "1"]) == 0
@@ -168,7 +161,7 @@ def test_weight_average_of_last_epochs(shared_data: Path, tmp_path: Path,
     import yaml
     from safetensors.torch import load_file
 
-    data = _tiny_chest(shared_data, tmp_path, per_class=6)
+    data = chest_subset(shared_data, tmp_path / "chest", per_class=6)
     spec = yaml.safe_load((Path("pipelines") / "chest-xray-pneumonia" / "pipeline.yaml")
                           .read_text())
     spec["preprocess"]["size"] = [64, 64]
@@ -232,7 +225,7 @@ def test_corrupt_images_are_skipped_and_counted(shared_data: Path, tmp_path: Pat
                                                capsys: pytest.CaptureFixture[str]) -> None:
     """A truncated JPEG, an empty file and a text file named .jpeg in the training folder:
     skipped with a warning, counted in skipped.json, the audit record and the evaluation."""
-    data = _tiny_chest(shared_data, tmp_path)
+    data = chest_subset(shared_data, tmp_path / "chest")
     good = sorted((shared_data / "chest_xray" / "train" / "PNEUMONIA").glob("*.jpeg"))[20]
     (data / "PNEUMONIA" / "person9998_bacteria_1.jpeg").write_bytes(
         good.read_bytes()[: good.stat().st_size // 3])
