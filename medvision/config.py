@@ -25,6 +25,7 @@ __all__ = [
     "AugmentConfig",
     "DataConfig",
     "ExplanationConfig",
+    "GenerativeConfig",
     "InferenceConfig",
     "InputRules",
     "ModelConfig",
@@ -348,6 +349,34 @@ DEFAULT_COLOURS = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 
                     (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230))
 
 
+class GenerativeConfig(_Strict):
+    """A class-conditional generative model of the pipeline's training images
+    (``medvision synthesize``): a pixel-space denoising diffusion model (MONAI
+    ``DiffusionModelUNet`` with a DDPM noise schedule; DDIM sampling)."""
+
+    kind: Literal["diffusion"] = "diffusion"
+    """Pixel-space diffusion: at 64 px a training step of 16 images takes about 0.4 s on 2 CPU
+    cores, where a latent model would first need its autoencoder trained."""
+    size: tuple[int, ...] = Field(default=(64, 64), description="generated image size")
+    channels: tuple[int, ...] = Field(default=(32, 64, 64),
+                                      description="UNet channels per level")
+    attention_levels: tuple[bool, ...] = Field(default=(False, False, True),
+                                               description="self-attention per level")
+    num_res_blocks: int = Field(default=1, ge=1)
+    timesteps: int = Field(default=1000, ge=10, description="training noise steps")
+    sample_steps: int = Field(default=50, ge=2, description="DDIM steps when sampling")
+    epochs: int = Field(default=30, ge=1)
+    batch_size: int = Field(default=16, ge=2)
+    lr: float = Field(default=2.5e-4, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _levels_match(self) -> GenerativeConfig:
+        if len(self.attention_levels) != len(self.channels):
+            raise ValueError("generative.attention_levels needs one entry per channels level")
+        return self
+
+
 class Pipeline(_Strict):
     """A whole pipeline file."""
 
@@ -391,6 +420,8 @@ class Pipeline(_Strict):
     """Out-of-distribution guard and which warnings flag a result."""
     report: ReportConfig = ReportConfig()
     """Codes and colours of the classes in DICOM results and label sidecars."""
+    generative: GenerativeConfig = GenerativeConfig()
+    """The generative model ``medvision synthesize`` trains on this pipeline's data."""
 
     @model_validator(mode="before")
     @classmethod
@@ -526,6 +557,11 @@ def load_pipeline(name_or_path: str | os.PathLike[str], *,
 
 
 def config_hash(pipeline: Pipeline) -> str:
-    """SHA-256 of the resolved pipeline (canonical JSON), to record what a run used."""
-    text = json.dumps(pipeline.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    """SHA-256 of the resolved pipeline (canonical JSON), to record what a run used. A
+    ``generative`` section left at its defaults is not part of it (files written before it
+    existed keep their hash)."""
+    resolved = pipeline.model_dump(mode="json")
+    if pipeline.generative == GenerativeConfig():
+        del resolved["generative"]
+    text = json.dumps(resolved, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()

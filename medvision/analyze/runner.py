@@ -150,7 +150,7 @@ def _input_summary(study: Study, entry: SourceEntry | None, volume: Volume | Non
         geometry=Geometry.of(volume) if volume is not None else None,
         unreadable_files=tuple(UnreadableFile(Path(path).name, reason)
                                for path, reason in unreadable),
-        phi=phi)
+        phi=phi, synthetic=volume.header.get("synthetic") if volume is not None else None)
 
 
 def pipeline_info(predictor: Predictor) -> PipelineInfo:
@@ -503,6 +503,8 @@ def run_study(study: Study, predictor: Predictor, out: Path, options: AnalyzeOpt
         log.warning("study %s: cannot hash its inputs (%s)", study.key, e)
         patient, study_key = None, pseudonymizer.pseudonym("study", study.key)
         inputs = {"source_name": study.source_name, "error": str(e)}
+    if report.input.synthetic is not None:  # the audit trail says so too: never a patient
+        inputs = {**inputs, "synthetic": dict(report.input.synthetic)}
     if options.fhir and report.status in (Status.OK, Status.FLAGGED):
         from medvision.report.fhir import render_fhir
 

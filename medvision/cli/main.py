@@ -31,6 +31,7 @@ from medvision.cli import (
     plan,
     pretrain,
     publish,
+    synthesize,
     train,
 )
 from medvision.errors import ConfigError, MedvisionError, MissingDependencyError
@@ -38,7 +39,8 @@ from medvision.errors import ConfigError, MedvisionError, MissingDependencyError
 __all__ = ["main"]
 
 SUBCOMMANDS: tuple[ModuleType, ...] = (info, convert, pipelines, plan, pretrain, train,
-                                        evaluate, publish, export, analyze, pacs, audit, deid)
+                                        evaluate, publish, export, analyze, pacs, audit, deid,
+                                        synthesize)
 
 log = logging.getLogger("medvision")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -11,6 +12,28 @@ from medvision.io.boundary import check_voxel_budget, reading
 from medvision.io.volume import Volume
 
 __all__ = ["read_image2d"]
+
+
+def _synthetic(path: Path, embedded: str | None) -> dict[str, Any] | None:
+    """The provenance of an image ``medvision synthesize`` made: from the PNG's own text
+    chunk, else from the ``<file>.json`` sidecar; ``None`` for any other image."""
+    import json
+
+    texts = [embedded] if embedded else []
+    sidecar = path.with_name(path.name + ".json")
+    if sidecar.is_file():
+        try:
+            texts.append(sidecar.read_text())
+        except OSError:
+            pass
+    for text in texts:
+        try:
+            found = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(found, dict) and found.get("synthetic") is True:
+            return found
+    return None
 
 
 def read_image2d(path: Path) -> Volume:
@@ -37,6 +60,7 @@ def read_image2d(path: Path) -> Volume:
                 elif mode == "1":
                     image = opened.convert("L")
                 array = np.asarray(image, dtype=np.float32)
+                embedded = getattr(opened, "text", {}).get("medvision-synthetic")
         except UnidentifiedImageError as e:
             raise UnreadableFileError(f"{path}: not a readable image ({e})") from e
     if array.ndim == 2:
@@ -44,6 +68,10 @@ def read_image2d(path: Path) -> Volume:
     else:
         array = np.moveaxis(array, -1, 0)
     array = np.transpose(array, (0, 2, 1))
+    header: dict[str, Any] = {"format": path.suffix.lstrip(".").upper(), "mode": mode}
+    synthetic = _synthetic(path, embedded)
+    if synthetic is not None:
+        header["synthetic"] = synthetic
     return Volume(array=array, affine=np.diag([-1.0, -1.0, 1.0, 1.0]), modality="OT",
-                  header={"format": path.suffix.lstrip(".").upper(), "mode": mode},
+                  header=header,
                   warnings=("pixel spacing unknown: 1 mm assumed",), source=str(path))

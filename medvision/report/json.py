@@ -63,6 +63,8 @@ def to_document(report: StudyReport) -> dict[str, Any]:
                                        for u in inp.unreadable_files]
     if inp.phi is not None:
         section["phi"] = dict(inp.phi)
+    if inp.synthetic is not None:
+        section["synthetic"] = dict(inp.synthetic)
     p = report.pipeline
     pipeline = {"name": p.name, "version": p.version, "task": p.task,
                 "weights_sha256": p.weights_sha256, "config_hash": p.config_hash,

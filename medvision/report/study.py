@@ -63,6 +63,7 @@ class InputSummary:
     geometry: Geometry | None = None
     unreadable_files: tuple[UnreadableFile, ...] = ()
     phi: Mapping[str, str] | None = None
+    synthetic: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
