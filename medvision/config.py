@@ -362,13 +362,13 @@ class GenerativeConfig(_Strict):
                                       description="UNet channels per level")
     attention_levels: tuple[bool, ...] = Field(default=(False, False, True),
                                                description="self-attention per level")
-    num_res_blocks: int = Field(default=1, ge=1)
+    num_res_blocks: int = Field(default=1, ge=1, description="residual blocks per level")
     timesteps: int = Field(default=1000, ge=10, description="training noise steps")
     sample_steps: int = Field(default=50, ge=2, description="DDIM steps when sampling")
-    epochs: int = Field(default=30, ge=1)
-    batch_size: int = Field(default=16, ge=2)
-    lr: float = Field(default=2.5e-4, gt=0)
-    seed: int = 0
+    epochs: int = Field(default=30, ge=1, description="generator training epochs")
+    batch_size: int = Field(default=16, ge=2, description="generator batch size")
+    lr: float = Field(default=2.5e-4, gt=0, description="AdamW learning rate")
+    seed: int = Field(default=0, description="seed of initialisation, noise and shuffling")
 
     @model_validator(mode="after")
     def _levels_match(self) -> GenerativeConfig:
