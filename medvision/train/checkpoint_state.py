@@ -11,10 +11,23 @@ from pathlib import Path
 from typing import Any
 
 from medvision.atomic import write_text_atomic
-from medvision.errors import CheckpointError
+from medvision.errors import CheckpointError, ConfigError
 from medvision.models import load_weights, save_weights
 
-__all__ = ["load_training_state", "save_training_state"]
+__all__ = ["load_training_state", "open_run_dir", "save_training_state"]
+
+
+def open_run_dir(run_dir: str | os.PathLike[str], *, resume: bool) -> Path:
+    """The run folder, created; a non-empty one only with ``resume``.
+
+    Raises:
+        ConfigError: the folder holds files and ``resume`` is false.
+    """
+    run = Path(run_dir)
+    if run.exists() and any(run.iterdir()) and not resume:
+        raise ConfigError(f"{run}: run folder is not empty; pass --resume to continue it")
+    run.mkdir(parents=True, exist_ok=True)
+    return run
 
 
 def save_training_state(run_dir: Path, *, model: Any, optimizer: Any, scheduler: Any,

@@ -23,10 +23,14 @@ import numpy as np
 
 from medvision.atomic import append_csv
 from medvision.config import Pipeline
-from medvision.errors import CheckpointError, ConfigError
+from medvision.errors import CheckpointError
 from medvision.models import load_weights, save_weights
 from medvision.models.detection import build_detector
-from medvision.train.checkpoint_state import load_training_state, save_training_state
+from medvision.train.checkpoint_state import (
+    load_training_state,
+    open_run_dir,
+    save_training_state,
+)
 from medvision.transforms.chain import LoadVolumed
 
 __all__ = ["DetectionResult", "detection_transforms", "predict_boxes", "train_detection"]
@@ -165,10 +169,7 @@ def train_detection(pipeline: Pipeline, train_items: Sequence[dict[str, Any]],
 
     from medvision.metrics import detection_metrics
 
-    run = Path(run_dir)
-    if run.exists() and any(run.iterdir()) and not resume:
-        raise ConfigError(f"{run}: run folder is not empty; pass --resume to continue it")
-    run.mkdir(parents=True, exist_ok=True)
+    run = open_run_dir(run_dir, resume=resume)
     cfg = pipeline.training
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -32,7 +32,11 @@ from medvision.atomic import append_csv, write_text_atomic
 from medvision.config import Pipeline
 from medvision.errors import CheckpointError, ConfigError, DataError
 from medvision.models import build_model, save_weights
-from medvision.train.checkpoint_state import load_training_state, save_training_state
+from medvision.train.checkpoint_state import (
+    load_training_state,
+    open_run_dir,
+    save_training_state,
+)
 from medvision.vocabulary import Task
 
 __all__ = ["PretrainResult", "pretrain", "unlabelled_images"]
@@ -150,10 +154,7 @@ def pretrain(pipeline: Pipeline, images: Sequence[str], run_dir: str | os.PathLi
                           "pipeline (contrastive: classification; masked: segmentation)")
     if len(images) < 2:
         raise DataError("pretraining needs at least two images")
-    run = Path(run_dir)
-    if run.exists() and any(run.iterdir()) and not resume:
-        raise ConfigError(f"{run}: run folder is not empty; pass --resume to continue it")
-    run.mkdir(parents=True, exist_ok=True)
+    run = open_run_dir(run_dir, resume=resume)
     cfg = pipeline.training
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

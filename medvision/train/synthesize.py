@@ -30,7 +30,11 @@ from medvision.atomic import append_csv, write_text_atomic
 from medvision.config import Pipeline
 from medvision.errors import ConfigError, DataError
 from medvision.models import save_weights, weights_sha256
-from medvision.train.checkpoint_state import load_training_state, save_training_state
+from medvision.train.checkpoint_state import (
+    load_training_state,
+    open_run_dir,
+    save_training_state,
+)
 from medvision.vocabulary import Task
 
 __all__ = ["GENERATOR_FILE", "SynthesisResult", "sample", "train_generator"]
@@ -110,10 +114,7 @@ def train_generator(pipeline: Pipeline, items: Sequence[dict[str, Any]],
     if not items:
         raise DataError("no training items for the generator")
     cfg = pipeline.generative
-    run = Path(run_dir)
-    if run.exists() and any(run.iterdir()) and not resume:
-        raise ConfigError(f"{run}: run folder is not empty; pass --resume to continue it")
-    run.mkdir(parents=True, exist_ok=True)
+    run = open_run_dir(run_dir, resume=resume)
     if pipeline.training.threads:
         torch.set_num_threads(pipeline.training.threads)
     set_determinism(seed=cfg.seed)
