@@ -9,31 +9,10 @@ import numpy as np
 
 from medvision.errors import UnreadableFileError
 from medvision.io.boundary import check_voxel_budget, reading
+from medvision.io.synthetic import EMBED_KEY, synthetic_provenance
 from medvision.io.volume import Volume
 
 __all__ = ["read_image2d"]
-
-
-def _synthetic(path: Path, embedded: str | None) -> dict[str, Any] | None:
-    """The provenance of an image ``medvision synthesize`` made: from the PNG's own text
-    chunk, else from the ``<file>.json`` sidecar; ``None`` for any other image."""
-    import json
-
-    texts = [embedded] if embedded else []
-    sidecar = path.with_name(path.name + ".json")
-    if sidecar.is_file():
-        try:
-            texts.append(sidecar.read_text())
-        except OSError:
-            pass
-    for text in texts:
-        try:
-            found = json.loads(text)
-        except ValueError:
-            continue
-        if isinstance(found, dict) and found.get("synthetic") is True:
-            return found
-    return None
 
 
 def read_image2d(path: Path) -> Volume:
@@ -60,7 +39,7 @@ def read_image2d(path: Path) -> Volume:
                 elif mode == "1":
                     image = opened.convert("L")
                 array = np.asarray(image, dtype=np.float32)
-                embedded = getattr(opened, "text", {}).get("medvision-synthetic")
+                embedded = getattr(opened, "text", {}).get(EMBED_KEY)
         except UnidentifiedImageError as e:
             raise UnreadableFileError(f"{path}: not a readable image ({e})") from e
     if array.ndim == 2:
@@ -69,7 +48,7 @@ def read_image2d(path: Path) -> Volume:
         array = np.moveaxis(array, -1, 0)
     array = np.transpose(array, (0, 2, 1))
     header: dict[str, Any] = {"format": path.suffix.lstrip(".").upper(), "mode": mode}
-    synthetic = _synthetic(path, embedded)
+    synthetic = synthetic_provenance(path, [embedded] if embedded else [])
     if synthetic is not None:
         header["synthetic"] = synthetic
     return Volume(array=array, affine=np.diag([-1.0, -1.0, 1.0, 1.0]), modality="OT",

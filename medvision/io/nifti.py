@@ -10,9 +10,13 @@ import numpy as np
 
 from medvision.errors import DataError, GeometryError, UnreadableFileError, UnsupportedFormatError
 from medvision.io.boundary import check_voxel_budget, reading
+from medvision.io.synthetic import synthetic_provenance
 from medvision.io.volume import LPS_TO_RAS, FourthAxis, Volume
 
 __all__ = ["read_itk", "read_nifti", "write_nifti"]
+
+#: NIfTI-1 extension code of a free-text comment (where a synthetic volume's provenance goes).
+_COMMENT = 6
 
 
 def read_nifti(path: Path) -> Volume:
@@ -28,6 +32,8 @@ def read_nifti(path: Path) -> Volume:
         image = nib.load(str(path))
         check_voxel_budget(path, tuple(int(n) for n in image.shape), UnreadableFileError)
         data = np.asarray(image.dataobj, dtype=np.float32)
+        comments = [e.get_content() for e in getattr(image.header, "extensions", ())
+                    if e.get_code() == _COMMENT]
         if image.header.get_slope_inter() != (None, None) and not np.all(np.isfinite(data)):
             raise DataError(f"{path}: scaled voxels are not finite")
     fourth = None
@@ -48,6 +54,9 @@ def read_nifti(path: Path) -> Volume:
         raise GeometryError(f"{path}: the NIfTI affine (sform/qform) is singular")
     header = {"format": "NIfTI", "sform_code": int(image.header.get("sform_code", 0)),
               "qform_code": int(image.header.get("qform_code", 0))}
+    synthetic = synthetic_provenance(path, comments)
+    if synthetic is not None:
+        header["synthetic"] = synthetic
     modality = "OT"
     descrip = _description(image)
     if descrip.startswith("medvision:"):
@@ -82,8 +91,10 @@ def _description(image: object) -> str:
         return ""
 
 
-def write_nifti(volume: Volume, path: str | os.PathLike[str]) -> Path:
-    """Write ``volume`` as NIfTI-1 with sform and qform set to its affine (scanner space).
+def write_nifti(volume: Volume, path: str | os.PathLike[str], *, comment: str | None = None
+                ) -> Path:
+    """Write ``volume`` as NIfTI-1 with sform and qform set to its affine (scanner space);
+    ``comment`` goes into a comment extension (code 6).
 
     Integer-valued data that fits int16 is stored as int16 (lossless, half the size); anything
     else as float32. A 2D image is written as one slice; several channels go on the 4th axis.
@@ -108,6 +119,8 @@ def write_nifti(volume: Volume, path: str | os.PathLike[str]) -> Path:
     image.set_sform(np.asarray(volume.affine), code=1)
     image.set_qform(np.asarray(volume.affine), code=1)
     image.header["descrip"] = f"medvision:{volume.modality}"[:79].encode()
+    if comment is not None:
+        image.header.extensions.append(nib.nifti1.Nifti1Extension(_COMMENT, comment.encode()))
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(image, str(path))
     return path

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from medvision.report.study import StudyReport
 
 __all__ = ["NOTICE", "card_sections", "render_audit", "render_evaluation", "render_study",
-           "render_summary"]
+           "render_summary", "render_synthetic"]
 
 NOTICE = ("Research use only. Not for diagnostic use: this output has not been cleared by any "
           "regulator and must not guide patient care.")
@@ -133,6 +133,11 @@ def render_evaluation(metrics: Mapping[str, Any], images: Sequence[str]) -> str:
                    split=metrics.get("split"), skipped=metrics.get("skipped_items") or [],
                    method=metrics.get("interval_note", ""), rows=metric_rows(metrics),
                    images=list(images))
+
+
+def render_synthetic(quality: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
+    """The synthetic-image quality and memorisation page (``memorisation.html``)."""
+    return _render("synthetic.html", q=quality, rows=list(rows))
 
 
 def render_audit(summary: Mapping[str, Any], *, verified: str, drift_png: str) -> str:

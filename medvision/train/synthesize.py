@@ -7,10 +7,11 @@ class embedding per class predicts the noise added by a DDPM schedule (MSE). Che
 epoch; ``--resume`` continues; ``--max-minutes`` stops after the epoch that passes the limit.
 
 Sampling: DDIM with ``generative.sample_steps`` steps from seeded noise, N images per class into
-``OUT/<class>/synthetic-<class>-<n>.png`` (8-bit grey or RGB), each with a sidecar
-``<file>.json`` and the PNG's own text chunk carrying the provenance: ``synthetic: true``, the
-generator's SHA-256, the seed, the training step and the class. (Carrying that flag into
-reports and audit records is not built yet.)
+``OUT/<class>/synthetic-<class>-<seed>-<n>.png`` (8-bit grey or RGB; ``.nii.gz`` volumes for a
+3D pipeline), each with a sidecar ``<file>.json`` and the file's own copy (PNG text chunk,
+NIfTI comment extension) of the provenance: ``synthetic: true``, the
+generator's SHA-256, the seed, the training step and the class; the readers carry the flag
+into reports and audit records.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,21 +31,23 @@ import numpy as np
 from medvision.atomic import append_csv, write_text_atomic
 from medvision.config import Pipeline
 from medvision.errors import ConfigError, DataError
+from medvision.io.synthetic import EMBED_KEY
 from medvision.models import save_weights, weights_sha256
 from medvision.train.checkpoint_state import (
     load_training_state,
     open_run_dir,
     save_training_state,
 )
+from medvision.train.data import DataSplit
 from medvision.vocabulary import Task
 
-__all__ = ["GENERATOR_FILE", "SynthesisResult", "sample", "train_generator"]
+__all__ = ["GENERATOR_FILE", "SynthesisResult", "generator_training_items", "generator_transform", "sample", "scarce_split", "train_generator"]
 
 log = logging.getLogger(__name__)
 
 GENERATOR_FILE = "generator.safetensors"
-#: The PNG text chunk key holding the provenance of a synthetic image.
-PNG_KEY = "medvision-synthetic"
+#: The generator's training items (paths, or groups of array items), for the memorisation check.
+TRAINING_ITEMS = "training_items.json"
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,60 @@ class SynthesisResult:
     steps: int
     loss: float
     seconds: float
+
+
+def generator_training_items(pipeline: Pipeline, run_dir: str | os.PathLike[str],
+                             data: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
+    """The items a generator was trained on, from its ``training_items.json``: file items as
+    recorded; array items (an ``.npz`` file's) found again in ``data`` by their group.
+
+    Raises:
+        ConfigError: no record, or array items without ``data``.
+        DataError: a recorded item that ``data`` no longer has.
+    """
+    from medvision.train.data import discover_items
+
+    path = Path(run_dir) / TRAINING_ITEMS
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing; the generator's training items are unknown")
+    recorded = json.loads(path.read_text())
+    if all(r["image"] is not None for r in recorded):
+        return [{"image": r["image"], "label": r["label"], "group": r["group"]}
+                for r in recorded]
+    if data is None:
+        raise ConfigError("the generator was trained on arrays (.npz); give the data file")
+    by_group: dict[str, dict[str, Any]] = {}
+    for split in sorted({r["group"].rsplit("-", 1)[0] for r in recorded}):
+        by_group.update({i["group"]: i for i in discover_items(pipeline, data, split=split)})
+    missing = [r["group"] for r in recorded if r["group"] not in by_group]
+    if missing:
+        raise DataError(f"{data}: {len(missing)} of the generator's training items are not "
+                        f"there (first: {missing[0]})")
+    return [by_group[r["group"]] for r in recorded]
+
+
+def scarce_split(pipeline: Pipeline, split: DataSplit, scarce: str,
+                 keep_fraction: float) -> DataSplit:
+    """``split`` with only ``keep_fraction`` of the ``scarce`` class's training patients kept
+    (at least one; chosen with ``data.split_seed``); the validation side is untouched.
+
+    This makes a class scarce on purpose, for the augmentation experiment: the generator and
+    both classifiers then see the same reduced training side.
+
+    Raises:
+        ConfigError: an unknown class or a fraction outside (0, 1].
+    """
+    if scarce not in pipeline.classes:
+        raise ConfigError(f"unknown class '{scarce}'; the pipeline has "
+                          f"{list(pipeline.classes)}")
+    if not 0 < keep_fraction <= 1:
+        raise ConfigError(f"keep fraction {keep_fraction} is not in (0, 1]")
+    label = pipeline.classes.index(scarce)
+    groups = sorted({i["group"] for i in split.train if int(i["label"]) == label})
+    random.Random(pipeline.data.split_seed).shuffle(groups)
+    kept = set(groups[:max(1, round(len(groups) * keep_fraction))])
+    train = tuple(i for i in split.train if int(i["label"]) != label or i["group"] in kept)
+    return DataSplit(train=train, val=split.val, fold=split.fold)
 
 
 def _network(pipeline: Pipeline) -> Any:
@@ -78,7 +136,9 @@ def _check(pipeline: Pipeline) -> None:
                           f"spatial_dims {pipeline.spatial_dims}")
 
 
-def _transform(pipeline: Pipeline) -> Any:
+def generator_transform(pipeline: Pipeline) -> Any:
+    """The generator's view of an item: the pipeline's deterministic preprocessing, resized to
+    ``generative.size`` and mapped to [-1, 1]."""
     from monai import transforms as mt
 
     from medvision.transforms.chain import LoadVolumed, preprocess_transforms
@@ -140,8 +200,11 @@ def train_generator(pipeline: Pipeline, items: Sequence[dict[str, Any]],
             {"items": len(items), "per_class": dict(zip(pipeline.classes,
                                                         map(int, counts), strict=True))},
             indent=1))
+        write_text_atomic(run / TRAINING_ITEMS, json.dumps(
+            [{"image": i["image"] if isinstance(i["image"], str) else None,
+              "label": int(i["label"]), "group": str(i.get("group", ""))} for i in items]))
     data = [{"image": i["image"], "label": int(i["label"])} for i in items]
-    dataset = CacheDataset(data, transform=_transform(pipeline), progress=False, num_workers=0)
+    dataset = CacheDataset(data, transform=generator_transform(pipeline), progress=False, num_workers=0)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
                         drop_last=len(data) > cfg.batch_size, num_workers=0,
                         generator=torch.Generator().manual_seed(cfg.seed + state["epoch"]))
@@ -190,6 +253,30 @@ def train_generator(pipeline: Pipeline, items: Sequence[dict[str, Any]],
                            seconds=float(state["seconds"]))
 
 
+def _write_sample(array: np.ndarray, stem: Path, provenance: dict[str, Any]) -> Path:
+    """One sample ``(C, ...)`` of uint8: a PNG with the provenance in a text chunk (2D), or a
+    NIfTI volume with it in a comment extension (3D)."""
+    text = json.dumps(provenance)
+    if array.ndim == 3:
+        from PIL import Image, PngImagePlugin
+
+        path = stem.with_name(stem.name + ".png")
+        # (C, W, H) in medvision's x-first order -> PIL rows
+        image = Image.fromarray(array[0].T if array.shape[0] == 1 else
+                                np.transpose(array, (2, 1, 0)))
+        chunk = PngImagePlugin.PngInfo()
+        chunk.add_text(EMBED_KEY, text)
+        image.save(path, pnginfo=chunk)
+        return path
+    from medvision.io import Volume
+    from medvision.io.nifti import write_nifti
+
+    path = stem.with_name(stem.name + ".nii.gz")
+    write_nifti(Volume(array=array.astype(np.float32), affine=np.eye(4), modality="OT"), path,
+                comment=text)
+    return path
+
+
 def sample(pipeline: Pipeline, run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
            *, per_class: int, seed: int = 0, classes: Sequence[str] | None = None,
            batch_size: int = 16) -> list[Path]:
@@ -201,7 +288,6 @@ def sample(pipeline: Pipeline, run_dir: str | os.PathLike[str], out_dir: str | o
     """
     import torch
     from monai.networks.schedulers import DDIMScheduler
-    from PIL import Image, PngImagePlugin
 
     from medvision.models import load_weights
 
@@ -244,18 +330,12 @@ def sample(pipeline: Pipeline, run_dir: str | os.PathLike[str], out_dir: str | o
             pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
             for k in range(count):
                 number = start + k
-                path = folder / f"synthetic-{name}-{seed}-{number:05d}.png"
                 provenance = {"synthetic": True, "generator_sha256": digest,
                               "generator_steps": info.get("steps"), "seed": seed,
                               "index": number, "class": name, "pipeline": pipeline.name,
                               "sampler": f"DDIM {cfg.sample_steps} steps"}
-                array = pixels[k]
-                # (C, W, H) in medvision's x-first order -> PIL rows
-                image = Image.fromarray(array[0].T if array.shape[0] == 1 else
-                                        np.transpose(array, (2, 1, 0)))
-                text = PngImagePlugin.PngInfo()
-                text.add_text(PNG_KEY, json.dumps(provenance))
-                image.save(path, pnginfo=text)
+                stem = folder / f"synthetic-{name}-{seed}-{number:05d}"
+                path = _write_sample(pixels[k], stem, provenance)
                 write_text_atomic(path.with_name(path.name + ".json"),
                                   json.dumps(provenance, indent=1))
                 written.append(path)
