@@ -318,7 +318,8 @@ def synthetic_quality(pipeline: Pipeline, *, synthetic: Sequence[Item],
     pixel_index = {"synthetic": {str(i["image"]): n for n, i in enumerate(synthetic)},
                    "training": {_name(i): n for n, i in enumerate(training)}}
     return quality, {"synthetic": pixels["synthetic"], "training": pixels["training"],
-                     "index": pixel_index}
+                     "index": pixel_index, "labels": labels,
+                     "classes": list(pipeline.classes)}
 
 
 def _name(item: Item) -> str:
@@ -330,14 +331,41 @@ def _counts(pipeline: Pipeline, labels: np.ndarray) -> dict[str, int]:
     return {pipeline.classes[c]: int((labels == c).sum()) for c in sorted(set(labels.tolist()))}
 
 
+def _grey(array: np.ndarray) -> np.ndarray:
+    """One image ``(C, ...)`` in [-1, 1] as uint8 rows (the middle slice of a volume)."""
+    image = array[0]
+    while image.ndim > 2:
+        image = image[..., image.shape[-1] // 2]
+    return ((np.clip(image, -1, 1) + 1) * 127.5).round().astype(np.uint8).T
+
+
+def sample_grid(labels: Mapping[str, np.ndarray], arrays: Mapping[str, np.ndarray],
+                classes: Sequence[str], *, per_row: int = 8, gap: int = 2) -> Any:
+    """A contact sheet (PIL image): per class (``labels`` index ``classes``) one row of
+    synthetic images and one row of real training images."""
+    from PIL import Image
+
+    rows: list[list[np.ndarray]] = []
+    for c, _ in enumerate(classes):
+        for kind in ("synthetic", "training"):
+            chosen = np.flatnonzero(labels[kind] == c)[:per_row]
+            if len(chosen):
+                rows.append([_grey(arrays[kind][i]) for i in chosen])
+    if not rows:
+        return Image.new("L", (1, 1))
+    h, w = rows[0][0].shape
+    sheet = np.full((len(rows) * (h + gap), per_row * (w + gap)), 255, np.uint8)
+    for r, row in enumerate(rows):
+        for n, tile in enumerate(row):
+            sheet[r * (h + gap):r * (h + gap) + h, n * (w + gap):n * (w + gap) + w] = tile
+    return Image.fromarray(sheet)
+
+
 def _thumbnail(array: np.ndarray) -> str:
     """A data-URI PNG of one image ``(C, ...)`` in [-1, 1] (the middle slice of a volume)."""
     from PIL import Image
 
-    image = array[0]
-    while image.ndim > 2:
-        image = image[..., image.shape[-1] // 2]
-    pixels = ((np.clip(image, -1, 1) + 1) * 127.5).round().astype(np.uint8).T
+    pixels = _grey(array)
     buffer = io.BytesIO()
     Image.fromarray(pixels).resize((pixels.shape[1] * 2, pixels.shape[0] * 2),
                                    Image.Resampling.NEAREST).save(buffer, format="PNG")
@@ -346,8 +374,9 @@ def _thumbnail(array: np.ndarray) -> str:
 
 def write_quality(quality: SyntheticQuality, arrays: Mapping[str, Any],
                   out_dir: str | os.PathLike[str], *, shown: int = 24) -> tuple[Path, Path]:
-    """``quality.json`` (everything, every pair) and ``memorisation.html`` (the summary and the
-    ``shown`` closest pairs, flagged copies first) in ``out_dir``."""
+    """``quality.json`` (everything, every pair), ``memorisation.html`` (the summary and the
+    ``shown`` closest pairs, flagged copies first) and ``samples.png`` (per class a row of
+    synthetic and a row of training images; volumes: middle slices) in ``out_dir``."""
     from medvision.report.html import render_synthetic
 
     out = Path(out_dir)
@@ -370,6 +399,7 @@ def write_quality(quality: SyntheticQuality, arrays: Mapping[str, Any],
                      "ratio": f"{pair.ratio:.3f}", "copy": pair.copy,
                      "synthetic_png": _thumbnail(arrays["synthetic"][syn]),
                      "training_png": _thumbnail(arrays["training"][real])})
+    sample_grid(arrays["labels"], arrays, arrays["classes"]).save(out / "samples.png")
     page = render_synthetic(data, rows)
     path_html = write_text_atomic(out / "memorisation.html", page)
     return path_json, path_html

@@ -91,6 +91,10 @@ def test_the_memorisation_check_flags_a_planted_copy_of_a_training_image(
     page = (quality_dir / "memorisation.html").read_text()
     assert "1 likely copy of training images" in page and "planted.jpeg" in page
     assert page.count("data:image/png;base64,") >= 2
+    from PIL import Image
+
+    grid = Image.open(quality_dir / "samples.png")  # 2 classes x (synthetic, training) rows
+    assert grid.size == (8 * 18, 4 * 18)
     assert "1 likely copies" in printed
 
 
