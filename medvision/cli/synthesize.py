@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from medvision.cli.audit_options import add_audit_arguments, auditor_from_args
 from medvision.cli.conventions import add_pipeline_argument, examples, pipeline_of
 
 __all__ = ["add_parser", "run"]
@@ -83,6 +84,7 @@ def add_parser(subparsers: Any) -> None:
                                  "file's official test split")
     experiment.add_argument("-o", "--output", required=True, type=Path)
     _metric_options(experiment)
+    add_audit_arguments(experiment)
     examples(train, "medvision synthesize train chest-xray-pneumonia --data "
                     "../shared/data/chest_xray/train -o runs/chest-gen --max-minutes 50")
     examples(sample, "medvision synthesize sample chest-xray-pneumonia --generator "
@@ -172,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
             pipeline, args.data, args.output, scarce=args.scarce,
             keep_fraction=args.keep_fraction, synthetic_count=args.synthetic_count,
             generator=args.generator, generator_classes=args.generator_classes,
-            generator_minutes=args.generator_minutes, evaluation=args.evaluation)
+            generator_minutes=args.generator_minutes, evaluation=args.evaluation,
+            auditor=auditor_from_args(args))
         if args.features and comparison.n_synthetic:
             _quality(args, pipeline, args.generator or args.output / "generator",
                      args.output / "synthetic", args.output / "quality")

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from medvision.atomic import write_text_atomic
-from medvision.audit.records import items_digest
+from medvision.audit.records import Auditor, items_digest
 from medvision.config import Pipeline, config_hash
 from medvision.errors import ConfigError
 from medvision.metrics import binary_auc, bootstrap_interval
@@ -137,13 +137,14 @@ def _trained(run: Path) -> bool:
     return (run / "calibration.json").is_file() and (run / "last.safetensors").is_file()
 
 
-def _train_arm(pipeline: Pipeline, split: Any, run: Path) -> float:
+def _train_arm(pipeline: Pipeline, split: Any, run: Path, auditor: Auditor | None) -> float:
     from medvision.train import train
 
     if _trained(run):
         return 0.0
     started = time.perf_counter()
-    train(pipeline, split, run, resume=(run / "state.json").is_file(), progress=False)
+    train(pipeline, split, run, resume=(run / "state.json").is_file(), progress=False,
+          auditor=auditor)
     return (time.perf_counter() - started) / 60
 
 
@@ -158,7 +159,7 @@ def run_experiment(pipeline: Pipeline, data: str | os.PathLike[str],
                    generator: str | os.PathLike[str] | None = None,
                    generator_classes: Sequence[str] | None = None,
                    generator_minutes: float | None = None, evaluation: str = "val",
-                   sample_seed: int = 0) -> Comparison:
+                   sample_seed: int = 0, auditor: Auditor | None = None) -> Comparison:
     """Train ``pipeline`` with and without synthetic ``scarce`` images and compare them on the
     same held-out items (see the module description for the steps and files).
 
@@ -168,6 +169,8 @@ def run_experiment(pipeline: Pipeline, data: str | os.PathLike[str],
         generator: an already trained generator run folder (its training items must be the
             experiment's training side); default ``OUT/generator``, trained here.
         generator_classes: train the generator on these classes only (default: all).
+        auditor: where both classifier trainings are recorded (the augmented one with its
+            count of synthetic items).
 
     Raises:
         ConfigError: an unknown class or evaluation, a generator trained on other items, or a
@@ -236,9 +239,10 @@ def run_experiment(pipeline: Pipeline, data: str | os.PathLike[str],
                  for p in sorted((synthetic_dir / scarce).iterdir())
                  if p.name.endswith((".png", ".nii.gz"))]
 
-    minutes["baseline"] = _train_arm(pipeline, split, out / "baseline")
+    minutes["baseline"] = _train_arm(pipeline, split, out / "baseline", auditor)
     augmented_split = DataSplit(train=tuple(split.train) + tuple(synthetic), val=split.val)
-    minutes["augmented"] = _train_arm(pipeline, augmented_split, out / "augmented")
+    minutes["augmented"] = _train_arm(pipeline, augmented_split, out / "augmented",
+                                     auditor)
 
     labels = np.array([int(i["label"]) for i in evaluation_items])
     probs = {arm: _probabilities(pipeline, out / arm / "last.safetensors", evaluation_items)

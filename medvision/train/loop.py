@@ -31,6 +31,7 @@ from medvision.atomic import append_csv, write_text_atomic
 from medvision.audit.records import Auditor, items_digest, record_run
 from medvision.config import Pipeline, config_hash
 from medvision.errors import CheckpointError, ConfigError, DataError, MedvisionError
+from medvision.io.synthetic import count_synthetic
 from medvision.models import build_model, load_weights, save_weights, weights_sha256
 from medvision.models.calibration import fit_temperature, write_temperature
 from medvision.train.checkpoint_state import load_training_state, save_training_state
@@ -232,8 +233,13 @@ def train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str],
         AuditError: the record could not be written.
     """
     started = time.perf_counter()
-    inputs = {"train": items_digest(split.train), "val": items_digest(split.val),
-              "init_from": str(init_from) if init_from else None}
+    inputs: dict[str, Any] = {"train": items_digest(split.train),
+                              "val": items_digest(split.val),
+                              "init_from": str(init_from) if init_from else None}
+    synthetic = {side: count_synthetic(items) for side, items in
+                 (("train", split.train), ("val", split.val))}
+    if any(synthetic.values()):  # the record says when images were not patients
+        inputs["synthetic_items"] = synthetic
     try:
         result = _train(pipeline, split, run_dir, resume=resume, init_from=init_from,
                         freeze=freeze, progress=progress, rgb_to_grey=rgb_to_grey)
@@ -306,6 +312,7 @@ def _train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str]
         (run / "split.json").write_text(json.dumps(
             {"fold": split.fold, "folds": pipeline.training.folds if split.fold is not None
              else None,
+             "synthetic_train_items": count_synthetic(split.train),
              "train_groups": sorted({str(i["group"]) for i in split.train}),
              "val_groups": sorted({str(i["group"]) for i in split.val})}, indent=1))
 

@@ -104,7 +104,8 @@ def test_the_experiment_trains_both_arms_on_one_split_and_resumes(
     data = chest_subset(shared_data, tmp_path / "data", per_class=12)
     out = tmp_path / "experiment"
     command = ["synthesize", "experiment", str(folder), "--data", str(data), "--scarce",
-               "NORMAL", "--keep-fraction", "0.5", "-o", str(out)]
+               "NORMAL", "--keep-fraction", "0.5", "--audit-log", str(tmp_path / "audit.sqlite"),
+               "-o", str(out)]
     assert main(command) == 0
     comparison = json.loads((out / "comparison.json").read_text())
     counts = comparison["n_training"]
@@ -119,6 +120,14 @@ def test_the_experiment_trains_both_arms_on_one_split_and_resumes(
     assert len(generator_items) == sum(counts.values())
     synthetic = sorted((out / "synthetic" / "NORMAL").glob("*.png"))
     assert len(synthetic) == comparison["n_synthetic"]
+    for arm, count in (("baseline", 0), ("augmented", len(synthetic))):
+        split = json.loads((out / arm / "split.json").read_text())
+        assert split["synthetic_train_items"] == count
+    from medvision.audit.log import AuditLog
+
+    runs = [r for r in AuditLog(tmp_path / "audit.sqlite").records() if r["action"] == "train"]
+    assert [r["inputs"].get("synthetic_items") for r in runs] == [
+        None, {"train": len(synthetic), "val": 0}]
     assert "recall of NORMAL" in capsys.readouterr().out
     stamps = {p: p.stat().st_mtime_ns for p in (out / "baseline").iterdir()}
     assert main(command) == 0  # resumes: nothing is trained again
@@ -126,7 +135,7 @@ def test_the_experiment_trains_both_arms_on_one_split_and_resumes(
     assert json.loads((out / "comparison.json").read_text())["difference"] == \
         comparison["difference"]
     with pytest.raises(ConfigError, match="split.json differs"):
-        main(["--debug", *command[:-4], "--keep-fraction", "0.6", "-o", str(out)])
+        main(["--debug", *command[:7], "--keep-fraction", "0.6", "-o", str(out)])
 
 
 def test_a_3d_generator_samples_volumes_that_say_they_are_synthetic(
