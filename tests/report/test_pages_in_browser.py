@@ -1,5 +1,5 @@
 """Every page kind rendered in a real headless browser (Chromium): the study report, the batch
-summary, the evaluation page and the audit report. Each must load with every image it
+summary, the evaluation page, the audit report and the synthetic-image memorisation page. Each must load with every image it
 references decoded, and show its headline content.
 
 With ``MEDVISION_SCREENSHOTS=DIR`` the screenshots are kept in DIR (docs/screenshots holds
@@ -92,7 +92,25 @@ def pages(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict[s
     report = root / "audit.html"
     assert main(["audit", "report", "--audit-log", str(audit), "-o", str(report)]) == 0
     return {"study": next(out.glob("*/report.html")), "summary": out / "summary.html",
-            "evaluation": evaluation / "summary.html", "audit": report}
+            "evaluation": evaluation / "summary.html", "audit": report,
+            "memorisation": _memorisation_page(root, data)}
+
+
+def _memorisation_page(root: Path, data: Path) -> Path:
+    """The synthetic-image page, with "synthetic" images that are two training radiographs
+    (copies, flagged) and two radiographs the training side never had."""
+    from medvision.config import load_pipeline
+    from medvision.evaluate.synthetic import synthetic_quality, write_quality
+    from medvision.train import discover_items
+
+    pipeline = load_pipeline("chest-xray-pneumonia")
+    items = discover_items(pipeline, data)
+    training, unseen = items[:4] + items[6:10], items[4:6] + items[10:12]
+    synthetic = training[:2] + unseen[:2]
+    quality, arrays = synthetic_quality(pipeline, synthetic=synthetic, training=training,
+                                        reference=unseen)
+    write_quality(quality, arrays, root / "quality")
+    return root / "quality" / "memorisation.html"
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +126,8 @@ def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ("summary", 0, ["Batch analysis with chest-xray-pneumonia", "p_PNEUMONIA", "flagged"]),
     ("evaluation", 4, ["Evaluation of chest-xray-pneumonia", "accuracy", "wilson", "auc"]),
     ("audit", 1, ["Audit report", "Per-study traceability", "actor"]),
+    ("memorisation", 8, ["2 likely copies of training images", "Closest pairs",
+                         "Fréchet distance", "likely copy"]),
 ])
 def test_page_renders_with_every_image(pages: dict[str, Path], screenshots: Path, kind: str,
                                        images: int, text: list[str]) -> None:
