@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -15,12 +16,15 @@ import numpy as np
 from medvision.audit.records import Auditor, items_digest, record_run
 from medvision.errors import ConfigError, DataError
 from medvision.infer import Predictor
+from medvision.io.synthetic import count_synthetic
 from medvision.metrics import bootstrap_interval, classification_metrics, segmentation_metrics
 from medvision.report.figures import classification_plots, dice_boxplot, volume_agreement
 from medvision.report.html import render_evaluation
 from medvision.train.data import readable_items
 
 __all__ = ["evaluate"]
+
+log = logging.getLogger(__name__)
 
 
 def evaluate(predictor: Predictor, items: Sequence[dict[str, Any]],
@@ -60,6 +64,10 @@ def evaluate(predictor: Predictor, items: Sequence[dict[str, Any]],
                            "weights_sha256": predictor.weights_sha256,
                            "temperature": predictor.temperature}
     metrics["skipped_items"] = [{"path": p, "reason": r} for p, r in skipped]
+    synthetic = count_synthetic(items)
+    if synthetic:  # scores on images that are not patients say so
+        metrics["synthetic_items"] = synthetic
+        log.warning("%d of the %d evaluated items are synthetic images", synthetic, len(items))
     if explain_items is not None:
         from medvision.evaluate.localisation import localisation_scores
 
@@ -76,8 +84,10 @@ def evaluate(predictor: Predictor, items: Sequence[dict[str, Any]],
     if auditor is not None:
         headline: dict[str, Any] = {k: metrics[k]["value"] for k in ("accuracy", "auc", "dice",
                                                                       "map_50") if k in metrics}
-        record_run(auditor, action="evaluate", status="ok", pipeline=pipeline,
-                   inputs=audit_inputs or {"data": items_digest(items)},
+        inputs = audit_inputs or {"data": items_digest(items)}
+        if synthetic:
+            inputs = {**inputs, "synthetic_items": synthetic}
+        record_run(auditor, action="evaluate", status="ok", pipeline=pipeline, inputs=inputs,
                    outputs=[out / "metrics.json", out / "summary.html"], result=headline,
                    seconds=time.perf_counter() - started,
                    weights_sha256=predictor.weights_sha256)

@@ -132,6 +132,7 @@ def render_evaluation(metrics: Mapping[str, Any], images: Sequence[str]) -> str:
     return _render("evaluation.html", pipeline=metrics["pipeline"], n=metrics["n"],
                    split=metrics.get("split"), skipped=metrics.get("skipped_items") or [],
                    method=metrics.get("interval_note", ""), rows=metric_rows(metrics),
+                   synthetic=metrics.get("synthetic_items", 0),
                    images=list(images))
 
 

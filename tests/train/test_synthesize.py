@@ -66,6 +66,17 @@ def test_generator_trains_resumes_and_samples_labelled_synthetic_images(
                  "--per-class", "3", "--seed", "7", "--classes", "NORMAL"]) == 0
     first = sorted((out / "NORMAL").glob("*.png"))[0]
     assert (again / "NORMAL" / first.name).read_bytes() == first.read_bytes()
+    # scoring a model on them says they are synthetic, in metrics.json, page and audit record
+    log = tmp_path / "audit.sqlite"
+    assert main(["evaluate", "chest-xray-pneumonia", "--data", str(out), "-o",
+                 str(tmp_path / "ev"), "--audit-log", str(log)]) == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["synthetic_items"] == 6
+    assert "6 of the 6 cases are synthetic images" in (tmp_path / "ev" / "summary.html").read_text()
+    from medvision.audit.log import AuditLog
+
+    record = next(r for r in AuditLog(log).records() if r["action"] == "evaluate")
+    assert record["inputs"]["synthetic_items"] == 6
 
 
 def test_only_classification_pipelines_synthesize(shared_data: Path, tmp_path: Path) -> None:
