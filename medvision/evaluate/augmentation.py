@@ -113,17 +113,14 @@ def compare_predictions(baseline: np.ndarray, augmented: np.ndarray, labels: np.
 
 def _probabilities(pipeline: Pipeline, weights: Path, items: Sequence[Item]) -> np.ndarray:
     import torch
-    from monai import transforms as mt
 
     from medvision.models import build_model, load_weights
-    from medvision.transforms.chain import LoadVolumed, preprocess_transforms
+    from medvision.transforms import build_transforms
 
     model = build_model(pipeline)
     load_weights(model, weights)
     model.eval()
-    transform = mt.Compose([LoadVolumed(["image"], channels=[pipeline.in_channels]),
-                            *preprocess_transforms(pipeline, train=False, with_label=False),
-                            mt.EnsureTyped("image", track_meta=False)])
+    transform = build_transforms(pipeline, train=False)
     out = []
     with torch.no_grad():
         for start in range(0, len(items), 32):

@@ -93,16 +93,6 @@ def _pixel_transform(pipeline: Pipeline) -> Any:
     return generator_transform(pipeline)
 
 
-def _classifier_transform(pipeline: Pipeline) -> Any:
-    from monai import transforms as mt
-
-    from medvision.transforms.chain import LoadVolumed, preprocess_transforms
-
-    return mt.Compose([LoadVolumed(["image"], channels=[pipeline.in_channels]),
-                       *preprocess_transforms(pipeline, train=False, with_label=False),
-                       mt.EnsureTyped("image", track_meta=False)])
-
-
 def _features(model: Any, layer: str, arrays: np.ndarray, batch: int = 32) -> np.ndarray:
     import torch
 
@@ -261,7 +251,9 @@ def synthetic_quality(pipeline: Pipeline, *, synthetic: Sequence[Item],
     spaces["random"] = {name: _features(network, "layer4", array)
                         for name, array in pixels.items() if array is not None}
     if classifier is not None and classifier_pipeline is not None:
-        transform = _classifier_transform(classifier_pipeline)
+        from medvision.transforms import build_transforms
+
+        transform = build_transforms(classifier_pipeline, train=False)
         layer = classifier_pipeline.qc.feature_layer or "layer4"
         spaces["classifier"] = {
             name: _features(classifier, layer, _load(transform, items))
