@@ -364,6 +364,10 @@ class GenerativeConfig(_Strict):
                                                description="self-attention per level")
     num_res_blocks: int = Field(default=1, ge=1, description="residual blocks per level")
     timesteps: int = Field(default=1000, ge=10, description="training noise steps")
+    prediction: Literal["epsilon", "v_prediction"] = Field(
+        default="epsilon",
+        description="what the network predicts: the added noise, or the velocity (v, Salimans "
+                    "and Ho 2022; use it for images far from zero mean, such as binary masks)")
     sample_steps: int = Field(default=50, ge=2, description="DDIM steps when sampling")
     epochs: int = Field(default=30, ge=1, description="generator training epochs")
     batch_size: int = Field(default=16, ge=2, description="generator batch size")

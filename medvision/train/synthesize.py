@@ -3,8 +3,9 @@ pipeline's training images, then sample labelled synthetic images that never pas
 
 Training: the pipeline's deterministic preprocessing (same reader, same intensity scaling),
 resized to ``generative.size`` and mapped to [-1, 1]; MONAI's ``DiffusionModelUNet`` with one
-class embedding per class predicts the noise added by a DDPM schedule (MSE). Checkpoints every
-epoch; ``--resume`` continues; ``--max-minutes`` stops after the epoch that passes the limit.
+class embedding per class predicts the noise (or the velocity) of a DDPM schedule (MSE).
+Checkpoints every epoch; ``--resume`` continues; ``--max-minutes`` stops after the epoch that
+passes the limit.
 
 Sampling: DDIM with ``generative.sample_steps`` steps from seeded noise, N images per class into
 ``OUT/<class>/synthetic-<class>-<seed>-<n>.png`` (8-bit grey or RGB; ``.nii.gz`` volumes for a
@@ -181,7 +182,8 @@ def train_generator(pipeline: Pipeline, items: Sequence[dict[str, Any]],
     network = _network(pipeline)
     optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr)
     scheduler = DDPMScheduler(num_train_timesteps=cfg.timesteps, schedule="scaled_linear_beta",
-                              beta_start=0.0015, beta_end=0.0195)
+                              beta_start=0.0015, beta_end=0.0195,
+                              prediction_type=cfg.prediction)
     state: dict[str, Any] = {"epoch": 0, "step": 0, "seconds": 0.0, "loss": None}
     if resume and (run / "state.json").is_file():
         state = load_training_state(run, model=network, optimizer=optimizer, scheduler=None)
@@ -222,7 +224,9 @@ def train_generator(pipeline: Pipeline, items: Sequence[dict[str, Any]],
             noise = torch.randn_like(image)
             t = torch.randint(0, cfg.timesteps, (image.shape[0],))
             noisy = scheduler.add_noise(original_samples=image, noise=noise, timesteps=t)
-            loss = torch.nn.functional.mse_loss(network(noisy, t, class_labels=labels), noise)
+            target = noise if cfg.prediction == "epsilon" else scheduler.get_velocity(
+                image, noise, t)
+            loss = torch.nn.functional.mse_loss(network(noisy, t, class_labels=labels), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -309,7 +313,8 @@ def sample(pipeline: Pipeline, run_dir: str | os.PathLike[str], out_dir: str | o
     load_weights(network, weights)
     network.eval()
     scheduler = DDIMScheduler(num_train_timesteps=cfg.timesteps, schedule="scaled_linear_beta",
-                              beta_start=0.0015, beta_end=0.0195, clip_sample=True)
+                              beta_start=0.0015, beta_end=0.0195, clip_sample=True,
+                              prediction_type=cfg.prediction)
     scheduler.set_timesteps(cfg.sample_steps)
     digest = weights_sha256(weights)
     generator = torch.Generator().manual_seed(seed)
