@@ -13,8 +13,9 @@ Three spaces, each independent of the generator:
 Per class: the Fréchet distance (MONAI ``FIDMetric``) between synthetic images and held-out
 real images (the validation split, never seen by the generator), next to the same distance
 between the real training and held-out images (the floor a perfect generator would reach at
-these sample sizes), and precision/recall of the generated distribution (Kynkäänniemi et al.
-2019: k-nearest-neighbour balls, k = 3).
+these sample sizes), precision/recall of the generated distribution (Kynkäänniemi et al.
+2019: k-nearest-neighbour balls, k = 3), and with a classifier the share of synthetic images
+it gives their intended class, next to the same share for held-out real images.
 
 Memorisation: for every synthetic image the nearest training image (pixel and classifier or
 random feature space) and the ratio of that distance to the median training-to-training
@@ -94,12 +95,32 @@ def _pixel_transform(pipeline: Pipeline) -> Any:
 
 
 def _features(model: Any, layer: str, arrays: np.ndarray, batch: int = 32) -> np.ndarray:
+    return _features_and_classes(model, layer, arrays, batch)[0]
+
+
+def _features_and_classes(model: Any, layer: str, arrays: np.ndarray, batch: int = 32
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled ``layer`` features ``(N, F)`` and the network's class (argmax) of each image."""
     import torch
 
-    from medvision.models.ood import FeatureGuard
+    from medvision.models.ood import _pooled
 
-    batches = (torch.from_numpy(arrays[i:i + batch]) for i in range(0, len(arrays), batch))
-    return FeatureGuard.features(model, layer, batches)
+    modules = dict(model.named_modules())
+    if layer not in modules:
+        raise ConfigError(f"feature layer '{layer}' is not a module of the network")
+    captured: list[Any] = []
+    classes: list[Any] = []
+    handle = modules[layer].register_forward_hook(
+        lambda _m, _i, out: captured.append(_pooled(out).detach()))
+    try:
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, len(arrays), batch):
+                out = model(torch.from_numpy(arrays[start:start + batch]))
+                classes.append(out.argmax(dim=1) if out.dim() == 2 else out.flatten(1)[:, 0])
+    finally:
+        handle.remove()
+    return torch.cat(captured).double().numpy(), torch.cat(classes).numpy()
 
 
 def _random_network(pipeline: Pipeline) -> Any:
@@ -193,7 +214,9 @@ class SyntheticQuality:
     n_training: int
     distribution: dict[str, dict[str, dict[str, float]]]
     """Per class, per feature space: ``fd``, ``fd_real`` (train vs held-out real), ``precision``,
-    ``recall``."""
+    ``recall``; in the classifier space also ``agreement`` (the share of synthetic images the
+    classifier gives their intended class) and ``agreement_real`` (the same for held-out real
+    images of the class)."""
     memorisation: dict[str, dict[str, float]]
     """Per space: ``train_nn_median``, ``closer_than_typical`` (fraction), ``copies``."""
     copy_ratio: float
@@ -227,7 +250,8 @@ def synthetic_quality(pipeline: Pipeline, *, synthetic: Sequence[Item],
             the ``classifier`` feature space; without one that space is left out.
         copy_ratio: flag a synthetic image whose nearest-training distance is below this share
             of the typical training-to-training distance.
-        max_real: at most this many training and reference images (a seeded sample).
+        max_real: at most this many held-out reference images (a seeded sample); the
+            training images are all used.
 
     Returns:
         The measurements, and the pixel arrays (``synthetic``, ``training``) for the page.
@@ -239,8 +263,8 @@ def synthetic_quality(pipeline: Pipeline, *, synthetic: Sequence[Item],
         raise DataError("the quality check needs synthetic and training images")
     if not 0 < copy_ratio < 1:
         raise ConfigError(f"copy ratio {copy_ratio} is not in (0, 1)")
-    training = _sample(training, max_real, seed)
-    reference = _sample(reference, max_real, seed + 1)
+    training = list(training)  # every one: a copy of any training image must be found
+    reference = _sample(reference, max_real, seed)
     pixel_tf = _pixel_transform(pipeline)
     pixels: dict[str, Any] = {"synthetic": _load(pixel_tf, synthetic), "training": _load(pixel_tf, training),
               "reference": _load(pixel_tf, reference) if reference else None}
@@ -255,10 +279,12 @@ def synthetic_quality(pipeline: Pipeline, *, synthetic: Sequence[Item],
 
         transform = build_transforms(classifier_pipeline, train=False)
         layer = classifier_pipeline.qc.feature_layer or "layer4"
-        spaces["classifier"] = {
-            name: _features(classifier, layer, _load(transform, items))
-            for name, items in (("synthetic", synthetic), ("training", training),
-                                ("reference", reference)) if items}
+        spaces["classifier"], predicted = {}, {}
+        for name, items in (("synthetic", synthetic), ("training", training),
+                            ("reference", reference)):
+            if items:
+                spaces["classifier"][name], predicted[name] = _features_and_classes(
+                    classifier, layer, _load(transform, items))
     labels = {name: np.array([int(i["label"]) for i in items]) for name, items in
               (("synthetic", synthetic), ("training", training), ("reference", reference))}
     distribution: dict[str, dict[str, dict[str, float]]] = {}
@@ -274,6 +300,14 @@ def synthetic_quality(pipeline: Pipeline, *, synthetic: Sequence[Item],
             distribution[name][space] = {
                 "fd": frechet_distance(real, fake), "fd_real": frechet_distance(real, train),
                 "precision": precision, "recall": recall}
+        if classifier_pipeline is not None and name in classifier_pipeline.classes:
+            # the share the classifier gives the intended class, synthetic vs held-out real
+            own = classifier_pipeline.classes.index(name)
+            real_c = predicted.get("reference", np.zeros(0))[labels["reference"] == c]
+            distribution[name]["classifier"].update(
+                agreement=float(np.mean(predicted["synthetic"][labels["synthetic"] == c]
+                                        == own)),
+                agreement_real=float(np.mean(real_c == own)) if len(real_c) else float("nan"))
     memorisation: dict[str, dict[str, float]] = {}
     pairs: list[MemorisationPair] = []
     copies: set[str] = set()

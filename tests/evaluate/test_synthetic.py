@@ -85,6 +85,8 @@ def test_the_memorisation_check_flags_a_planted_copy_of_a_training_image(
     assert set(quality["distribution"]["NORMAL"]) == {"random", "classifier"}
     for m in quality["distribution"]["PNEUMONIA"].values():
         assert m["fd"] > 0 and 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1
+    agreement = quality["distribution"]["NORMAL"]["classifier"]
+    assert 0 <= agreement["agreement"] <= 1 and 0 <= agreement["agreement_real"] <= 1
     closest = [p for p in quality["pairs"] if p["space"] == "pixels"][0]
     assert closest["synthetic"] == str(planted) and closest["training"] == str(source)
     assert closest["distance"] == pytest.approx(0.0, abs=1e-6)
