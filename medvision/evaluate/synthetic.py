@@ -398,6 +398,12 @@ def _thumbnail(array: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def _short(path: str) -> str:
+    """``class/file`` of a path (the page stays readable; quality.json has full paths)."""
+    parts = Path(path).parts
+    return "/".join(parts[-2:])
+
+
 def write_quality(quality: SyntheticQuality, arrays: Mapping[str, Any],
                   out_dir: str | os.PathLike[str], *, shown: int = 24) -> tuple[Path, Path]:
     """``quality.json`` (everything, every pair), ``memorisation.html`` (the summary and the
@@ -420,9 +426,9 @@ def write_quality(quality: SyntheticQuality, arrays: Mapping[str, Any],
         seen.add((pair.synthetic, pair.space))
         syn = index["synthetic"].get(pair.synthetic)
         real = index["training"].get(pair.training)
-        rows.append({"synthetic": pair.synthetic, "training": pair.training,
+        rows.append({"synthetic": _short(pair.synthetic), "training": _short(pair.training),
                      "space": pair.space, "distance": f"{pair.distance:.4g}",
-                     "ratio": f"{pair.ratio:.3f}", "copy": pair.copy,
+                     "ratio": f"{pair.ratio:.3f}", "flagged": pair.copy,
                      "synthetic_png": _thumbnail(arrays["synthetic"][syn]),
                      "training_png": _thumbnail(arrays["training"][real])})
     sample_grid(arrays["labels"], arrays, arrays["classes"]).save(out / "samples.png")

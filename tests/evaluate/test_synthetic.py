@@ -92,6 +92,9 @@ def test_the_memorisation_check_flags_a_planted_copy_of_a_training_image(
     assert closest["distance"] == pytest.approx(0.0, abs=1e-6)
     page = (quality_dir / "memorisation.html").read_text()
     assert "1 likely copy of training images" in page and "planted.jpeg" in page
+    marked = [row for row in page.split("<tr")[1:] if row.startswith(' class="copy"')]
+    assert len(marked) == 2  # the planted image, in pixel and in classifier space, only
+    assert all("planted.jpeg" in row for row in marked)
     assert page.count("data:image/png;base64,") >= 2
     from PIL import Image
 
