@@ -252,10 +252,18 @@ def run_experiment(pipeline: Pipeline, data: str | os.PathLike[str],
         pipeline=pipeline.name, scarce=scarce, evaluation=evaluation,
         n_evaluation=_counts(pipeline, evaluation_items), n_training=counts,
         n_synthetic=len(synthetic), baseline=base, augmented=aug, difference=diff,
-        minutes={k: round(v, 2) for k, v in minutes.items()})
+        minutes=_minutes(out, minutes))
     write_text_atomic(out / "comparison.json", json.dumps(asdict(comparison), indent=1))
     write_text_atomic(out / "comparison.md", comparison_markdown(comparison))
     return comparison
+
+
+def _minutes(out: Path, now: dict[str, float]) -> dict[str, float]:
+    """Minutes per step: those that ran now, else what an earlier run of the folder spent."""
+    before: dict[str, float] = {}
+    if (out / "comparison.json").is_file():
+        before = json.loads((out / "comparison.json").read_text()).get("minutes", {})
+    return {**before, **{k: round(v, 2) for k, v in now.items() if v > 0}}
 
 
 def _cell(entry: dict[str, Any], signed: bool = False) -> str:
