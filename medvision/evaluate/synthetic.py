@@ -103,24 +103,11 @@ def _features_and_classes(model: Any, layer: str, arrays: np.ndarray, batch: int
     """Pooled ``layer`` features ``(N, F)`` and the network's class (argmax) of each image."""
     import torch
 
-    from medvision.models.ood import _pooled
+    from medvision.models.ood import pooled_features
 
-    modules = dict(model.named_modules())
-    if layer not in modules:
-        raise ConfigError(f"feature layer '{layer}' is not a module of the network")
-    captured: list[Any] = []
-    classes: list[Any] = []
-    handle = modules[layer].register_forward_hook(
-        lambda _m, _i, out: captured.append(_pooled(out).detach()))
-    try:
-        model.eval()
-        with torch.no_grad():
-            for start in range(0, len(arrays), batch):
-                out = model(torch.from_numpy(arrays[start:start + batch]))
-                classes.append(out.argmax(dim=1) if out.dim() == 2 else out.flatten(1)[:, 0])
-    finally:
-        handle.remove()
-    return torch.cat(captured).double().numpy(), torch.cat(classes).numpy()
+    batches = (torch.from_numpy(arrays[i:i + batch]) for i in range(0, len(arrays), batch))
+    features, outputs = pooled_features(model, layer, batches, keep_outputs=True)
+    return features, outputs.argmax(dim=1).numpy()
 
 
 def _random_network(pipeline: Pipeline) -> Any:

@@ -18,7 +18,7 @@ import numpy as np
 
 from medvision.errors import CheckpointError, ConfigError
 
-__all__ = ["OOD_FILE", "FeatureGuard"]
+__all__ = ["OOD_FILE", "FeatureGuard", "pooled_features"]
 
 OOD_FILE = "ood.safetensors"
 
@@ -27,6 +27,31 @@ def _pooled(output: Any) -> Any:
     if isinstance(output, tuple | list):
         output = output[0]
     return output.flatten(2).mean(dim=2) if output.dim() > 2 else output
+
+
+def pooled_features(model: Any, layer: str, images: Iterable[Any], *,
+                    keep_outputs: bool = False) -> tuple[np.ndarray, Any]:
+    """Pooled ``layer`` activations ``(N, F)`` for each batch of preprocessed images, and with
+    ``keep_outputs`` the network's outputs for them, concatenated (else ``None``)."""
+    import torch
+
+    modules = dict(model.named_modules())
+    if layer not in modules:
+        raise ConfigError(f"qc.feature_layer '{layer}' is not a module of the network")
+    captured: list[Any] = []
+    outputs: list[Any] = []
+    handle = modules[layer].register_forward_hook(
+        lambda _m, _i, out: captured.append(_pooled(out).detach()))
+    try:
+        model.eval()
+        with torch.no_grad():
+            for image in images:
+                out = model(image)
+                if keep_outputs:
+                    outputs.append(out)
+    finally:
+        handle.remove()
+    return torch.cat(captured).double().numpy(), torch.cat(outputs) if keep_outputs else None
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,22 +67,7 @@ class FeatureGuard:
     @staticmethod
     def features(model: Any, layer: str, images: Iterable[Any]) -> np.ndarray:
         """Pooled ``layer`` activations for each batch of preprocessed images, ``(N, F)``."""
-        import torch
-
-        modules = dict(model.named_modules())
-        if layer not in modules:
-            raise ConfigError(f"qc.feature_layer '{layer}' is not a module of the network")
-        captured: list[Any] = []
-        handle = modules[layer].register_forward_hook(
-            lambda _m, _i, out: captured.append(_pooled(out).detach()))
-        try:
-            model.eval()
-            with torch.no_grad():
-                for image in images:
-                    model(image)
-        finally:
-            handle.remove()
-        return torch.cat(captured).double().numpy()
+        return pooled_features(model, layer, images)[0]
 
     @classmethod
     def fit(cls, features: np.ndarray, *, layer: str, quantile: float) -> FeatureGuard:
