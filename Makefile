@@ -37,15 +37,13 @@ test-all: setup
 bench: setup
 	$(BIN)/python bench/bench_io.py
 
-# Reproduce a shipped model from its pipeline file: train (resuming an interrupted run in
-# $(RUNS)/<name>), publish into pipelines/<name>/, evaluate on the validation split.
+# Reproduce a shipped model from its pipeline file (tools/reproduce.sh): train, resuming an
+# interrupted run in $(RUNS)/<name> (the fold runs of a cross-validation pipeline, then the
+# ensemble), publish into pipelines/<name>/, evaluate on the validation split.
 DATA ?= ../shared/data
 RUNS ?= runs
 define reproduce
-	$(BIN)/medvision train --pipeline $(1) --data $(2) -o $(RUNS)/$(1) \
-		$$(test -f $(RUNS)/$(1)/state.json && echo --resume)
-	$(BIN)/medvision publish $(RUNS)/$(1) --pipeline $(1) --data $(2)
-	$(BIN)/medvision evaluate --pipeline $(1) --data $(2) --split val -o $(RUNS)/$(1)-eval-val --force
+	BIN=$(BIN) bash tools/reproduce.sh $(1) $(2) $(RUNS)
 endef
 
 model-chest: setup

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Reproduce a shipped model from its pipeline file: train (resuming an interrupted run),
+# publish into the pipeline folder, evaluate on the validation split.
+# A pipeline with `training.folds: k` trains RUNS/NAME/fold0 .. fold<k-1> (each resumable;
+# finished folds are kept) and ships them as one ensemble.
+#   usage: tools/reproduce.sh PIPELINE DATA [RUNS]      (BIN: the venv's bin, default .venv/bin)
+set -euo pipefail
+bin=${BIN:-.venv/bin}
+pipeline=$1
+data=$2
+runs=${3:-runs}
+name=$(basename "$pipeline")
+folds=$("$bin/python" -c 'import sys
+from medvision.config import load_pipeline
+print(load_pipeline(sys.argv[1]).training.folds or 0)' "$pipeline")
+
+train() {  # RUN [--fold I]
+  local run=$1
+  shift
+  if [ -f "$run/calibration.json" ]; then
+    echo "$run: trained already"
+    return
+  fi
+  local resume=()
+  [ -f "$run/state.json" ] && resume=(--resume)
+  "$bin/medvision" train --pipeline "$pipeline" --data "$data" -o "$run" "$@" "${resume[@]}"
+}
+
+if [ "$folds" -eq 0 ]; then
+  train "$runs/$name"
+  "$bin/medvision" publish "$runs/$name" --pipeline "$pipeline" --data "$data"
+  "$bin/medvision" evaluate --pipeline "$pipeline" --data "$data" --split val \
+    -o "$runs/$name-eval-val" --force
+else
+  members=()
+  for ((i = 0; i < folds; i++)); do
+    train "$runs/$name/fold$i" --fold "$i"
+    members+=("$runs/$name/fold$i")
+  done
+  # publish prints every fold's validation metric, their mean and SD
+  "$bin/medvision" publish "${members[@]}" --pipeline "$pipeline" --data "$data"
+fi
