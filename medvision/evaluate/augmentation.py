@@ -173,9 +173,11 @@ def run_experiment(pipeline: Pipeline, data: str | os.PathLike[str],
         ConfigError: an unknown class or evaluation, a generator trained on other items, or a
             folder holding another experiment.
     """
+    from medvision.models import weights_sha256
     from medvision.train import pipeline_split
     from medvision.train.data import DataSplit, discover_items
     from medvision.train.synthesize import (
+        GENERATOR_FILE,
         generator_training_items,
         sample,
         scarce_split,
@@ -208,6 +210,10 @@ def run_experiment(pipeline: Pipeline, data: str | os.PathLike[str],
     else:
         write_text_atomic(out / "split.json", json.dumps(record, indent=1))
 
+    unknown = set(generator_classes or ()) - set(pipeline.classes)
+    if unknown:
+        raise ConfigError(f"generator classes {sorted(unknown)} are not classes of "
+                          f"{pipeline.name}")
     wanted = {pipeline.classes.index(c) for c in generator_classes or pipeline.classes}
     generator_items = [i for i in split.train if int(i["label"]) in wanted]
     run = Path(generator) if generator is not None else out / "generator"
@@ -226,7 +232,9 @@ def run_experiment(pipeline: Pipeline, data: str | os.PathLike[str],
         0, max(counts.values()) - counts[scarce])
     synthetic_dir = out / "synthetic"
     done = synthetic_dir / "provenance.json"
-    if not done.is_file() or json.loads(done.read_text()).get("per_class") != count:
+    made = json.loads(done.read_text()) if done.is_file() else {}
+    if (made.get("per_class") != count
+            or made.get("generator_sha256") != weights_sha256(run / GENERATOR_FILE)):
         started = time.perf_counter()
         sample(pipeline, run, synthetic_dir, per_class=count, seed=sample_seed,
                classes=[scarce])
