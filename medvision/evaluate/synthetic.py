@@ -88,14 +88,13 @@ def _load(transform: Any, items: Sequence[Item]) -> np.ndarray:
     return np.stack(out) if out else np.zeros((0,), np.float32)
 
 
-def _pixel_transform(pipeline: Pipeline) -> Any:
-    from medvision.train.synthesize import generator_transform
-
-    return generator_transform(pipeline)
-
-
 def _features(model: Any, layer: str, arrays: np.ndarray, batch: int = 32) -> np.ndarray:
-    return _features_and_classes(model, layer, arrays, batch)[0]
+    import torch
+
+    from medvision.models.ood import pooled_features
+
+    batches = (torch.from_numpy(arrays[i:i + batch]) for i in range(0, len(arrays), batch))
+    return pooled_features(model, layer, batches)[0]
 
 
 def _features_and_classes(model: Any, layer: str, arrays: np.ndarray, batch: int = 32
@@ -211,6 +210,8 @@ class SyntheticQuality:
     """Synthetic images flagged as likely copies of a training image (in any space)."""
     pairs: tuple[MemorisationPair, ...] = field(repr=False)
     """Every synthetic image's nearest training image, per space, closest first."""
+    skipped: tuple[str, ...] = ()
+    """Synthetic files that could not be read (each logged with its reason)."""
 
 
 def _sample(items: Sequence[Item], limit: int | None, seed: int) -> list[Item]:
@@ -246,13 +247,18 @@ def synthetic_quality(pipeline: Pipeline, *, synthetic: Sequence[Item],
     Raises:
         DataError: no synthetic or no training images.
     """
+    from medvision.train.data import readable_items
+
+    synthetic, unreadable = readable_items(synthetic)  # each skipped one is logged
     if not synthetic or not training:
         raise DataError("the quality check needs synthetic and training images")
     if not 0 < copy_ratio < 1:
         raise ConfigError(f"copy ratio {copy_ratio} is not in (0, 1)")
     training = list(training)  # every one: a copy of any training image must be found
     reference = _sample(reference, max_real, seed)
-    pixel_tf = _pixel_transform(pipeline)
+    from medvision.train.synthesize import generator_transform
+
+    pixel_tf = generator_transform(pipeline)
     pixels: dict[str, Any] = {"synthetic": _load(pixel_tf, synthetic), "training": _load(pixel_tf, training),
               "reference": _load(pixel_tf, reference) if reference else None}
     log.info("quality: %d synthetic, %d training, %d held-out images", len(synthetic),
@@ -327,7 +333,8 @@ def synthetic_quality(pipeline: Pipeline, *, synthetic: Sequence[Item],
         n_synthetic=_counts(pipeline, labels["synthetic"]),
         n_reference=_counts(pipeline, labels["reference"]), n_training=len(training),
         distribution=distribution, memorisation=memorisation, copy_ratio=copy_ratio,
-        copies=tuple(sorted(copies)), pairs=tuple(pairs))
+        copies=tuple(sorted(copies)), pairs=tuple(pairs),
+        skipped=tuple(path for path, _ in unreadable))
     pixel_index = {"synthetic": {str(i["image"]): n for n, i in enumerate(synthetic)},
                    "training": {_name(i): n for n, i in enumerate(training)}}
     return quality, {"synthetic": pixels["synthetic"], "training": pixels["training"],

@@ -72,6 +72,8 @@ def test_the_memorisation_check_flags_a_planted_copy_of_a_training_image(
     source = Path(next(i["image"] for i in trained if i["label"] == 0))
     planted = out / "NORMAL" / "planted.jpeg"
     shutil.copyfile(source, planted)
+    broken = out / "NORMAL" / "truncated.png"  # an unreadable sample is skipped, not fatal
+    broken.write_bytes(next((out / "NORMAL").glob("synthetic-*.png")).read_bytes()[:60])
     quality_dir = tmp_path / "quality"
     assert main(["synthesize", "metrics", str(folder), "--generator", str(run), "--synthetic",
                  str(out), "--data", str(data), "--features", "chest-xray-pneumonia",
@@ -79,6 +81,7 @@ def test_the_memorisation_check_flags_a_planted_copy_of_a_training_image(
     printed = capsys.readouterr().out
     quality = json.loads((quality_dir / "quality.json").read_text())
     assert quality["copies"] == [str(planted)]  # the copy, and no noise sample
+    assert quality["skipped"] == [str(broken)]
     assert quality["n_synthetic"] == {"NORMAL": 5, "PNEUMONIA": 4}
     assert set(quality["memorisation"]) == {"pixels", "classifier"}
     assert quality["memorisation"]["pixels"]["copies"] == 1
