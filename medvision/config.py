@@ -28,6 +28,7 @@ __all__ = [
     "GenerativeConfig",
     "InferenceConfig",
     "InputRules",
+    "read_yaml",
     "ModelConfig",
     "OptimizerConfig",
     "Pipeline",
@@ -534,6 +535,35 @@ def pipeline_dir(name_or_path: str | os.PathLike[str], *,
                       "'medvision pipelines list'")
 
 
+def read_yaml(file: Path) -> Any:
+    """Parse a YAML settings file; a key given twice in one mapping is an error (plain YAML
+    keeps the last one silently, so half of a section would vanish).
+
+    Raises:
+        ConfigError: unreadable file, bad YAML or a duplicate key, naming the file and line.
+    """
+    import yaml
+
+    class _Strict(yaml.SafeLoader):
+        pass
+
+    def _mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node)
+            if key in seen:
+                raise ConfigError(f"{file}: line {key_node.start_mark.line + 1}: key "
+                                  f"'{key}' given twice")
+            seen.add(key)
+        return loader.construct_mapping(node)
+
+    _Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+    try:
+        return yaml.load(file.read_text(), Loader=_Strict)  # noqa: S506 - a SafeLoader
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{file}: cannot read YAML ({e})") from e
+
+
 def load_pipeline(name_or_path: str | os.PathLike[str], *,
                   search: Sequence[str | os.PathLike[str]] = ()) -> Pipeline:
     """Load and validate a pipeline by name or path (``search``: extra pipeline folders).
@@ -542,16 +572,11 @@ def load_pipeline(name_or_path: str | os.PathLike[str], *,
         ConfigError: missing file, bad YAML, or invalid content (the message names the file
             and, for an unknown key, the closest valid one).
     """
-    import yaml
-
     path = Path(name_or_path)
     file = path if path.is_file() else pipeline_dir(name_or_path, search=search) / "pipeline.yaml"
     if not file.is_file():
         raise ConfigError(f"{file}: pipeline file not found")
-    try:
-        raw = yaml.safe_load(file.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{file}: cannot read YAML ({e})") from e
+    raw = read_yaml(file)
     if not isinstance(raw, dict):
         raise ConfigError(f"{file}: expected a mapping at the top level")
     try:

@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from medvision.config import read_yaml
 from medvision.errors import ConfigError
 
 __all__ = ["BridgeConfig", "DicomWebEndpoint", "FhirServer", "Peer", "Route", "StowListener",
@@ -251,13 +252,8 @@ def load_bridge_config(path: str | os.PathLike[str]) -> BridgeConfig:
     Raises:
         ConfigError: missing, unreadable or invalid; the message names the file.
     """
-    import yaml
-
     file = Path(path)
-    try:
-        raw = yaml.safe_load(file.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{file}: cannot read bridge settings ({e})") from e
+    raw = read_yaml(file)
     try:
         return BridgeConfig.model_validate(raw)
     except ValidationError as e:

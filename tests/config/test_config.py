@@ -10,6 +10,7 @@ import yaml
 
 from medvision.config import config_hash, load_pipeline
 from medvision.errors import ConfigError
+from medvision.pacs.config import load_bridge_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,6 +39,27 @@ def test_unknown_key_names_the_closest_valid_one(tmp_path: Path) -> None:
     nested = {**MINIMAL, "training": {"epoch": 3}}
     with pytest.raises(ConfigError, match=r"'training.epoch'; did you mean 'epochs'"):
         load_pipeline(_write(tmp_path, nested))
+
+
+def test_a_key_given_twice_is_an_error_not_a_silent_overwrite(tmp_path: Path) -> None:
+    text = yaml.safe_dump(MINIMAL) + "training: {epochs: 3}\ntraining: {batch_size: 2}\n"
+    (tmp_path / "pipeline.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"line \d+: key 'training' given twice"):
+        load_pipeline(tmp_path / "pipeline.yaml")
+    nested = yaml.safe_dump(MINIMAL) + "training:\n  epochs: 3\n  epochs: 4\n"
+    (tmp_path / "pipeline.yaml").write_text(nested)
+    with pytest.raises(ConfigError, match="key 'epochs' given twice"):
+        load_pipeline(tmp_path / "pipeline.yaml")
+    bridge = tmp_path / "bridge.yaml"
+    bridge.write_text("ae_title: A\nae_title: B\n")
+    with pytest.raises(ConfigError, match="key 'ae_title' given twice"):
+        load_bridge_config(bridge)
+
+
+@pytest.mark.parametrize("folder", sorted(p.parent.name for p in (ROOT / "pipelines").glob(
+    "*/pipeline.yaml")))
+def test_every_shipped_pipeline_loads(folder: str) -> None:
+    assert load_pipeline(ROOT / "pipelines" / folder).name == folder
 
 
 def test_inconsistent_values_are_errors(tmp_path: Path) -> None:
