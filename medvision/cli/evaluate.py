@@ -41,6 +41,10 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--fold", type=int, metavar="I",
                         help="with --split train/val: that side of cross-validation fold I "
                              "(the fold a 'train --fold I' run validated on)")
+    parser.add_argument("--out-of-fold", action="store_true",
+                        help="a cross-validation ensemble: each member alone on the "
+                             "validation side of its own fold, pooled (every case once), with "
+                             "per-fold metrics and their spread")
     parser.add_argument("--force", action="store_true", help="overwrite an evaluation")
     parser.add_argument("--json", action="store_true", help="the metrics as JSON on stdout")
     add_audit_arguments(parser)
@@ -50,13 +54,22 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the headline metrics."""
-    from medvision.evaluate.run import evaluate
+    from medvision.evaluate.run import evaluate, evaluate_out_of_fold
     from medvision.infer import Predictor
     from medvision.train import discover_items, pipeline_split
 
     predictor = Predictor.from_pipeline(pipeline_of(args), weights=args.weights,
                                         search=args.pipelines_dir)
     pipeline = predictor.pipeline
+    if args.out_of_fold:
+        from medvision.errors import ConfigError
+
+        if args.split or args.fold is not None or args.explain is not None:
+            raise ConfigError("--out-of-fold chooses the items itself: no --split, --fold or "
+                              "--explain")
+        metrics = evaluate_out_of_fold(predictor, args.data, args.output, force=args.force,
+                                       auditor=auditor_from_args(args))
+        return _print(args, metrics, str(pipeline.task))
     if pipeline.task == "detection":
         from medvision.train.boxes import detection_items
 
@@ -81,13 +94,26 @@ def run(args: argparse.Namespace) -> int:
                        auditor=auditor_from_args(args),
                        audit_inputs={"data": items_digest(items), "split": args.split,
                                      "weights_sha256": predictor.weights_sha256})
+    return _print(args, metrics, str(pipeline.task))
+
+
+def _print(args: argparse.Namespace, metrics: dict[str, Any], task: str) -> int:
+    """The headline metrics with their CIs (or all metrics as JSON)."""
     keys = {"classification": ("accuracy", "auc", "f1", "ece"),
-            "detection": ("map_50", "map_50_95", "count_mae")}.get(str(pipeline.task),
-                                                                  ("dice",))
+            "detection": ("map_50", "map_50_95", "count_mae")}.get(task, ("dice",))
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0
     parts = [f"{k} {metrics[k]['value']:.4f} [{metrics[k]['ci95'][0]:.4f}, "
              f"{metrics[k]['ci95'][1]:.4f}]" for k in keys]
     print(f"{metrics['n']} cases: " + "; ".join(parts) + f"; see {args.output}/summary.html")
+    per_fold = metrics.get("per_fold", {})
+    for fold, entry in per_fold.items():
+        if isinstance(entry, dict):
+            print(f"  {fold} ({entry['n']} cases): " + "; ".join(
+                f"{k} {v['value']:.4f} [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}]"
+                for k, v in entry.items() if isinstance(v, dict)))
+    for k in ("accuracy", "auc", "dice"):
+        if f"{k}_mean" in per_fold:
+            print(f"  fold spread: {k} {per_fold[f'{k}_mean']:.4f} ± {per_fold[f'{k}_sd']:.4f} (SD)")
     return 0

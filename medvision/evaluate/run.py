@@ -22,9 +22,14 @@ from medvision.report.figures import classification_plots, dice_boxplot, volume_
 from medvision.report.html import render_evaluation
 from medvision.train.data import readable_items
 
-__all__ = ["evaluate"]
+__all__ = ["Part", "evaluate", "evaluate_out_of_fold"]
 
 log = logging.getLogger(__name__)
+
+
+#: What one scoring pass predicts: a predictor and the items it scores. Several parts are
+#: pooled into one set of metrics (out-of-fold: each fold's member on its own fold).
+Part = tuple[Predictor, Sequence[dict[str, Any]]]
 
 
 def evaluate(predictor: Predictor, items: Sequence[dict[str, Any]],
@@ -44,21 +49,80 @@ def evaluate(predictor: Predictor, items: Sequence[dict[str, Any]],
         ConfigError: ``out_dir`` already holds an evaluation and ``force`` is false.
         DataError: no item is readable.
     """
+    return _evaluate([(predictor, items)], out_dir, force=force, auditor=auditor,
+                     audit_inputs=audit_inputs, explain_items=explain_items,
+                     explain_method=explain_method, explain_layer=explain_layer)
+
+
+def evaluate_out_of_fold(predictor: Predictor, data: str | os.PathLike[str],
+                         out_dir: str | os.PathLike[str], *, force: bool = False,
+                         auditor: Auditor | None = None) -> dict[str, Any]:
+    """Score a cross-validation ensemble without letting any member see its own training
+    data: each member alone (with its own calibration temperature) predicts the validation
+    side of the fold it was trained for, and the predictions of all folds are pooled into one
+    set of metrics with CIs (every case once). ``metrics["per_fold"]`` has each fold's
+    headline metrics and their mean and standard deviation (the fold spread).
+
+    This is the cross-validation estimate of one member; the averaged ensemble has no
+    held-out data in ``data`` and is usually at least as good.
+
+    Raises:
+        ConfigError: the pipeline is not a cross-validation ensemble, or a fold is missing.
+        DataError: no readable item.
+    """
+    from dataclasses import replace
+
+    from medvision.train import pipeline_split
+
+    bundle = predictor.bundle
+    if not bundle.members or any(m.fold is None for m in bundle.members):
+        raise ConfigError(f"{bundle.pipeline.name}: not a cross-validation ensemble (publish "
+                          "the 'train --fold I' runs together); out-of-fold needs one")
+    parts: list[Part] = []
+    for member in bundle.members:
+        single = replace(bundle, weights=member.weights, weights_sha256=member.weights_sha256,
+                         temperature=member.temperature, members=())
+        split = pipeline_split(bundle.pipeline, data, fold=member.fold)
+        parts.append((Predictor.from_bundle(single, backend=predictor.kind), split.val))
+    return _evaluate(parts, out_dir, force=force, auditor=auditor,
+                     audit_inputs={"data": items_digest([i for _, p in parts for i in p]),
+                                   "split": "out-of-fold",
+                                   "weights_sha256": predictor.weights_sha256},
+                     folds=[m.fold for m in bundle.members], reported=predictor)
+
+
+def _evaluate(parts: Sequence[Part], out_dir: str | os.PathLike[str], *, force: bool,
+              auditor: Auditor | None, audit_inputs: dict[str, Any] | None,
+              explain_items: int | None = None, explain_method: str | None = None,
+              explain_layer: str | None = None, folds: Sequence[int | None] | None = None,
+              reported: Predictor | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     out = Path(out_dir)
     if (out / "metrics.json").exists() and not force:
         raise ConfigError(f"{out}: holds an evaluation already; pass --force to overwrite")
     out.mkdir(parents=True, exist_ok=True)
+    predictor = reported or parts[0][0]
     pipeline = predictor.pipeline
-    items, skipped = readable_items(items)
+    readable: list[Part] = []
+    skipped: list[tuple[str, str]] = []
+    for part_predictor, part_items in parts:
+        good, bad = readable_items(part_items)
+        readable.append((part_predictor, good))
+        skipped += bad
+    items = [item for _, part_items in readable for item in part_items]
     if not items:
         raise DataError(f"no readable item to evaluate ({len(skipped)} unreadable)")
     if pipeline.task == "classification":
-        metrics, images = _classification(predictor, items, out)
+        metrics, images = _classification(readable, out)
     elif pipeline.task == "detection":
-        metrics, images = _detection(predictor, items, out)
+        if len(readable) > 1:
+            raise ConfigError("detection ensembles are not supported")
+        metrics, images = _detection(*readable[0], out)
     else:
-        metrics, images = _segmentation(predictor, items, out)
+        metrics, images = _segmentation(readable, out)
+    if folds is not None:
+        metrics["per_fold"] = _per_fold(metrics.pop("_per_case"), readable, folds, pipeline)
+    metrics.pop("_per_case", None)
     metrics["pipeline"] = {"name": pipeline.name, "version": pipeline.version,
                            "weights": str(predictor.weights),
                            "weights_sha256": predictor.weights_sha256,
@@ -74,6 +138,8 @@ def evaluate(predictor: Predictor, items: Sequence[dict[str, Any]],
         metrics["explanation"] = localisation_scores(predictor, items, method=explain_method,
                                                      layer=explain_layer,
                                                      limit=explain_items or None)
+    if folds is not None:
+        metrics["split"] = "out-of-fold: each fold's member on its own validation side"
     metrics["interval_note"] = (
         "Detection metrics have percentile bootstrap intervals over images."
         if pipeline.task == "detection" else
@@ -94,20 +160,24 @@ def evaluate(predictor: Predictor, items: Sequence[dict[str, Any]],
     return metrics
 
 
-def _classification(predictor: Predictor, items: Sequence[dict[str, Any]],
-                    out: Path) -> tuple[dict[str, Any], list[Path]]:
+def _classification(parts: Sequence[Part], out: Path) -> tuple[dict[str, Any], list[Path]]:
     import torch
 
-    pipeline = predictor.pipeline
-    logits, labels = [], []
-    for _, batch_logits, batch_labels in predictor.run_items(items):
-        logits.append(batch_logits.as_tensor() if hasattr(batch_logits, "as_tensor")
-                      else batch_logits)
-        labels.append(torch.as_tensor(batch_labels).view(-1))
-    probs = torch.softmax(torch.cat(logits) / predictor.temperature, dim=1).numpy()
+    pipeline = parts[0][0].pipeline
+    probs_parts, labels = [], []
+    for predictor, part_items in parts:
+        logits = []
+        for _, batch_logits, batch_labels in predictor.run_items(part_items):
+            logits.append(batch_logits.as_tensor() if hasattr(batch_logits, "as_tensor")
+                          else batch_logits)
+            labels.append(torch.as_tensor(batch_labels).view(-1))
+        probs_parts.append(torch.softmax(torch.cat(logits) / predictor.temperature, dim=1))
+    probs = torch.cat(probs_parts).numpy()
     truth = torch.cat(labels).numpy().astype(int)
+    items = [item for _, part_items in parts for item in part_items]
     metrics = classification_metrics(probs, truth, pipeline.classes,
                                      threshold=pipeline.inference.threshold)
+    metrics["_per_case"] = (probs, truth)
     with (out / "predictions.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["item", "label", *[f"p_{c}" for c in pipeline.classes]])
@@ -121,27 +191,29 @@ def _classification(predictor: Predictor, items: Sequence[dict[str, Any]],
     return metrics, images
 
 
-def _segmentation(predictor: Predictor, items: Sequence[dict[str, Any]],
-                  out: Path) -> tuple[dict[str, Any], list[Path]]:
+def _segmentation(parts: Sequence[Part], out: Path) -> tuple[dict[str, Any], list[Path]]:
     from monai.metrics import compute_dice, compute_hausdorff_distance
     from monai.networks.utils import one_hot
 
-    classes = predictor.pipeline.classes
+    classes = parts[0][0].pipeline.classes
+    items = [item for _, part_items in parts for item in part_items]
     dice_rows, hd_rows, volume_rows, reference_rows = [], [], [], []
-    for batch, logits, label in predictor.run_items(items, batch_size=1):
-        spacing = np.linalg.norm(np.asarray(batch["image"].affine[0])[:3, :3], axis=0)
-        pred = one_hot(logits.argmax(dim=1, keepdim=True), len(classes))
-        truth = one_hot(label.long(), len(classes))
-        voxel_ml = float(np.prod(spacing)) / 1000.0
-        volume_rows.append(pred[0, 1:].flatten(1).sum(dim=1).numpy() * voxel_ml)
-        reference_rows.append(truth[0, 1:].flatten(1).sum(dim=1).numpy() * voxel_ml)
-        dice_rows.append(compute_dice(pred, truth, include_background=False).numpy()[0])
-        hd_rows.append(compute_hausdorff_distance(pred, truth, include_background=False,
-                                                  percentile=95, spacing=spacing.tolist())
-                       .numpy()[0])
+    for predictor, part_items in parts:
+        for batch, logits, label in predictor.run_items(part_items, batch_size=1):
+            spacing = np.linalg.norm(np.asarray(batch["image"].affine[0])[:3, :3], axis=0)
+            pred = one_hot(logits.argmax(dim=1, keepdim=True), len(classes))
+            truth = one_hot(label.long(), len(classes))
+            voxel_ml = float(np.prod(spacing)) / 1000.0
+            volume_rows.append(pred[0, 1:].flatten(1).sum(dim=1).numpy() * voxel_ml)
+            reference_rows.append(truth[0, 1:].flatten(1).sum(dim=1).numpy() * voxel_ml)
+            dice_rows.append(compute_dice(pred, truth, include_background=False).numpy()[0])
+            hd_rows.append(compute_hausdorff_distance(pred, truth, include_background=False,
+                                                      percentile=95, spacing=spacing.tolist())
+                           .numpy()[0])
     dice, hd95 = np.array(dice_rows, dtype=float), np.array(hd_rows, dtype=float)
     volumes, references = np.array(volume_rows), np.array(reference_rows)
     metrics = segmentation_metrics(dice, hd95, classes[1:])
+    metrics["_per_case"] = (dice, hd95)
     metrics["volume_error_ml_per_class"] = {
         name: {**bootstrap_interval(_volume_error(volumes, references, c),
                                     [np.arange(len(volumes))]), "unit": "mL"}
@@ -157,6 +229,31 @@ def _segmentation(predictor: Predictor, items: Sequence[dict[str, Any]],
                              *[f"{x:.4f}" for x in v], *[f"{x:.4f}" for x in r]])
     return metrics, [dice_boxplot(dice, classes[1:], out),
                      volume_agreement(volumes, references, classes[1:], out)]
+
+
+def _per_fold(per_case: tuple[np.ndarray, np.ndarray], parts: Sequence[Part],
+              folds: Sequence[int | None], pipeline: Any) -> dict[str, Any]:
+    """Each part's headline metrics (value and CI) and their mean and standard deviation."""
+    first, second = per_case
+    keys = ("accuracy", "auc") if pipeline.task == "classification" else ("dice",)
+    result: dict[str, Any] = {}
+    start = 0
+    for (_, part_items), fold in zip(parts, folds, strict=True):
+        rows = slice(start, start + len(part_items))
+        start += len(part_items)
+        scored = (classification_metrics(first[rows], second[rows], pipeline.classes,
+                                          threshold=pipeline.inference.threshold)
+                  if pipeline.task == "classification" else
+                  segmentation_metrics(first[rows], second[rows], pipeline.classes[1:]))
+        result[f"fold {fold}"] = {"n": len(part_items),
+                                  **{k: {"value": scored[k]["value"], "ci95": scored[k]["ci95"]}
+                                     for k in keys}}
+    folds_only = list(result.values())
+    for k in keys:
+        values = [entry[k]["value"] for entry in folds_only]
+        result[f"{k}_mean"] = float(np.mean(values))
+        result[f"{k}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return result
 
 
 def _volume_error(volumes: np.ndarray, references: np.ndarray,

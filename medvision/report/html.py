@@ -116,6 +116,12 @@ def metric_rows(metrics: Mapping[str, Any]) -> list[dict[str, str]]:
                 if isinstance(item, Mapping) and "value" in item:
                     add(f"explanation ({value.get('method', '')}): {sub.replace('_', ' ')}",
                         item)
+        elif key == "per_fold" and isinstance(value, Mapping):
+            for fold, entry in value.items():
+                if isinstance(entry, Mapping):
+                    for metric, item in entry.items():
+                        if isinstance(item, Mapping) and "value" in item:
+                            add(f"{fold} ({entry['n']} cases): {metric}", item)
         elif (key.endswith("_per_class") or key == "per_class") and isinstance(value, Mapping):
             for name, item in value.items():
                 if isinstance(item, Mapping) and "value" in item:

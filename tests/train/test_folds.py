@@ -60,6 +60,14 @@ def test_folds_validate_every_patient_exactly_once(shared_data: Path, tmp_path: 
         split_items(load_pipeline(_pipeline(tmp_path / "x", folds=None)), items, fold=0)
 
 
+def _probabilities(evaluation: Path) -> dict[str, list[float]]:
+    import csv
+
+    with (evaluation / "predictions.csv").open() as handle:
+        return {row["item"]: [float(row["p_NORMAL"]), float(row["p_PNEUMONIA"])]
+                for row in csv.DictReader(handle)}
+
+
 def test_fold_runs_become_an_ensemble(shared_data: Path, tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     from medvision.infer import Predictor
@@ -121,6 +129,32 @@ def test_fold_runs_become_an_ensemble(shared_data: Path, tmp_path: Path,
     expected_val = split_items(load_pipeline(folder), discover_items(load_pipeline(folder), data),
                                fold=1).val
     assert json.loads((out / "metrics.json").read_text())["n"] == len(expected_val)
+    fold1 = _probabilities(out)
+    # out-of-fold: every case once, scored by the member that never trained on it
+    oof = tmp_path / "eval-oof"
+    with pytest.raises(ConfigError, match="no --split"):
+        main(["--debug", "evaluate", str(folder), "--data", str(data), "-o", str(oof),
+              "--out-of-fold", "--split", "val"])
+    assert main(["evaluate", str(folder), "--data", str(data), "-o", str(oof),
+                 "--out-of-fold"]) == 0
+    assert "fold spread: auc" in capsys.readouterr().out
+    metrics = json.loads((oof / "metrics.json").read_text())
+    assert metrics["n"] == 18
+    assert metrics["pipeline"]["weights_sha256"] == bundle.weights_sha256
+    assert [metrics["per_fold"][f"fold {i}"]["n"] for i in range(3)] == [
+        len(split_items(load_pipeline(folder), discover_items(load_pipeline(folder), data),
+                        fold=i).val) for i in range(3)]
+    assert "fold 2 (" in (oof / "summary.html").read_text()
+    pooled = _probabilities(oof)
+    assert sorted(pooled) == sorted(str(p) for p in data.rglob("*.jpeg"))
+    # fold 1's cases get the fold-1 member's predictions: a temperature changes neither the
+    # predicted class nor the ranking
+    assert {n: pooled[n][1] >= 0.5 for n in fold1} == {n: p[1] >= 0.5 for n, p in fold1.items()}
+    assert metrics["per_fold"]["fold 1"]["auc"]["value"] == pytest.approx(
+        json.loads((out / "metrics.json").read_text())["auc"]["value"])
+    with pytest.raises(ConfigError, match="not a cross-validation ensemble"):
+        main(["--debug", "evaluate", "chest-xray-pneumonia", "--data", str(data), "-o",
+              str(tmp_path / "x"), "--out-of-fold"])
     out = tmp_path / "eval-ensemble"
     assert main(["evaluate", str(folder), "--data", str(data), "-o", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
