@@ -58,8 +58,19 @@ def test_a_key_given_twice_is_an_error_not_a_silent_overwrite(tmp_path: Path) ->
 
 @pytest.mark.parametrize("folder", sorted(p.parent.name for p in (ROOT / "pipelines").glob(
     "*/pipeline.yaml")))
-def test_every_shipped_pipeline_loads(folder: str) -> None:
-    assert load_pipeline(ROOT / "pipelines" / folder).name == folder
+def test_every_shipped_pipeline_loads_with_its_weights_and_card(folder: str) -> None:
+    from medvision.models import ModelBundle
+
+    pipeline = load_pipeline(ROOT / "pipelines" / folder)
+    assert pipeline.name == folder
+    bundle = ModelBundle.load(ROOT / "pipelines" / folder)  # checks every member's SHA-256
+    assert bundle.card is not None
+    assert bundle.card.splitlines()[0] == f"# {pipeline.name} {pipeline.version}", (
+        "the model card describes another version than pipeline.yaml")
+    # `make model-*` reproduces what ships: k folds give a k-member ensemble, no folds one model
+    assert len(bundle.members) == (pipeline.training.folds or 0)
+    for weights in (ROOT / "pipelines" / folder).glob("*.safetensors"):
+        assert weights.stat().st_size < 25 * 1024 * 1024, f"{weights.name}: over 25 MB"
 
 
 def test_inconsistent_values_are_errors(tmp_path: Path) -> None:
