@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce a shipped model from its pipeline file: train (resuming an interrupted run),
-# publish into the pipeline folder, evaluate on the validation split.
+# publish into the pipeline folder, evaluate on the validation split (folds: out of fold).
 # A pipeline with `training.folds: k` trains RUNS/NAME/fold0 .. fold<k-1> (each resumable;
 # finished folds are kept) and ships them as one ensemble.
 #   usage: tools/reproduce.sh PIPELINE DATA [RUNS]      (BIN: the venv's bin, default .venv/bin)
@@ -39,4 +39,7 @@ else
   done
   # publish prints every fold's validation metric, their mean and SD
   "$bin/medvision" publish "${members[@]}" --pipeline "$pipeline" --data "$data"
+  # every case once, by the member that did not train on it: the ensemble's validation numbers
+  "$bin/medvision" evaluate --pipeline "$pipeline" --data "$data" --out-of-fold \
+    -o "$runs/$name-eval-oof" --force
 fi

@@ -35,6 +35,9 @@ def test_reproduce_trains_each_fold_once_and_ships_the_ensemble(shared_data: Pat
     assert len(ensemble["members"]) == 2
     for i in (0, 1):
         assert (tmp_path / "runs" / "chest-folds" / f"fold{i}" / "calibration.json").is_file()
+    oof = json.loads((tmp_path / "runs" / "chest-folds-eval-oof" / "metrics.json").read_text())
+    assert set(oof["per_fold"]) >= {"fold 0", "fold 1"}
+    assert oof["n"] == sum(oof["per_fold"][f"fold {i}"]["n"] for i in (0, 1))
     stamp = (tmp_path / "runs" / "chest-folds" / "fold0" / "last.safetensors").stat().st_mtime_ns
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
