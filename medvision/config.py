@@ -12,7 +12,7 @@ import difflib
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +28,6 @@ __all__ = [
     "GenerativeConfig",
     "InferenceConfig",
     "InputRules",
-    "read_yaml",
     "ModelConfig",
     "OptimizerConfig",
     "Pipeline",
@@ -38,6 +37,7 @@ __all__ = [
     "DEFAULT_COLOURS",
     "config_hash",
     "load_pipeline",
+    "read_yaml",
     "pipeline_dir",
 ]
 
@@ -551,6 +551,8 @@ def read_yaml(file: Path) -> Any:
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = loader.construct_object(key_node)
+            if not isinstance(key, Hashable):  # construct_mapping reports it as bad YAML
+                continue
             if key in seen:
                 raise ConfigError(f"{file}: line {key_node.start_mark.line + 1}: key "
                                   f"'{key}' given twice")

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from medvision.audit.records import Auditor, items_digest, record_run
+from medvision.config import Pipeline
 from medvision.errors import ConfigError, DataError
 from medvision.infer import Predictor
 from medvision.io.synthetic import count_synthetic
@@ -67,7 +68,7 @@ def evaluate_out_of_fold(predictor: Predictor, data: str | os.PathLike[str],
     held-out data in ``data`` and is usually at least as good.
 
     Raises:
-        ConfigError: the pipeline is not a cross-validation ensemble, or a fold is missing.
+        ConfigError: the pipeline is not a cross-validation ensemble.
         DataError: no readable item.
     """
     from dataclasses import replace
@@ -103,26 +104,30 @@ def _evaluate(parts: Sequence[Part], out_dir: str | os.PathLike[str], *, force: 
     out.mkdir(parents=True, exist_ok=True)
     predictor = reported or parts[0][0]
     pipeline = predictor.pipeline
-    readable: list[Part] = []
+    readable: list[Part] = []  # parts with a readable item, with their folds
+    kept_folds: list[int | None] = []
     skipped: list[tuple[str, str]] = []
-    for part_predictor, part_items in parts:
+    for (part_predictor, part_items), fold in zip(parts, folds or [None] * len(parts),
+                                                  strict=True):
         good, bad = readable_items(part_items)
-        readable.append((part_predictor, good))
         skipped += bad
+        if good:
+            readable.append((part_predictor, good))
+            kept_folds.append(fold)
     items = [item for _, part_items in readable for item in part_items]
     if not items:
         raise DataError(f"no readable item to evaluate ({len(skipped)} unreadable)")
+    per_case = None
     if pipeline.task == "classification":
-        metrics, images = _classification(readable, out)
+        metrics, images, per_case = _classification(readable, out)
     elif pipeline.task == "detection":
         if len(readable) > 1:
             raise ConfigError("detection ensembles are not supported")
         metrics, images = _detection(*readable[0], out)
     else:
-        metrics, images = _segmentation(readable, out)
-    if folds is not None:
-        metrics["per_fold"] = _per_fold(metrics.pop("_per_case"), readable, folds, pipeline)
-    metrics.pop("_per_case", None)
+        metrics, images, per_case = _segmentation(readable, out)
+    if folds is not None and per_case is not None:
+        metrics["per_fold"] = _per_fold(per_case, readable, kept_folds, pipeline)
     metrics["pipeline"] = {"name": pipeline.name, "version": pipeline.version,
                            "weights": str(predictor.weights),
                            "weights_sha256": predictor.weights_sha256,
@@ -160,7 +165,13 @@ def _evaluate(parts: Sequence[Part], out_dir: str | os.PathLike[str], *, force: 
     return metrics
 
 
-def _classification(parts: Sequence[Part], out: Path) -> tuple[dict[str, Any], list[Path]]:
+#: Per-case scores that per-fold metrics are computed from: (probabilities, labels) for
+#: classification, (Dice, HD95) for segmentation.
+PerCase = tuple[np.ndarray, np.ndarray]
+
+
+def _classification(parts: Sequence[Part],
+                    out: Path) -> tuple[dict[str, Any], list[Path], PerCase]:
     import torch
 
     pipeline = parts[0][0].pipeline
@@ -177,7 +188,6 @@ def _classification(parts: Sequence[Part], out: Path) -> tuple[dict[str, Any], l
     items = [item for _, part_items in parts for item in part_items]
     metrics = classification_metrics(probs, truth, pipeline.classes,
                                      threshold=pipeline.inference.threshold)
-    metrics["_per_case"] = (probs, truth)
     with (out / "predictions.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["item", "label", *[f"p_{c}" for c in pipeline.classes]])
@@ -188,10 +198,11 @@ def _classification(parts: Sequence[Part], out: Path) -> tuple[dict[str, Any], l
     images = classification_plots(probs, truth, pipeline.classes,
                                   metrics["confusion_matrix"]["rows_true_columns_predicted"], out,
                                   auc=auc)
-    return metrics, images
+    return metrics, images, (probs, truth)
 
 
-def _segmentation(parts: Sequence[Part], out: Path) -> tuple[dict[str, Any], list[Path]]:
+def _segmentation(parts: Sequence[Part],
+                  out: Path) -> tuple[dict[str, Any], list[Path], PerCase]:
     from monai.metrics import compute_dice, compute_hausdorff_distance
     from monai.networks.utils import one_hot
 
@@ -213,7 +224,6 @@ def _segmentation(parts: Sequence[Part], out: Path) -> tuple[dict[str, Any], lis
     dice, hd95 = np.array(dice_rows, dtype=float), np.array(hd_rows, dtype=float)
     volumes, references = np.array(volume_rows), np.array(reference_rows)
     metrics = segmentation_metrics(dice, hd95, classes[1:])
-    metrics["_per_case"] = (dice, hd95)
     metrics["volume_error_ml_per_class"] = {
         name: {**bootstrap_interval(_volume_error(volumes, references, c),
                                     [np.arange(len(volumes))]), "unit": "mL"}
@@ -228,11 +238,11 @@ def _segmentation(parts: Sequence[Part], out: Path) -> tuple[dict[str, Any], lis
             writer.writerow([item["image"], *[f"{x:.4f}" for x in d], *[f"{x:.2f}" for x in h],
                              *[f"{x:.4f}" for x in v], *[f"{x:.4f}" for x in r]])
     return metrics, [dice_boxplot(dice, classes[1:], out),
-                     volume_agreement(volumes, references, classes[1:], out)]
+                     volume_agreement(volumes, references, classes[1:], out)], (dice, hd95)
 
 
-def _per_fold(per_case: tuple[np.ndarray, np.ndarray], parts: Sequence[Part],
-              folds: Sequence[int | None], pipeline: Any) -> dict[str, Any]:
+def _per_fold(per_case: PerCase, parts: Sequence[Part], folds: Sequence[int | None],
+              pipeline: Pipeline) -> dict[str, Any]:
     """Each part's headline metrics (value and CI) and their mean and standard deviation."""
     first, second = per_case
     keys = ("accuracy", "auc") if pipeline.task == "classification" else ("dice",)

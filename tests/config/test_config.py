@@ -50,6 +50,9 @@ def test_a_key_given_twice_is_an_error_not_a_silent_overwrite(tmp_path: Path) ->
     (tmp_path / "pipeline.yaml").write_text(nested)
     with pytest.raises(ConfigError, match="key 'epochs' given twice"):
         load_pipeline(tmp_path / "pipeline.yaml")
+    (tmp_path / "pipeline.yaml").write_text("? [a, b]\n: 1\n")  # a key YAML cannot hash
+    with pytest.raises(ConfigError, match="cannot read YAML"):
+        load_pipeline(tmp_path / "pipeline.yaml")
     bridge = tmp_path / "bridge.yaml"
     bridge.write_text("ae_title: A\nae_title: B\n")
     with pytest.raises(ConfigError, match="key 'ae_title' given twice"):

@@ -32,4 +32,19 @@ def test_parts_are_pooled_case_by_case(shared_data: Path, tmp_path: Path) -> Non
     assert pooled["per_fold"]["dice_mean"] == pytest.approx(
         (np.mean(per_case[:2]) + np.mean(per_case[2:])) / 2, abs=1e-3)
     saved = json.loads((tmp_path / "pooled" / "metrics.json").read_text())
-    assert "_per_case" not in saved and saved["split"].startswith("out-of-fold")
+    assert saved["split"].startswith("out-of-fold")
+
+
+def test_a_fold_with_no_readable_case_is_left_out_and_the_rest_scored(
+        shared_data: Path, tmp_path: Path) -> None:
+    predictor = Predictor.from_pipeline("hippocampus-seg")
+    items = discover_items(predictor.pipeline, shared_data / "hippocampus")[:2]
+    source = Path(items[0]["image"])
+    broken = tmp_path / source.name
+    broken.write_bytes(source.read_bytes()[:200])  # truncated gzip
+    unreadable = [{**items[0], "image": str(broken)}]
+    pooled = _evaluate([(predictor, unreadable), (predictor, items)], tmp_path / "pooled",
+                       force=False, auditor=None, audit_inputs=None, folds=[0, 1])
+    assert pooled["n"] == 2 and list(pooled["per_fold"])[:1] == ["fold 1"]
+    assert "fold 0" not in pooled["per_fold"]
+    assert [s["path"] for s in pooled["skipped_items"]] == [str(broken)]
