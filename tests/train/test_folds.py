@@ -152,8 +152,12 @@ def test_fold_runs_become_an_ensemble(shared_data: Path, tmp_path: Path,
     assert {n: pooled[n][1] >= 0.5 for n in fold1} == {n: p[1] >= 0.5 for n, p in fold1.items()}
     assert metrics["per_fold"]["fold 1"]["auc"]["value"] == pytest.approx(
         json.loads((out / "metrics.json").read_text())["auc"]["value"])
+    single = tmp_path / "single"  # one fold's run published alone: not an ensemble
+    shutil.copytree(folder, single, ignore=shutil.ignore_patterns("*.safetensors", "*.json"))
+    assert main(["publish", str(runs[1]), "--pipeline", str(single)]) == 0
+    capsys.readouterr()
     with pytest.raises(ConfigError, match="not a cross-validation ensemble"):
-        main(["--debug", "evaluate", "chest-xray-pneumonia", "--data", str(data), "-o",
+        main(["--debug", "evaluate", str(single), "--data", str(data), "-o",
               str(tmp_path / "x"), "--out-of-fold"])
     out = tmp_path / "eval-ensemble"
     assert main(["evaluate", str(folder), "--data", str(data), "-o", str(out)]) == 0
