@@ -276,6 +276,9 @@ class ExplanationConfig(_Strict):
     """Integrated Gradients / occlusion: inputs per forward pass."""
     window: tuple[int, ...] | None = Field(default=None, description="occlusion window")
     stride: tuple[int, ...] | None = Field(default=None, description="occlusion stride")
+    members: Literal["all", "first"] = Field(
+        default="all", description="an ensemble: the mean of every member's map (each scaled "
+                                   "to [0, 1] first), or the first member's only (faster)")
 
 
 #: QC warnings a pipeline may declare result-relevant (``qc.result_relevant``).

@@ -29,7 +29,7 @@ from medvision.audit.records import Pseudonymizer
 from medvision.config import config_hash
 from medvision.errors import DataError, InvalidDicomError, MedvisionError
 from medvision.explain import deletion_curve, explain
-from medvision.explain.saliency import SaliencyMap, explained_model
+from medvision.explain.saliency import SaliencyMap, ensemble_network, explained_model
 from medvision.hashing import file_sha256
 from medvision.infer import Predictor
 from medvision.infer.predictor import Prediction
@@ -260,7 +260,8 @@ def _process(study: Study, predictor: Predictor, options: AnalyzeOptions,
     draft.saliency = explain(predictor, prepared, prediction, method=options.explain_method,
                              layer=options.explain_layer)
     if options.faithfulness:
-        model, target, _ = explained_model(predictor, prediction)
+        model, target, _ = explained_model(predictor, prediction,
+                                           network=ensemble_network(predictor))
         draft.faithfulness = deletion_curve(model, prepared.image,
                                             draft.saliency.model_space, target=target)
     timings["explain_s"] = time.perf_counter() - t0

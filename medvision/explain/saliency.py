@@ -21,7 +21,8 @@ from medvision.infer.predictor import Prediction, Predictor, Prepared
 from medvision.io import Volume
 from medvision.vocabulary import EXPLANATION_METHODS
 
-__all__ = ["METHODS", "RegionScore", "SaliencyMap", "attribute", "explain", "explained_model"]
+__all__ = ["METHODS", "RegionScore", "SaliencyMap", "attribute", "ensemble_network", "explain",
+           "explained_model"]
 
 METHODS = EXPLANATION_METHODS
 
@@ -89,8 +90,14 @@ class DetectionScore(torch.nn.Module):
         return total
 
 
-def explained_model(predictor: Predictor, prediction: Prediction) -> tuple[Any, int, str]:
-    """The module, output index and description an attribution targets."""
+def explained_model(predictor: Predictor, prediction: Prediction, *,
+                    network: Any = None) -> tuple[Any, int, str]:
+    """The module, output index and description an attribution targets.
+
+    ``network``: the network to look through (default: the predictor's first); for the
+    deletion curve of an ensemble, :func:`ensemble_network` scores with all of them.
+    """
+    network = predictor.model if network is None else network
     if predictor.pipeline.task == "detection":
         import numpy as np
 
@@ -104,15 +111,38 @@ def explained_model(predictor: Predictor, prediction: Prediction) -> tuple[Any, 
                                len(predictor.pipeline.classes)), 0,
                 f"class scores inside the {len(boxes)} detected box(es)")
     if predictor.pipeline.task == "classification":
-        return predictor.model, prediction.target_index, f"class {prediction.label}"
+        return network, prediction.target_index, f"class {prediction.label}"
     logits = prediction.model_output
     labels = logits.argmax(dim=1, keepdim=True)
     onehot = torch.zeros_like(logits).scatter_(1, labels, 1.0)
     onehot[:, 0] = 0  # explain the foreground regions, not the background
     if onehot.sum() == 0:  # nothing found: explain every foreground class everywhere
         onehot[:, 1:] = 1.0
-    return (RegionScore(predictor.model, onehot), 0,
+    return (RegionScore(network, onehot), 0,
             f"logits of {prediction.label} summed inside the predicted mask")
+
+
+def ensemble_network(predictor: Predictor) -> Any:
+    """What the predictions come from, as one PyTorch module: the network of a single model;
+    for an ensemble its members' mean calibrated probabilities (as log-probabilities)."""
+    if len(predictor.networks) == 1:
+        return predictor.model
+    return _Mean(predictor.networks, [m.temperature for m in predictor.bundle.members])
+
+
+class _Mean(torch.nn.Module):
+    """Members' calibrated probabilities averaged, differentiable (``infer.Ensemble``)."""
+
+    def __init__(self, networks: Any, temperatures: list[float]) -> None:
+        super().__init__()
+        self.networks = torch.nn.ModuleList(networks)
+        self.temperatures = temperatures
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``log(mean_k softmax(z_k / T_k))``."""
+        probs = [torch.softmax(net(x) / t, dim=1)
+                 for net, t in zip(self.networks, self.temperatures, strict=True)]
+        return torch.log((torch.stack(probs).mean(dim=0)).clamp_min(1e-12))
 
 
 def _module(model: Any, name: str | None) -> Any:
@@ -204,14 +234,23 @@ def explain(predictor: Predictor, prepared: Prepared, prediction: Prediction, *,
     if layer:
         cfg = cfg.model_copy(update={"layer": layer})
     method = method or cfg.method
-    model, target, described = explained_model(predictor, prediction)
-    try:
-        raw, params = attribute(model, prepared.image, target, cfg, method)
-    except ExplainError:
-        raise
-    except (RuntimeError, ValueError, AssertionError, IndexError) as e:
-        raise ExplainError(f"{method} failed on {predictor.pipeline.model.name}: {e}") from e
-    model_space = _normalise(raw[0].numpy())
+    networks = predictor.networks if cfg.members == "all" else predictor.networks[:1]
+    maps = []
+    for network in networks:
+        model, target, described = explained_model(predictor, prediction, network=network)
+        try:
+            raw, params = attribute(model, prepared.image, target, cfg, method)
+        except ExplainError:
+            raise
+        except (RuntimeError, ValueError, AssertionError, IndexError) as e:
+            raise ExplainError(f"{method} failed on {predictor.pipeline.model.name}: {e}") from e
+        maps.append(_normalise(raw[0].numpy()))
+    # an ensemble: each member's map on the same [0, 1] scale, then their mean
+    model_space = maps[0] if len(maps) == 1 else _normalise(np.mean(maps, axis=0))
+    if len(predictor.networks) > 1:
+        params = {**params, "members": len(maps), "of_members": len(predictor.networks)}
+        described += (f"; mean of the {len(maps)} members' maps" if len(maps) > 1
+                      else "; first member only")
     volume = predictor.to_input_space(prepared, model_space[np.newaxis], nearest=False)
     volume = Volume(array=np.clip(np.asarray(volume.array), 0.0, 1.0), affine=volume.affine,
                     modality=volume.modality, header={"saliency_method": method},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,18 @@ class Predictor:
     def backend_name(self) -> str:
         """``torch`` or ``onnx``: what makes the predictions."""
         return self.kind
+
+    @cached_property
+    def networks(self) -> tuple[Any, ...]:
+        """The PyTorch networks behind the predictions, in eval mode: one for a single model,
+        every member for an ensemble (built on first use when the ONNX backend predicts);
+        what explanations attribute through."""
+        if not self.bundle.members:
+            return (self.model,)
+        if self.kind == "torch" and isinstance(self.backend, Ensemble):
+            return tuple(self.backend.members)
+        return (self.model, *(self.bundle.build_network(m.weights)
+                              for m in self.bundle.members[1:]))
 
     @property
     def ensemble_size(self) -> int:

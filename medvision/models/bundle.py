@@ -15,8 +15,9 @@ A bundle folder (``pipelines/<name>/`` for a shipped model, or a training run) h
 ============================  ==========================================================
 
 An ensemble predicts the mean of its members' calibrated probabilities; the bundle's
-``weights`` is then its first member (what the OOD guard and explanations use) and its
-``weights_sha256`` the SHA-256 of the member list, so a report names exactly what predicted.
+``weights`` is then its first member (what the OOD guard uses; explanations average every
+member's map) and its ``weights_sha256`` the SHA-256 of the member list, so a report names
+exactly what predicted.
 
 ``train`` writes bundles and ``infer`` reads them; neither imports the other.
 """

@@ -3,6 +3,7 @@ train each fold (resumable), publish the ensemble, predict with PyTorch and ONNX
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -122,6 +123,29 @@ def test_fold_runs_become_an_ensemble(shared_data: Path, tmp_path: Path,
     np.testing.assert_allclose(onnx.predict(onnx.prepare(read_volume(image))).probabilities,
                                ensemble, atol=1e-4)
 
+    # the explanation averages every member's map (each scaled to [0, 1]), whichever backend
+    # predicts; `explanation.members: first` explains member 0 alone
+    from medvision.explain import explain
+    from medvision.explain.saliency import _normalise, attribute
+
+    prediction = predictor.predict(prepared)
+    cfg = predictor.pipeline.explanation
+    own = [_normalise(attribute(bundle.build_network(m.weights), prepared.image,
+                                prediction.target_index, cfg, cfg.method)[0][0].numpy())
+           for m in bundle.members]
+    assert not np.allclose(own[0], own[1], atol=1e-3)  # the members differ
+    saliency = explain(predictor, prepared, prediction)
+    np.testing.assert_allclose(saliency.model_space, _normalise(np.mean(own, axis=0)), atol=1e-5)
+    assert saliency.params["members"] == 3 and "mean of the 3 members' maps" in saliency.target
+    np.testing.assert_allclose(explain(onnx, prepared, prediction).model_space,
+                               saliency.model_space, atol=1e-5)
+    first = cfg.model_copy(update={"members": "first"})
+    pipeline = bundle.pipeline.model_copy(update={"explanation": first})
+    alone = explain(Predictor.from_bundle(dataclasses.replace(bundle, pipeline=pipeline)),
+                    prepared, prediction)
+    np.testing.assert_allclose(alone.model_space, own[0], atol=1e-5)
+    assert alone.params["members"] == 1 and "first member only" in alone.target
+
     # evaluate: one fold's member on its own validation side, and the ensemble
     out = tmp_path / "eval-fold1"
     assert main(["evaluate", str(folder), "--data", str(data), "-o", str(out), "--split", "val",
@@ -166,9 +190,12 @@ def test_fold_runs_become_an_ensemble(shared_data: Path, tmp_path: Path,
 
     # a report names the ensemble, not one member
     report_dir = tmp_path / "analysis"
-    assert main(["analyze", str(image), "--pipeline", str(folder), "-o", str(report_dir)]) == 0
+    assert main(["analyze", str(image), "--pipeline", str(folder), "-o", str(report_dir),
+                 "--faithfulness"]) == 0
     report = json.loads(next(report_dir.rglob("report.json")).read_text())
     assert report["pipeline"]["weights_sha256"] == bundle.weights_sha256
+    assert report["saliency"]["params"]["members"] == 3
+    assert report["saliency"]["faithfulness"]  # scored through the whole ensemble
 
     # a changed member is refused, and a single run published over it replaces the ensemble
     member = folder / "fold-2.safetensors"
