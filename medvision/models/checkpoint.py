@@ -9,7 +9,7 @@ from typing import Any
 from medvision.errors import CheckpointError
 from medvision.hashing import file_sha256
 
-__all__ = ["load_weights", "save_weights", "weights_sha256"]
+__all__ = ["load_weights", "save_weights", "tensor_aliases", "weights_sha256"]
 
 
 def weights_sha256(path: str | os.PathLike[str]) -> str:
@@ -17,14 +17,36 @@ def weights_sha256(path: str | os.PathLike[str]) -> str:
     return file_sha256(path)
 
 
+def tensor_aliases(model: Any) -> dict[str, str]:
+    """State-dict names that share a tensor with an earlier name (MONAI's ``DynUNet`` registers
+    each block twice), mapped to that first name."""
+    first: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    aliases = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        if value.numel() == 0:
+            continue
+        key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+        if key in first:
+            aliases[name] = first[key]
+        else:
+            first[key] = name
+    return aliases
+
+
 def save_weights(model: Any, path: str | os.PathLike[str], *,
                  metadata: dict[str, str] | None = None) -> Path:
-    """Write a model's state dict as safetensors, atomically (temporary file, then rename)."""
+    """Write a model's state dict as safetensors, atomically (temporary file, then rename).
+
+    A tensor registered under several names is written once, under its first name;
+    :func:`load_weights` restores it under all of them.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    aliases = tensor_aliases(model)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+             if k not in aliases}
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=metadata or {})
     os.replace(tmp, path)
@@ -56,8 +78,10 @@ def load_weights(model: Any, path: str | os.PathLike[str], *, strict: bool = Tru
     if mismatched:
         raise CheckpointError(f"{path}: tensors do not fit the model: {mismatched[:5]}")
     result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(skip_prefixes)]
+    aliases = tensor_aliases(model)  # loaded through the name they share a tensor with
+    missing = [k for k in result.missing_keys
+               if not k.startswith(skip_prefixes) and aliases.get(k) not in state]
     if strict and (missing or result.unexpected_keys):
         raise CheckpointError(f"{path}: weights do not match the model (missing "
                               f"{missing[:5]}, unexpected {result.unexpected_keys[:5]})")
-    return list(result.missing_keys)
+    return [k for k in result.missing_keys if aliases.get(k) not in state]

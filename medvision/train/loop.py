@@ -34,6 +34,7 @@ from medvision.errors import CheckpointError, ConfigError, DataError, MedvisionE
 from medvision.io.synthetic import count_synthetic
 from medvision.models import build_model, load_weights, save_weights, weights_sha256
 from medvision.models.calibration import fit_temperature, write_temperature
+from medvision.models.checkpoint import tensor_aliases
 from medvision.train.checkpoint_state import load_training_state, save_training_state
 from medvision.train.data import DataSplit, readable_items
 from medvision.transforms import build_transforms
@@ -78,6 +79,22 @@ def _loss(pipeline: Pipeline) -> Any:
                                                    weight=weight),
     }
     return builders[cfg.name]()
+
+
+def supervised_loss(loss_fn: Any, output: Any, label: Any) -> Any:
+    """The loss of one training output against its label.
+
+    Deep supervision (MONAI ``DynUNet`` with ``deep_supervision: true``): in training mode the
+    network returns an extra axis 1 of outputs, the full-resolution one first and the coarser
+    heads upsampled to it; output i is weighted by 2^-i, the weights summing to one (as in
+    nnU-Net). In eval mode such a network returns only the first, so validation and
+    inference are unchanged.
+    """
+    if label.dim() > 2 and output.dim() == label.dim() + 1:
+        weights = [0.5 ** i for i in range(output.shape[1])]
+        return sum(w * loss_fn(output[:, i], label)
+                   for i, w in enumerate(weights)) / sum(weights)
+    return loss_fn(output, label)
 
 
 def _optimizer(pipeline: Pipeline, params: Any) -> Any:
@@ -344,7 +361,7 @@ def _train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str]
             if pipeline.task == "classification":
                 label = torch.as_tensor(label).long().view(-1)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(image), label)
+            loss = supervised_loss(loss_fn, model(image), label)
             loss.backward()
             optimizer.step()
             running += loss.item() * image.shape[0]
@@ -514,7 +531,8 @@ def _init_from(model: Any, path: Path, run: Path, *, rgb_to_grey: bool = False) 
     kept = {k: v for k, v in source.items() if k not in names}
     result = model.load_state_dict({k: v.to(own[k].dtype) for k, v in kept.items()},
                                    strict=False)
-    fresh = sorted(k for k in result.missing_keys)
+    aliases = tensor_aliases(model)  # a shared tensor is loaded through its first name
+    fresh = sorted(k for k in result.missing_keys if aliases.get(k) not in kept)
     for item in skipped:
         log.warning("init-from %s: %s skipped (%s, %s)", path.name, item["tensor"],
                     item["reason"], item.get("model", item["shape"]))

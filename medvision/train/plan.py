@@ -424,7 +424,7 @@ def _time(pipeline: Pipeline, items: list[dict[str, Any]]) -> dict[str, float]:
     from monai.data import DataLoader, Dataset
 
     from medvision.models import build_model
-    from medvision.train.loop import _loss, _optimizer
+    from medvision.train.loop import _loss, _optimizer, supervised_loss
     from medvision.transforms import build_transforms
 
     batch = pipeline.training.batch_size
@@ -486,7 +486,7 @@ def _time(pipeline: Pipeline, items: list[dict[str, Any]]) -> dict[str, float]:
         if pipeline.task == Task.CLASSIFICATION:
             label = torch.as_tensor(label).long().reshape(-1)
         t0 = time.perf_counter()
-        loss = loss_fn(model(image), label)
+        loss = supervised_loss(loss_fn, model(image), label)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -165,8 +165,11 @@ def pretrain(pipeline: Pipeline, images: Sequence[str], run_dir: str | os.PathLi
         network, model = contrastive.network, contrastive.model
         loss_fn: Any = ContrastiveLoss(temperature=temperature)
     else:
-        reconstruct = pipeline.model_copy(update={"classes": tuple(
-            f"channel{c}" for c in range(max(2, pipeline.in_channels)))})
+        # one output: deep-supervision heads (DynUNet) are left out of the reconstruction
+        params = {k: v for k, v in pipeline.model.params.items() if k != "deep_supervision"}
+        reconstruct = pipeline.model_copy(update={
+            "classes": tuple(f"channel{c}" for c in range(max(2, pipeline.in_channels))),
+            "model": pipeline.model.model_copy(update={"params": params})})
         model = build_model(reconstruct)
         network = model
         loss_fn = torch.nn.L1Loss(reduction="none")

@@ -59,3 +59,28 @@ def test_safetensors_round_trip(tmp_path: Path) -> None:
     wrong = build_model(_pipeline("classification", 2, "resnet10", classes=5))
     with pytest.raises(CheckpointError, match="do not fit"):
         load_weights(wrong, path)
+
+
+def test_shared_tensors_are_written_once_and_restored_under_every_name(tmp_path: Path) -> None:
+    """MONAI's DynUNet registers each block under two names (safetensors refuses shared
+    tensors): the file holds each once, and loading fills both names."""
+    from safetensors.torch import load_file, save_file
+
+    pipeline = _pipeline("segmentation", 3, "dynunet", classes=3, kernel_size=[3, 3, 3],
+                         strides=[1, 2, 2], upsample_kernel_size=[2, 2], filters=[4, 8, 16])
+    model = build_model(pipeline).eval()
+    path = save_weights(model, tmp_path / "w.safetensors")
+    stored = load_file(str(path))
+    assert len(stored) < len(model.state_dict())
+    assert "input_block.conv1.conv.weight" in stored
+    assert "skip_layers.downsample.conv1.conv.weight" not in stored  # the same tensor
+    other = build_model(pipeline).eval()
+    assert load_weights(other, path) == []  # nothing left missing
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(other.state_dict()[name], value)
+    x = torch.randn(1, 1, 16, 16, 16)
+    torch.testing.assert_close(model(x), other(x))
+    del stored["input_block.conv1.conv.weight"]  # a tensor missing under every name
+    save_file(stored, str(tmp_path / "short.safetensors"))
+    with pytest.raises(CheckpointError, match="missing"):
+        load_weights(build_model(pipeline), tmp_path / "short.safetensors")

@@ -279,3 +279,56 @@ def test_evaluate_explain_scores_saliency_inside_the_truth(shared_data: Path,
     assert 0.0 <= chance["value"] < inside["value"] <= 1.0
     assert inside["ci95"][0] <= inside["value"] <= inside["ci95"][1]
     assert "explanation" in (out / "summary.html").read_text()
+
+
+def test_deep_supervision_trains_and_predicts_one_output(shared_data: Path,
+                                                         tmp_path: Path) -> None:
+    """DynUNet with deep supervision (nnU-Net's): the coarser heads weigh 1/2, 1/4... in the
+    training loss; validation, evaluation and inference see the full-resolution output only."""
+    import yaml
+
+    from medvision.models import build_model
+    from medvision.train.loop import _init_from, _loss, supervised_loss
+
+    data = tmp_path / "hippo"
+    for sub in ("images", "labels"):
+        (data / sub).mkdir(parents=True)
+        for path in sorted((shared_data / "hippocampus" / sub).glob("*.nii.gz"))[:5]:
+            (data / sub / path.name).symlink_to(path)
+    folder = tmp_path / "hippo-ds"
+    folder.mkdir()
+    repo = Path(__file__).resolve().parents[2]
+    settings = yaml.safe_load((repo / "pipelines" / "hippocampus-seg" / "pipeline.yaml")
+                              .read_text())
+    settings.update(name="hippo-ds", model={"name": "dynunet", "params": {
+        "kernel_size": [3, 3, 3, 3], "strides": [1, 2, 2, 2], "upsample_kernel_size": [2, 2, 2],
+        "filters": [8, 16, 32, 64], "deep_supervision": True, "deep_supr_num": 2}})
+    settings["qc"] = {}
+    (folder / "pipeline.yaml").write_text(yaml.safe_dump(settings))
+    pipeline = load_pipeline(folder)
+
+    model, loss_fn = build_model(pipeline), _loss(pipeline)
+    image = torch.randn(2, 1, *pipeline.preprocess.size)
+    label = torch.randint(0, 3, (2, 1, *pipeline.preprocess.size))
+    out = model.train()(image)
+    assert out.shape == (2, 3, 3, *pipeline.preprocess.size)  # batch, heads, classes, space
+    expected = (4 * loss_fn(out[:, 0], label) + 2 * loss_fn(out[:, 1], label)
+                + loss_fn(out[:, 2], label)) / 7
+    assert float(supervised_loss(loss_fn, out, label)) == pytest.approx(float(expected))
+    plain = model.eval()(image)
+    assert plain.shape == (2, 3, *pipeline.preprocess.size)
+    assert float(supervised_loss(loss_fn, plain, label)) == float(loss_fn(plain, label))
+
+    run = tmp_path / "run"
+    assert main(["train", str(folder), "--data", str(data), "-o", str(run), "--epochs", "1"]) == 0
+    assert (run / "best.safetensors").is_file()
+    out_dir = tmp_path / "eval"
+    assert main(["evaluate", str(folder), "--data", str(data), "-o", str(out_dir),
+                 "--weights", str(run / "best.safetensors")]) == 0
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["n"] == 5 and set(metrics["dice_per_class"]) == {"anterior", "posterior"}
+    # --init-from the saved weights: every tensor, shared ones included, is loaded
+    start = tmp_path / "init"
+    start.mkdir()
+    _init_from(build_model(pipeline), run / "best.safetensors", start)
+    assert json.loads((start / "init.json").read_text())["fresh"] == []
