@@ -17,7 +17,7 @@ import torch
 
 from medvision.config import ExplanationConfig
 from medvision.errors import ExplainError
-from medvision.infer.predictor import Prediction, Predictor, Prepared
+from medvision.infer.predictor import Ensemble, Prediction, Predictor, Prepared
 from medvision.io import Volume
 from medvision.vocabulary import EXPLANATION_METHODS
 
@@ -127,22 +127,7 @@ def ensemble_network(predictor: Predictor) -> Any:
     for an ensemble its members' mean calibrated probabilities (as log-probabilities)."""
     if len(predictor.networks) == 1:
         return predictor.model
-    return _Mean(predictor.networks, [m.temperature for m in predictor.bundle.members])
-
-
-class _Mean(torch.nn.Module):
-    """Members' calibrated probabilities averaged, differentiable (``infer.Ensemble``)."""
-
-    def __init__(self, networks: Any, temperatures: list[float]) -> None:
-        super().__init__()
-        self.networks = torch.nn.ModuleList(networks)
-        self.temperatures = temperatures
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``log(mean_k softmax(z_k / T_k))``."""
-        probs = [torch.softmax(net(x) / t, dim=1)
-                 for net, t in zip(self.networks, self.temperatures, strict=True)]
-        return torch.log((torch.stack(probs).mean(dim=0)).clamp_min(1e-12))
+    return Ensemble(predictor.networks, [m.temperature for m in predictor.bundle.members])
 
 
 def _module(model: Any, name: str | None) -> Any:

@@ -77,7 +77,8 @@ class Ensemble:
     """Members' calibrated probabilities averaged: ``log(mean_k softmax(z_k / T_k))``.
 
     Returned as log-probabilities so the rest of inference treats it as logits: a softmax of
-    it gives back the mean probabilities, and an argmax picks the class they favour.
+    it gives back the mean probabilities, and an argmax picks the class they favour. It keeps
+    gradients, so explanations can score through the whole ensemble.
     """
 
     def __init__(self, members: Sequence[Any], temperatures: Sequence[float]) -> None:

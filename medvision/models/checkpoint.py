@@ -79,9 +79,9 @@ def load_weights(model: Any, path: str | os.PathLike[str], *, strict: bool = Tru
         raise CheckpointError(f"{path}: tensors do not fit the model: {mismatched[:5]}")
     result = model.load_state_dict(state, strict=False)
     aliases = tensor_aliases(model)  # loaded through the name they share a tensor with
-    missing = [k for k in result.missing_keys
-               if not k.startswith(skip_prefixes) and aliases.get(k) not in state]
+    untouched = [k for k in result.missing_keys if aliases.get(k) not in state]
+    missing = [k for k in untouched if not k.startswith(skip_prefixes)]
     if strict and (missing or result.unexpected_keys):
         raise CheckpointError(f"{path}: weights do not match the model (missing "
                               f"{missing[:5]}, unexpected {result.unexpected_keys[:5]})")
-    return [k for k in result.missing_keys if aliases.get(k) not in state]
+    return untouched
