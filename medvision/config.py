@@ -231,6 +231,16 @@ class TrainingConfig(_Strict):
                     "validates on I; `publish` of the fold runs ships their ensemble")
 
 
+class MemberConfig(_Strict):
+    """Another network of an architecture ensemble: trained on the pipeline's own split
+    (``train --member I``), its probabilities averaged with the others' at inference."""
+
+    model: ModelConfig
+    """The member's network (different from the pipeline's and the other members')."""
+    training: dict[str, Any] = Field(default_factory=dict)
+    """Keys of ``training`` that differ for this member (epochs, swa_epochs, threads...)."""
+
+
 class InferenceConfig(_Strict):
     """How predictions are made from a trained model."""
 
@@ -430,6 +440,11 @@ class Pipeline(_Strict):
     """Codes and colours of the classes in DICOM results and label sidecars."""
     generative: GenerativeConfig = GenerativeConfig()
     """The generative model ``medvision synthesize`` trains on this pipeline's data."""
+    members: list[MemberConfig] = Field(
+        default_factory=list,
+        description="an architecture ensemble: more networks trained on the same split "
+                    "(`train --member I`, I from 1; member 0 is `model`), shipped together by "
+                    "`publish` and averaged at inference")
 
     @model_validator(mode="before")
     @classmethod
@@ -475,11 +490,64 @@ class Pipeline(_Strict):
         if self.training.swa_epochs >= self.training.epochs:
             raise ValueError(f"training.swa_epochs ({self.training.swa_epochs}) must be fewer "
                              f"than training.epochs ({self.training.epochs})")
+        if self.members:
+            self._check_members()
         weights = self.loss.class_weights
         if weights is not None and len(weights) != len(self.classes):
             raise ValueError(f"loss.class_weights has {len(weights)} values for "
                              f"{len(self.classes)} classes")
         return self
+
+    def _check_members(self) -> None:
+        if self.training.folds:
+            raise ValueError("members (an architecture ensemble) and training.folds (a "
+                             "cross-validation ensemble) cannot be combined")
+        if self.task == "detection":
+            raise ValueError("detection pipelines cannot have members")
+        models = [self.model, *(m.model for m in self.members)]
+        for n, model in enumerate(models[1:], start=1):
+            if model in models[:n]:
+                raise ValueError(f"members[{n - 1}].model repeats an earlier network; each "
+                                 "member needs its own (publish tells them apart by it)")
+        if self.explanation.method in (ExplanationMethod.GRADCAM, ExplanationMethod.LAYERCAM) \
+                and self.explanation.members == "all":
+            raise ValueError("explanation.layer names a module of one network; with members "
+                             "of other architectures set explanation.members: first, or a "
+                             "method without a layer")
+        for n in range(1, len(models)):
+            try:
+                self.member(n)  # every member's training settings validate
+            except ConfigError as e:
+                raise ValueError(str(e)) from e
+
+    def member(self, index: int) -> Pipeline:
+        """The pipeline that trains member ``index``: a plain pipeline (no ``members``) with
+        this one's network (0) or ``members[I-1]``'s network and training settings (``I``).
+
+        Raises:
+            ConfigError: no such member, or training settings that do not validate.
+        """
+        if index == 0:
+            return self.model_copy(update={"members": []}) if self.members else self
+        if not 0 < index <= len(self.members):
+            raise ConfigError(f"pipeline '{self.name}' has members 0..{len(self.members)}; "
+                              f"there is no member {index}")
+        spec = self.members[index - 1]
+        try:
+            training = TrainingConfig.model_validate(
+                {**self.training.model_dump(), **spec.training})
+        except ValidationError as e:
+            raise ConfigError(f"members[{index - 1}].training: {e}") from e
+        if training.swa_epochs >= training.epochs:
+            raise ConfigError(f"members[{index - 1}].training: swa_epochs "
+                              f"({training.swa_epochs}) must be fewer than epochs "
+                              f"({training.epochs})")
+        return self.model_copy(update={"model": spec.model, "training": training, "members": []})
+
+    def member_index(self, model: ModelConfig) -> int | None:
+        """Which member trains ``model`` (None: none of them)."""
+        models = [self.model, *(m.model for m in self.members)]
+        return models.index(model) if model in models else None
 
     @property
     def validation_metric(self) -> str:

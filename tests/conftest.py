@@ -132,6 +132,15 @@ def chest_subset(shared_data: Path, root: Path, per_class: int = 8) -> Path:
     return root
 
 
+def hippocampus_subset(shared_data: Path, root: Path, cases: slice) -> Path:
+    """Some hippocampus image/label pairs (by sorted name), as symbolic links under ``root``."""
+    for sub in ("images", "labels"):
+        (root / sub).mkdir(parents=True)
+        for path in sorted((shared_data / "hippocampus" / sub).glob("*.nii.gz"))[cases]:
+            (root / sub / path.name).symlink_to(path)
+    return root
+
+
 def chest_radiograph(folder: Path) -> tuple[Path, str]:
     """pydicom-data's RG1 (a real CR chest radiograph) as a new study; returns the file and
     its Study Instance UID."""

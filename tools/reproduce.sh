@@ -2,7 +2,8 @@
 # Reproduce a shipped model from its pipeline file: train (resuming an interrupted run),
 # publish into the pipeline folder, evaluate on the validation split (folds: out of fold).
 # A pipeline with `training.folds: k` trains RUNS/NAME/fold0 .. fold<k-1> (each resumable;
-# finished folds are kept) and ships them as one ensemble.
+# finished folds are kept) and ships them as one ensemble; one with `members` (an architecture
+# ensemble) trains RUNS/NAME/member0 .. member<n> the same way and ships them together.
 #   usage: tools/reproduce.sh PIPELINE DATA [RUNS]      (BIN: the venv's bin, default .venv/bin)
 set -euo pipefail
 bin=${BIN:-.venv/bin}
@@ -10,9 +11,10 @@ pipeline=$1
 data=$2
 runs=${3:-runs}
 name=$(basename "$pipeline")
-folds=$("$bin/python" -c 'import sys
+read -r folds extra < <("$bin/python" -c 'import sys
 from medvision.config import load_pipeline
-print(load_pipeline(sys.argv[1]).training.folds or 0)' "$pipeline")
+p = load_pipeline(sys.argv[1])
+print(p.training.folds or 0, len(p.members))' "$pipeline")
 
 train() {  # RUN [--fold I]
   local run=$1
@@ -26,7 +28,17 @@ train() {  # RUN [--fold I]
   "$bin/medvision" train --pipeline "$pipeline" --data "$data" -o "$run" "$@" "${resume[@]}"
 }
 
-if [ "$folds" -eq 0 ]; then
+if [ "$extra" -gt 0 ]; then
+  members=()
+  for ((i = 0; i <= extra; i++)); do
+    if [ "$i" -eq 0 ]; then train "$runs/$name/member0"; else
+      train "$runs/$name/member$i" --member "$i"; fi
+    members+=("$runs/$name/member$i")
+  done
+  "$bin/medvision" publish "${members[@]}" --pipeline "$pipeline" --data "$data"
+  "$bin/medvision" evaluate --pipeline "$pipeline" --data "$data" --split val \
+    -o "$runs/$name-eval-val" --force
+elif [ "$folds" -eq 0 ]; then
   train "$runs/$name"
   "$bin/medvision" publish "$runs/$name" --pipeline "$pipeline" --data "$data"
   "$bin/medvision" evaluate --pipeline "$pipeline" --data "$data" --split val \

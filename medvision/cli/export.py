@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     members = predictor.bundle.members
     if members and args.output is None:  # an ensemble: every member beside its weights
-        jobs = [(predictor.bundle.build_network(m.weights), m.weights.with_suffix(".onnx"))
+        jobs = [(predictor.bundle.member_network(m), m.weights.with_suffix(".onnx"))
                 for m in members]
         for _, path in jobs[1:]:
             if path.exists() and not args.force:

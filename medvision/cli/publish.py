@@ -18,12 +18,15 @@ def add_parser(subparsers: Any) -> None:
         "publish", help="copy a run's best weights into a pipeline folder and fit its OOD guard",
         description="Copies best.safetensors (as model.safetensors) and calibration.json into "
                     "the pipeline folder and fits the out-of-distribution guard on the run's "
-                    "training split (threshold from its validation split). Several runs (the "
-                    "folds of a cross-validation, 'train --fold I') ship as one ensemble: "
-                    "model.safetensors, fold-1.safetensors... and ensemble.json, whose "
-                    "calibrated probabilities are averaged at inference.")
+                    "training split (threshold from its validation split). Several runs ship "
+                    "as one ensemble whose calibrated probabilities are averaged at inference: "
+                    "the folds of a cross-validation ('train --fold I'; model.safetensors, "
+                    "fold-1.safetensors...) or the members of an architecture ensemble "
+                    "('train' and 'train --member I'; model.safetensors, member-1.safetensors"
+                    "...), listed in ensemble.json.")
     parser.add_argument("run_dir", nargs="+", help="a training run folder (several: the fold "
-                                                   "runs of one cross-validation)")
+                                                   "runs of one cross-validation, or the "
+                                                   "member runs of an architecture ensemble)")
     parser.add_argument("--pipeline", required=True, help="pipeline name or folder to ship into")
     parser.add_argument("--data", help="the training data (to fit the OOD guard)")
     examples(parser, 'medvision publish runs/chest --pipeline chest-xray-pneumonia --data DATA',
@@ -44,8 +47,10 @@ def run(args: argparse.Namespace) -> int:
     if args.data:
         pipeline = load_pipeline(folder)
         if pipeline.task != "detection":  # detection pipelines have no feature guard yet
-            # an ensemble's guard belongs to its first member: fold 0's split
-            split = pipeline_split(pipeline, args.data, fold=0 if ensemble else None)
+            # an ensemble's guard belongs to its first member: fold 0's split (a
+            # cross-validation) or the pipeline's own split (an architecture ensemble)
+            split = pipeline_split(pipeline, args.data,
+                                   fold=0 if ensemble and pipeline.training.folds else None)
     if ensemble:
         summary = publish_ensemble(args.run_dir, folder, split=split)
     else:

@@ -35,6 +35,10 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--fold", type=int, metavar="I",
                         help="cross-validation: train on every fold but I (from 0) and validate "
                              "on I (needs training.folds); --resume with the same --fold")
+    parser.add_argument("--member", type=int, metavar="I",
+                        help="an architecture ensemble: train member I (from 1; 0 is the "
+                             "pipeline's own model), its network and training settings from "
+                             "the pipeline's members list, on the same split")
     parser.add_argument("--epochs", type=int, help="override training.epochs")
     parser.add_argument("--limit", type=int,
                         help="use at most this many training and validation items (smoke runs)")
@@ -49,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
     from medvision.train import DataSplit, pipeline_split, train
 
     pipeline = load_pipeline(pipeline_of(args), search=args.pipelines_dir)
+    if args.resume:
+        _same_member(pipeline, Path(args.output), args.member or 0)
+    if args.member or pipeline.members:
+        pipeline = pipeline.member(args.member or 0)
     if args.epochs:
         # Averaging needs at least one ordinary epoch before it; a short override keeps that.
         swa = min(pipeline.training.swa_epochs, args.epochs - 1)
@@ -71,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         chosen = (f"best epoch {result.best_epoch}: {pipeline.validation_metric} "
                   f"{result.best_metric:.4f}")
     fold = "" if args.fold is None else f"fold {args.fold} of {pipeline.training.folds}: "
+    if args.member:
+        fold = f"member {args.member} ({pipeline.model.name}): "
     print(f"{fold}trained {result.epochs_run} epoch(s) in {result.seconds:.0f} s; {chosen}; "
           f"weights in {result.run_dir / 'best.safetensors'}")
     if result.skipped:
@@ -79,6 +89,19 @@ def run(args: argparse.Namespace) -> int:
         for path, reason in result.skipped[:10]:
             print(f"  {path}: {reason}")
     return 0
+
+
+def _same_member(pipeline: Any, run: Path, member: int) -> None:
+    """A run of an architecture ensemble resumes as the member it started as."""
+    from medvision.config import load_pipeline
+    from medvision.errors import ConfigError
+
+    if not pipeline.members or not (run / "pipeline.yaml").is_file():
+        return
+    started = pipeline.member_index(load_pipeline(run / "pipeline.yaml").model)
+    if started is not None and started != member:
+        raise ConfigError(f"{run}: this run trains member {started}; resume it "
+                          + (f"with --member {started}" if started else "without --member"))
 
 
 def _spread(items: tuple[dict[str, Any], ...], limit: int) -> tuple[dict[str, Any], ...]:

@@ -151,8 +151,7 @@ class Predictor:
             return (self.model,)
         if self.kind == "torch" and isinstance(self.backend, Ensemble):
             return tuple(self.backend.members)
-        return (self.model, *(self.bundle.build_network(m.weights)
-                              for m in self.bundle.members[1:]))
+        return (self.model, *(self.bundle.member_network(m) for m in self.bundle.members[1:]))
 
     @property
     def ensemble_size(self) -> int:
@@ -195,7 +194,7 @@ class Predictor:
                     runners.append(OnnxModel(member.weights.with_suffix(".onnx"),
                                              threads=bundle.pipeline.training.threads))
                 else:
-                    runners.append(model if n == 0 else bundle.build_network(member.weights))
+                    runners.append(model if n == 0 else bundle.member_network(member))
             ensemble = Ensemble(runners, [m.temperature for m in bundle.members])
             return cls(bundle=bundle, model=model, backend=ensemble, kind=backend)
         if backend == "onnx" and bundle.pipeline.task == "detection":

@@ -8,10 +8,12 @@ A bundle folder (``pipelines/<name>/`` for a shipped model, or a training run) h
 ``calibration.json``          temperature scaling, fitted on the validation split
 ``ood.safetensors``           the out-of-distribution guard (:mod:`medvision.models.ood`)
 ``MODEL_CARD.md``             data, split, metrics with intervals, intended use, limits
-``ensemble.json``             (a cross-validation ensemble) its members: one weights file
-                              per fold (``model.safetensors``, ``fold-1.safetensors``...),
-                              each with its SHA-256, its own calibration temperature and
-                              the validation metric of its fold
+``ensemble.json``             (an ensemble) its members: one weights file each
+                              (``model.safetensors``, then ``fold-1.safetensors``... for
+                              the folds of a cross-validation, ``member-1.safetensors``...
+                              for an architecture ensemble), each with its SHA-256, its own
+                              calibration temperature, the validation metric of its run and,
+                              for a member of another architecture, its network
 ============================  ==========================================================
 
 An ensemble predicts the mean of its members' calibrated probabilities; the bundle's
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medvision.config import Pipeline, load_pipeline, pipeline_dir
+from medvision.config import ModelConfig, Pipeline, load_pipeline, pipeline_dir
 from medvision.errors import CheckpointError
 from medvision.models.calibration import CALIBRATION_FILE, read_calibration
 from medvision.models.checkpoint import load_weights, weights_sha256
@@ -54,21 +56,27 @@ ENSEMBLE_FILE = "ensemble.json"
 
 @dataclass(frozen=True)
 class EnsembleMember:
-    """One member of a cross-validation ensemble."""
+    """One member of an ensemble: a cross-validation fold, or a network of an architecture
+    ensemble (``model``: its network when it is not the pipeline's)."""
 
     weights: Path
     weights_sha256: str
     temperature: float = 1.0
     fold: int | None = None
     metrics: dict[str, float] | None = None
+    member: int | None = None
+    model: ModelConfig | None = None
 
 
 def ensemble_digest(members: tuple[EnsembleMember, ...] | list[EnsembleMember]) -> str:
-    """SHA-256 naming an ensemble: of its members' weights hashes and temperatures, in order."""
+    """SHA-256 naming an ensemble: of its members' weights hashes, temperatures and (where
+    not the pipeline's) networks, in order."""
     import hashlib
     import json
 
-    text = json.dumps([[m.weights_sha256, m.temperature] for m in members])
+    text = json.dumps([[m.weights_sha256, m.temperature] if m.model is None else
+                       [m.weights_sha256, m.temperature, m.model.model_dump(mode="json")]
+                       for m in members])
     return hashlib.sha256(text.encode()).hexdigest()
 
 #: Shipped weights stay under 25 MB; larger float32 files are stored as float16.
@@ -145,6 +153,16 @@ class ModelBundle:
         model.eval()
         return model
 
+    def member_network(self, member: EnsembleMember) -> Any:
+        """An ensemble member's network (its own architecture where it has one) with its
+        weights loaded, in eval mode."""
+        pipeline = self.pipeline if member.model is None else self.pipeline.model_copy(
+            update={"model": member.model})
+        model = build_model(pipeline)
+        load_weights(model, member.weights)
+        model.eval()
+        return model
+
     def save_ensemble(self, folder: str | os.PathLike[str]) -> Path:
         """Write an ensemble's members (``model.safetensors``, ``fold-1.safetensors``...,
         float16 where float32 would pass the size limit) and ``ensemble.json`` into
@@ -154,13 +172,25 @@ class ModelBundle:
         target = Path(folder)
         target.mkdir(parents=True, exist_ok=True)
         entries = []
+        kind = "member" if any(m.member is not None for m in self.members) else "fold"
+        shipped = {target / WEIGHTS_FILE, *(target / f"{kind}-{n}.safetensors"
+                                            for n in range(1, len(self.members)))}
+        for stale in [*target.glob("fold-*.safetensors"), *target.glob("member-*.safetensors")]:
+            if stale not in shipped:  # another ensemble's members
+                stale.unlink()
+                stale.with_suffix(".onnx").unlink(missing_ok=True)
         for n, member in enumerate(self.members):
-            name = WEIGHTS_FILE if n == 0 else f"fold-{n}.safetensors"
+            name = WEIGHTS_FILE if n == 0 else f"{kind}-{n}.safetensors"
             path = target / name
             _ship_weights(member.weights, path)
-            entries.append({"weights": name, "sha256": weights_sha256(path),
-                            "temperature": member.temperature, "fold": member.fold,
-                            "metrics": member.metrics})
+            entry: dict[str, Any] = {"weights": name, "sha256": weights_sha256(path),
+                                     "temperature": member.temperature, "fold": member.fold,
+                                     "metrics": member.metrics}
+            if member.member is not None:
+                entry["member"] = member.member
+            if member.model is not None:
+                entry["model"] = member.model.model_dump(mode="json")
+            entries.append(entry)
         manifest = target / ENSEMBLE_FILE
         manifest.write_text(json.dumps({"combine": "mean of calibrated probabilities",
                                         "members": entries}, indent=2))
@@ -181,7 +211,8 @@ class ModelBundle:
         target = Path(folder)
         target.mkdir(parents=True, exist_ok=True)
         for stale in [target / ENSEMBLE_FILE, *target.glob("fold-*.safetensors"),
-                      *target.glob("fold-*.onnx")]:  # a single model replaces an ensemble
+                      *target.glob("fold-*.onnx"), *target.glob("member-*.safetensors"),
+                      *target.glob("member-*.onnx")]:  # a single model replaces an ensemble
             stale.unlink(missing_ok=True)
         weights = target / WEIGHTS_FILE
         _ship_weights(self.weights, weights)
@@ -230,11 +261,16 @@ def _read_ensemble(folder: Path) -> tuple[EnsembleMember, ...]:
             members.append(EnsembleMember(
                 weights=weights, weights_sha256=digest,
                 temperature=float(entry.get("temperature", 1.0)), fold=entry.get("fold"),
-                metrics=entry.get("metrics")))
+                metrics=entry.get("metrics"), member=entry.get("member"),
+                model=ModelConfig.model_validate(entry["model"]) if entry.get("model")
+                else None))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: unreadable ensemble manifest ({e})") from e
     if not members:
         raise CheckpointError(f"{path}: an ensemble without members")
+    if members[0].model is not None:
+        raise CheckpointError(f"{path}: the first member must be the pipeline's own network "
+                              "(its guard and explanations use it)")
     return tuple(members)
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from medvision.atomic import append_csv, write_text_atomic
 from medvision.audit.records import Auditor, items_digest, record_run
-from medvision.config import Pipeline, config_hash
+from medvision.config import Pipeline, config_hash, load_pipeline
 from medvision.errors import CheckpointError, ConfigError, DataError, MedvisionError
 from medvision.io.synthetic import count_synthetic
 from medvision.models import build_model, load_weights, save_weights, weights_sha256
@@ -317,6 +317,11 @@ def _train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str]
                               f"--fold {recorded}" if recorded is not None else
                               f"{run}: this run is not a cross-validation fold; resume it "
                               "without --fold")
+    if resume and (run / "pipeline.yaml").is_file():
+        trained = load_pipeline(run / "pipeline.yaml")
+        if trained.model != pipeline.model:
+            raise ConfigError(f"{run}: this run trains another network ({trained.model.name}); "
+                              "resume it with the pipeline (and --member) it was started with")
     if resume and (run / "state.json").is_file():
         state = load_training_state(run, model=model, optimizer=optimizer, scheduler=scheduler)
         if state.get("config_hash") != config_hash(pipeline):

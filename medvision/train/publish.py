@@ -88,15 +88,19 @@ def publish(run_dir: str | os.PathLike[str], target: str | os.PathLike[str], *,
 
 def publish_ensemble(run_dirs: list[str | os.PathLike[str]], target: str | os.PathLike[str], *,
                      split: DataSplit | None) -> dict[str, Any]:
-    """Ship the fold runs of a cross-validation (``train --fold I`` for each I) as one
-    ensemble bundle: every run's best weights with its own calibration temperature and its
-    fold's validation metric, and the OOD guard fitted for the first member on ``split``.
+    """Ship several runs as one ensemble bundle: the fold runs of a cross-validation
+    (``train --fold I`` for each I), or the members of an architecture ensemble (``train`` and
+    ``train --member I``, all on the pipeline's split). Each keeps its best weights, its own
+    calibration temperature and its validation metric; the OOD guard is fitted for the first
+    member (fold 0, or the pipeline's own network) on ``split``.
 
-    Returns a summary with the per-fold metric, its mean and standard deviation.
+    Returns a summary with the per-run metric, its mean and standard deviation.
 
     Raises:
-        CheckpointError: a run without weights or without a fold.
-        ConfigError: runs of different folds settings, a fold twice, or a pipeline mismatch.
+        CheckpointError: a run without weights, or not a finished run.
+        ConfigError: a run that is neither a fold nor a member of the pipeline, folds and
+            members mixed, a fold or member twice, members of different splits, or a
+            pipeline mismatch.
     """
     import json
 
@@ -104,35 +108,56 @@ def publish_ensemble(run_dirs: list[str | os.PathLike[str]], target: str | os.Pa
 
     folder = Path(target)
     pipeline = load_pipeline(folder)
-    members = []
+    runs: list[tuple[str, int, Any, EnsembleMember]] = []
     for run_dir in run_dirs:
         run = Path(run_dir)
         if not (run / RUN_WEIGHTS_FILE).is_file():
             raise CheckpointError(f"{run}: no {RUN_WEIGHTS_FILE} to publish")
         try:
-            fold_info = json.loads((run / "split.json").read_text())
+            recorded = json.loads((run / "split.json").read_text())
             state = json.loads((run / "state.json").read_text())
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{run}: not a finished training run ({e})") from e
-        if fold_info.get("fold") is None:
-            raise CheckpointError(f"{run}: not a cross-validation fold run (train --fold I)")
         trained = ModelBundle.load(run, weights=run / RUN_WEIGHTS_FILE)
-        for part in ("model", "classes", "preprocess", "in_channels", "spatial_dims"):
+        fold = recorded.get("fold")
+        index = int(fold) if fold is not None else pipeline.member_index(trained.pipeline.model)
+        if index is None:
+            raise ConfigError(f"{run}: neither a cross-validation fold run (train --fold I) nor "
+                              f"a member of {folder}'s ensemble (its network is not the "
+                              "pipeline's model nor one of its members)")
+        kind = "fold" if fold is not None else "member"
+        parts = ["classes", "preprocess", "in_channels", "spatial_dims"]
+        for part in parts + (["model"] if kind == "fold" else []):
             if getattr(trained.pipeline, part) != getattr(pipeline, part):
                 raise ConfigError(f"{run}: trained with a different '{part}' than {folder}")
         metric = trained.pipeline.validation_metric
-        members.append((int(fold_info["fold"]), int(fold_info["folds"]), EnsembleMember(
+        runs.append((kind, index, recorded, EnsembleMember(
             weights=trained.weights, weights_sha256=trained.weights_sha256,
-            temperature=trained.temperature, fold=int(fold_info["fold"]),
+            temperature=trained.temperature, fold=None if fold is None else index,
+            member=index if kind == "member" else None,
+            model=trained.pipeline.model if kind == "member" and index else None,
             metrics={metric: float(state["best_metric"])} if state.get("best_metric")
             is not None else None)))
-    folds = {f for _, f, _ in members}
-    order = [f for f, _, _ in members]
-    if len(folds) != 1 or len(set(order)) != len(order):
-        raise ConfigError("the runs must be distinct folds of one cross-validation "
-                          f"(folds {sorted(order)} of {sorted(folds)})")
-    members.sort(key=lambda m: m[0])
-    ordered = tuple(m for _, _, m in members)
+    kinds = {kind for kind, _, _, _ in runs}
+    order = [index for _, index, _, _ in runs]
+    if len(kinds) != 1:
+        raise ConfigError("an ensemble is either the fold runs of one cross-validation or the "
+                          "members of one architecture ensemble, not both")
+    kind = kinds.pop()
+    if kind == "fold":
+        folds = {int(recorded["folds"]) for _, _, recorded, _ in runs}
+        if len(folds) != 1 or len(set(order)) != len(order):
+            raise ConfigError("the runs must be distinct folds of one cross-validation "
+                              f"(folds {sorted(order)} of {sorted(folds)})")
+    else:
+        if len(set(order)) != len(order) or 0 not in order:
+            raise ConfigError("the runs must be distinct members of the ensemble, member 0 (the "
+                              f"pipeline's own model) among them (got members {sorted(order)})")
+        if len({json.dumps(recorded.get("val_groups")) for _, _, recorded, _ in runs}) != 1:
+            raise ConfigError("the members were validated on different splits; train every "
+                              "member on the pipeline's split (same data, data.split_seed)")
+    runs.sort(key=lambda r: r[1])
+    ordered = tuple(member for _, _, _, member in runs)
     guard = None
     if split is not None and pipeline.qc.feature_layer:
         guard = fit_guard(pipeline, ordered[0].weights, split)
@@ -145,13 +170,19 @@ def publish_ensemble(run_dirs: list[str | os.PathLike[str]], target: str | os.Pa
     saved = ModelBundle.load(folder)  # what ships: the stored (maybe float16) members
     values = [next(iter(m.metrics.values())) for m in ordered if m.metrics]
     summary: dict[str, Any] = {
-        "ensemble": str(manifest), "members": len(ordered), "folds": folds.pop(),
+        "ensemble": str(manifest), "members": len(ordered),
         "weights_sha256": saved.weights_sha256,
-        "bytes": sum(m.weights.stat().st_size for m in saved.members),
-        "fold_metrics": {f"fold {m.fold}": m.metrics for m in ordered}}
+        "bytes": sum(m.weights.stat().st_size for m in saved.members)}
+    if kind == "fold":
+        summary["folds"] = int(runs[0][2]["folds"])
+        summary["fold_metrics"] = {f"fold {m.fold}": m.metrics for m in ordered}
+    else:
+        summary["member_metrics"] = {
+            f"member {m.member} ({(m.model or pipeline.model).name})": m.metrics
+            for m in ordered}
     if values:
-        summary["fold_metric_mean"] = float(np.mean(values))
-        summary["fold_metric_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        summary[f"{kind}_metric_mean"] = float(np.mean(values))
+        summary[f"{kind}_metric_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
     if guard is not None:
         summary["ood"] = guard.describe()
     return summary

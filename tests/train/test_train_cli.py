@@ -14,16 +14,7 @@ from medvision.config import load_pipeline
 from medvision.errors import ConfigError
 from medvision.train import discover_items, split_items
 
-from conftest import chest_subset
-
-
-def _hippocampus_subset(shared_data: Path, root: Path, cases: slice) -> Path:
-    """Some hippocampus image/label pairs (by sorted name), as symbolic links under ``root``."""
-    for sub in ("images", "labels"):
-        (root / sub).mkdir(parents=True)
-        for path in sorted((shared_data / "hippocampus" / sub).glob("*.nii.gz"))[cases]:
-            (root / sub / path.name).symlink_to(path)
-    return root
+from conftest import chest_subset, hippocampus_subset
 
 
 def test_chest_split_is_grouped_by_patient(shared_data: Path) -> None:
@@ -96,7 +87,7 @@ def test_train_then_evaluate_classification(shared_data: Path, tmp_path: Path, c
 
 
 def test_train_then_evaluate_segmentation(shared_data: Path, tmp_path: Path) -> None:
-    data = _hippocampus_subset(shared_data, tmp_path / "hippo", slice(0, 5))
+    data = hippocampus_subset(shared_data, tmp_path / "hippo", slice(0, 5))
     run = tmp_path / "run"
     assert main(["train", "hippocampus-seg", "--data", str(data), "-o", str(run),
                  "--epochs", "1"]) == 0
@@ -270,7 +261,7 @@ def test_evaluate_explain_scores_saliency_inside_the_truth(shared_data: Path,
                                                            tmp_path: Path) -> None:
     """The shipped hippocampus model's saliency lies mostly inside the true hippocampus: far
     above the share a map spread evenly would get (the region's share of the image)."""
-    data = _hippocampus_subset(shared_data, tmp_path / "hippo", slice(-4, None))
+    data = hippocampus_subset(shared_data, tmp_path / "hippo", slice(-4, None))
     out = tmp_path / "eval"
     assert main(["evaluate", "hippocampus-seg", "--data", str(data), "-o", str(out),
                  "--explain"]) == 0
@@ -291,7 +282,7 @@ def test_deep_supervision_trains_and_predicts_one_output(shared_data: Path,
     from medvision.models import build_model
     from medvision.train.loop import _init_from, _loss, supervised_loss
 
-    data = _hippocampus_subset(shared_data, tmp_path / "hippo", slice(0, 5))
+    data = hippocampus_subset(shared_data, tmp_path / "hippo", slice(0, 5))
     folder = tmp_path / "hippo-ds"
     folder.mkdir()
     repo = Path(__file__).resolve().parents[2]
