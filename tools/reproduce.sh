@@ -19,7 +19,9 @@ print(p.training.folds or 0, len(p.members))' "$pipeline")
 train() {  # RUN [--fold I]
   local run=$1
   shift
-  if [ -f "$run/calibration.json" ]; then
+  if "$bin/python" -c 'import json, sys
+sys.exit(0 if json.load(open(sys.argv[1])).get("finished") else 1)' "$run/state.json" 2>/dev/null \
+     || [ -f "$run/calibration.json" ]; then
     echo "$run: trained already"
     return
   fi

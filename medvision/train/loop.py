@@ -348,7 +348,9 @@ def _train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str]
     train_loader = _loader(pipeline, train_ds, train=True, labels=labels)
     val_loader = _loader(pipeline, val_ds, train=False, labels=[])
 
-    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+    if state.get("early_stopped"):  # resuming an early-stopped run trains no further
+        log.info("%s: stopped early after epoch %d", run, state["epoch"])
+    for epoch in range(state["epoch"] + 1, 0 if state.get("early_stopped") else cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
         running, seen, waiting = 0.0, 0, 0.0
@@ -401,6 +403,10 @@ def _train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str]
         if (cfg.early_stopping_patience and state["stale_epochs"] >= cfg.early_stopping_patience
                 and epoch <= cfg.epochs - cfg.swa_epochs):
             log.info("early stopping after epoch %d", epoch)
+            state["early_stopped"] = True
+            write_text_atomic(run / "state.json", json.dumps(
+                {**json.loads((run / "state.json").read_text()), "early_stopped": True},
+                indent=2))
             break
     if not (run / "best.safetensors").exists() and not (run / BEST_EPOCH_FILE).exists():
         save_weights(model, run / "best.safetensors")
@@ -415,6 +421,10 @@ def _train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str]
                 k: state[k] for k in ("swa", "best_metric", "seconds")}}, indent=2))
     if pipeline.task == "classification":
         _calibrate(model, run, val_loader)
+    if not state.get("finished"):
+        state["finished"] = True
+        write_text_atomic(run / "state.json", json.dumps(
+            {**json.loads((run / "state.json").read_text()), "finished": True}, indent=2))
     return TrainResult(run_dir=run, epochs_run=state["epoch"], best_epoch=state["best_epoch"],
                        best_metric=float(state["best_metric"] or float("nan")),
                        history=tuple(state["history"]),

@@ -153,6 +153,9 @@ def publish_ensemble(run_dirs: list[str | os.PathLike[str]], target: str | os.Pa
         if len(set(order)) != len(order) or 0 not in order:
             raise ConfigError("the runs must be distinct members of the ensemble, member 0 (the "
                               f"pipeline's own model) among them (got members {sorted(order)})")
+        missing = sorted(set(range(len(pipeline.members) + 1)) - set(order))
+        if missing:
+            log.warning("publishing without member(s) %s of %s", missing, pipeline.name)
         if len({json.dumps(recorded.get("val_groups")) for _, _, recorded, _ in runs}) != 1:
             raise ConfigError("the members were validated on different splits; train every "
                               "member on the pipeline's split (same data, data.split_seed)")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import chest_subset
+from conftest import chest_subset, hippocampus_subset
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,3 +44,52 @@ def test_reproduce_trains_each_fold_once_and_ships_the_ensemble(shared_data: Pat
     assert again.stdout.count("trained already") == 2
     assert (tmp_path / "runs" / "chest-folds" / "fold0" / "last.safetensors").stat(
     ).st_mtime_ns == stamp
+
+
+def test_reproduce_trains_each_member_once_and_ships_the_ensemble(shared_data: Path,
+                                                                  tmp_path: Path) -> None:
+    from medvision.models import ModelBundle
+
+    folder = tmp_path / "hippo-members"
+    folder.mkdir()
+    settings = yaml.safe_load((REPO / "pipelines" / "hippocampus-seg" / "pipeline.yaml")
+                              .read_text())
+    settings.update(name="hippo-members", model={"name": "unet", "params": {
+        "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1}}, qc={})
+    settings["members"] = [{"model": {"name": "segresnet", "params": {"init_filters": 8}},
+                            "training": {"epochs": 2}}]
+    settings["training"].update(epochs=1, early_stopping_patience=None)
+    (folder / "pipeline.yaml").write_text(yaml.safe_dump(settings))
+    data = hippocampus_subset(shared_data, tmp_path / "data", slice(0, 8))
+    runs = tmp_path / "runs" / "hippo-members"
+    command = ["bash", str(REPO / "tools" / "reproduce.sh"), str(folder), str(data),
+               str(tmp_path / "runs")]
+    env = {"BIN": str(Path(sys.executable).parent), "PATH": "/usr/bin:/bin"}
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    bundle = ModelBundle.load(folder)
+    assert [m.member for m in bundle.members] == [0, 1]
+    assert bundle.members[1].model is not None and bundle.members[1].model.name == "segresnet"
+    for i, epochs in ((0, 1), (1, 2)):
+        state = json.loads((runs / f"member{i}" / "state.json").read_text())
+        assert state["finished"] and state["epoch"] == epochs
+    val = json.loads((tmp_path / "runs" / "hippo-members-eval-val" / "metrics.json").read_text())
+    assert val["n"] == 2 and set(val["dice_per_class"]) == {"anterior", "posterior"}
+    stamp = (runs / "member1" / "best.safetensors").stat().st_mtime_ns
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("trained already") == 2
+    assert (runs / "member1" / "best.safetensors").stat().st_mtime_ns == stamp
+
+    # an early-stopped run resumed trains no further, even with epochs left
+    state = json.loads((runs / "member1" / "state.json").read_text())
+    state.update(epoch=1, early_stopped=True)
+    (runs / "member1" / "state.json").write_text(json.dumps(state))
+    rows = (runs / "member1" / "metrics.csv").read_text().count("\n")
+    resumed = subprocess.run(
+        [str(Path(sys.executable).parent / "medvision"), "-v", "train", str(folder), "--data",
+         str(data), "-o", str(runs / "member1"), "--member", "1", "--resume"],
+        capture_output=True, text=True, env=env, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "stopped early after epoch 1" in resumed.stderr
+    assert (runs / "member1" / "metrics.csv").read_text().count("\n") == rows
