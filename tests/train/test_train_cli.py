@@ -288,7 +288,7 @@ def test_deep_supervision_trains_and_predicts_one_output(shared_data: Path,
     repo = Path(__file__).resolve().parents[2]
     settings = yaml.safe_load((repo / "pipelines" / "hippocampus-seg" / "pipeline.yaml")
                               .read_text())
-    settings.update(name="hippo-ds", model={"name": "dynunet", "params": {
+    settings.update(name="hippo-ds", members=[], model={"name": "dynunet", "params": {
         "kernel_size": [3, 3, 3, 3], "strides": [1, 2, 2, 2], "upsample_kernel_size": [2, 2, 2],
         "filters": [8, 16, 32, 64], "deep_supervision": True, "deep_supr_num": 2}})
     settings["qc"] = {}
