@@ -70,8 +70,13 @@ def test_every_shipped_pipeline_loads_with_its_weights_and_card(folder: str) -> 
     assert bundle.card is not None
     assert bundle.card.splitlines()[0] == f"# {pipeline.name} {pipeline.version}", (
         "the model card describes another version than pipeline.yaml")
-    # `make model-*` reproduces what ships: k folds give a k-member ensemble, no folds one model
-    assert len(bundle.members) == (pipeline.training.folds or 0)
+    # `make model-*` reproduces what ships: k folds give a k-member ensemble, n members an
+    # n+1-member one (each member's network as the pipeline names it), else one model
+    if pipeline.members:
+        assert [m.member for m in bundle.members] == list(range(len(pipeline.members) + 1))
+        assert [m.model for m in bundle.members[1:]] == [m.model for m in pipeline.members]
+    else:
+        assert len(bundle.members) == (pipeline.training.folds or 0)
     for weights in (ROOT / "pipelines" / folder).glob("*.safetensors"):
         assert weights.stat().st_size < 25 * 1024 * 1024, f"{weights.name}: over 25 MB"
 
