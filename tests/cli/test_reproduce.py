@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -15,22 +16,31 @@ from conftest import chest_subset, hippocampus_subset
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _shipped_settings(name: str) -> dict[str, Any]:
+    return yaml.safe_load((REPO / "pipelines" / name / "pipeline.yaml").read_text())
+
+
+def _reproduce(folder: Path, data: Path, runs: Path) -> subprocess.CompletedProcess[str]:
+    """`tools/reproduce.sh` as the make targets call it (checked to succeed)."""
+    done = subprocess.run(
+        ["bash", str(REPO / "tools" / "reproduce.sh"), str(folder), str(data), str(runs)],
+        capture_output=True, text=True, timeout=900,
+        env={"BIN": str(Path(sys.executable).parent), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def test_reproduce_trains_each_fold_once_and_ships_the_ensemble(shared_data: Path,
                                                                  tmp_path: Path) -> None:
     folder = tmp_path / "chest-folds"
     folder.mkdir()
-    settings = yaml.safe_load((REPO / "pipelines" / "chest-xray-pneumonia" / "pipeline.yaml")
-                              .read_text())
+    settings = _shipped_settings("chest-xray-pneumonia")
     settings["name"] = "chest-folds"
     settings["preprocess"]["size"] = [32, 32]
     settings["training"].update(epochs=1, batch_size=4, folds=2, swa_epochs=0)
     (folder / "pipeline.yaml").write_text(yaml.safe_dump(settings))
     data = chest_subset(shared_data, tmp_path / "data", per_class=6)
-    command = ["bash", str(REPO / "tools" / "reproduce.sh"), str(folder), str(data),
-               str(tmp_path / "runs")]
-    env = {"BIN": str(Path(sys.executable).parent), "PATH": "/usr/bin:/bin"}
-    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
-    assert first.returncode == 0, first.stderr[-3000:]
+    _reproduce(folder, data, tmp_path / "runs")
     ensemble = json.loads((folder / "ensemble.json").read_text())
     assert len(ensemble["members"]) == 2
     for i in (0, 1):
@@ -39,8 +49,7 @@ def test_reproduce_trains_each_fold_once_and_ships_the_ensemble(shared_data: Pat
     assert set(oof["per_fold"]) >= {"fold 0", "fold 1"}
     assert oof["n"] == sum(oof["per_fold"][f"fold {i}"]["n"] for i in (0, 1))
     stamp = (tmp_path / "runs" / "chest-folds" / "fold0" / "last.safetensors").stat().st_mtime_ns
-    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
-    assert again.returncode == 0, again.stderr[-3000:]
+    again = _reproduce(folder, data, tmp_path / "runs")
     assert again.stdout.count("trained already") == 2
     assert (tmp_path / "runs" / "chest-folds" / "fold0" / "last.safetensors").stat(
     ).st_mtime_ns == stamp
@@ -52,8 +61,7 @@ def test_reproduce_trains_each_member_once_and_ships_the_ensemble(shared_data: P
 
     folder = tmp_path / "hippo-members"
     folder.mkdir()
-    settings = yaml.safe_load((REPO / "pipelines" / "hippocampus-seg" / "pipeline.yaml")
-                              .read_text())
+    settings = _shipped_settings("hippocampus-seg")
     settings.update(name="hippo-members", model={"name": "unet", "params": {
         "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1}}, qc={})
     settings["members"] = [{"model": {"name": "segresnet", "params": {"init_filters": 8}},
@@ -62,11 +70,7 @@ def test_reproduce_trains_each_member_once_and_ships_the_ensemble(shared_data: P
     (folder / "pipeline.yaml").write_text(yaml.safe_dump(settings))
     data = hippocampus_subset(shared_data, tmp_path / "data", slice(0, 8))
     runs = tmp_path / "runs" / "hippo-members"
-    command = ["bash", str(REPO / "tools" / "reproduce.sh"), str(folder), str(data),
-               str(tmp_path / "runs")]
-    env = {"BIN": str(Path(sys.executable).parent), "PATH": "/usr/bin:/bin"}
-    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
-    assert first.returncode == 0, first.stderr[-3000:]
+    _reproduce(folder, data, tmp_path / "runs")
     bundle = ModelBundle.load(folder)
     assert [m.member for m in bundle.members] == [0, 1]
     assert bundle.members[1].model is not None and bundle.members[1].model.name == "segresnet"
@@ -76,8 +80,7 @@ def test_reproduce_trains_each_member_once_and_ships_the_ensemble(shared_data: P
     val = json.loads((tmp_path / "runs" / "hippo-members-eval-val" / "metrics.json").read_text())
     assert val["n"] == 2 and set(val["dice_per_class"]) == {"anterior", "posterior"}
     stamp = (runs / "member1" / "best.safetensors").stat().st_mtime_ns
-    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
-    assert again.returncode == 0, again.stderr[-3000:]
+    again = _reproduce(folder, data, tmp_path / "runs")
     assert again.stdout.count("trained already") == 2
     assert (runs / "member1" / "best.safetensors").stat().st_mtime_ns == stamp
 
@@ -89,7 +92,8 @@ def test_reproduce_trains_each_member_once_and_ships_the_ensemble(shared_data: P
     resumed = subprocess.run(
         [str(Path(sys.executable).parent / "medvision"), "-v", "train", str(folder), "--data",
          str(data), "-o", str(runs / "member1"), "--member", "1", "--resume"],
-        capture_output=True, text=True, env=env, timeout=900)
+        capture_output=True, text=True, timeout=900,
+        env={"BIN": str(Path(sys.executable).parent), "PATH": "/usr/bin:/bin"})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "stopped early after epoch 1" in resumed.stderr
     assert (runs / "member1" / "metrics.csv").read_text().count("\n") == rows
