@@ -159,7 +159,13 @@ def pipeline_info(predictor: Predictor) -> PipelineInfo:
     return PipelineInfo(name=pipeline.name, version=pipeline.version, task=str(pipeline.task),
                         weights_sha256=predictor.weights_sha256,
                         config_hash=config_hash(pipeline), temperature=predictor.temperature,
-                        backend=predictor.backend_name)
+                        backend=predictor.backend_name, members=tuple(
+                            {"weights": m.weights.name, "weights_sha256": m.weights_sha256,
+                             "network": (m.model or pipeline.model).name,
+                             "temperature": m.temperature,
+                             **({"fold": m.fold} if m.fold is not None else {}),
+                             **({"member": m.member} if m.member is not None else {})}
+                            for m in predictor.bundle.members))
 
 
 def _sources(entry: SourceEntry, volume: Volume) -> tuple[Any, ...]:

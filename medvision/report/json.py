@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SCHEMA_VERSION", "load_schema", "render_json", "to_document", "validate_report"]
 
-SCHEMA_VERSION = "1.3.0"
+SCHEMA_VERSION = "1.4.0"
 
 
 @lru_cache(maxsize=1)
@@ -69,6 +69,8 @@ def to_document(report: StudyReport) -> dict[str, Any]:
     pipeline = {"name": p.name, "version": p.version, "task": p.task,
                 "weights_sha256": p.weights_sha256, "config_hash": p.config_hash,
                 "temperature": p.temperature, "backend": p.backend}
+    if p.members:
+        pipeline["members"] = [dict(m) for m in p.members]
     files = report.files
     prediction: dict[str, Any] | None = None
     if report.prediction is not None:

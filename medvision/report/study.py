@@ -77,6 +77,8 @@ class PipelineInfo:
     config_hash: str
     temperature: float
     backend: str
+    members: tuple[Mapping[str, Any], ...] = ()
+    """An ensemble's members: weights file, its SHA-256, network, temperature, fold or member."""
 
 
 @dataclass(frozen=True)

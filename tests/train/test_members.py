@@ -149,6 +149,16 @@ def test_member_runs_become_an_architecture_ensemble(
                                atol=1e-5)
     assert saliency.params["members"] == 2
 
+    # the report names every member: weights, SHA-256, network (schema-validated by analyze)
+    assert main(["analyze", str(case), "--pipeline", str(folder), "-o",
+                 str(tmp_path / "analysis")]) == 0
+    report = json.loads(next((tmp_path / "analysis").rglob("report.json")).read_text())
+    assert report["pipeline"]["weights_sha256"] == bundle.weights_sha256
+    assert [(m["weights"], m["network"], m["member"]) for m in report["pipeline"]["members"]] \
+        == [("model.safetensors", "unet", 0), ("member-1.safetensors", "dynunet", 1)]
+    assert [m["weights_sha256"] for m in report["pipeline"]["members"]] == [
+        m.weights_sha256 for m in bundle.members]
+
     # runs that cannot ship together
     other = tmp_path / "other-split"
     assert main(["train", str(folder), "--data", str(data), "-o", str(other), "--member", "1",
