@@ -146,22 +146,20 @@ class ModelBundle:
                    calibration=calibration, guard=FeatureGuard.load(path),
                    card=card.read_text() if card.is_file() else None, folder=folder)
 
-    def build_network(self, weights: Path | None = None) -> Any:
-        """The network with these weights (or ``weights``) loaded, in eval mode."""
-        model = build_model(self.pipeline)
-        load_weights(model, weights or self.weights)
-        model.eval()
-        return model
+    def build_network(self, weights: Path | None = None, *,
+                      model: ModelConfig | None = None) -> Any:
+        """The network (the pipeline's, or ``model``) with these weights (or ``weights``)
+        loaded, in eval mode."""
+        pipeline = self.pipeline if model is None else self.pipeline.model_copy(
+            update={"model": model})
+        network = build_model(pipeline)
+        load_weights(network, weights or self.weights)
+        network.eval()
+        return network
 
     def member_network(self, member: EnsembleMember) -> Any:
-        """An ensemble member's network (its own architecture where it has one) with its
-        weights loaded, in eval mode."""
-        pipeline = self.pipeline if member.model is None else self.pipeline.model_copy(
-            update={"model": member.model})
-        model = build_model(pipeline)
-        load_weights(model, member.weights)
-        model.eval()
-        return model
+        """An ensemble member's network (its own architecture where it has one)."""
+        return self.build_network(member.weights, model=member.model)
 
     def save_ensemble(self, folder: str | os.PathLike[str]) -> Path:
         """Write an ensemble's members (``model.safetensors``, ``fold-1.safetensors``...,

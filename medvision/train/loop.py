@@ -348,9 +348,11 @@ def _train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str]
     train_loader = _loader(pipeline, train_ds, train=True, labels=labels)
     val_loader = _loader(pipeline, val_ds, train=False, labels=[])
 
+    last_epoch = cfg.epochs
     if state.get("early_stopped"):  # resuming an early-stopped run trains no further
         log.info("%s: stopped early after epoch %d", run, state["epoch"])
-    for epoch in range(state["epoch"] + 1, 0 if state.get("early_stopped") else cfg.epochs + 1):
+        last_epoch = state["epoch"]
+    for epoch in range(state["epoch"] + 1, last_epoch + 1):
         model.train()
         t0 = time.perf_counter()
         running, seen, waiting = 0.0, 0, 0.0
@@ -404,9 +406,7 @@ def _train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str]
                 and epoch <= cfg.epochs - cfg.swa_epochs):
             log.info("early stopping after epoch %d", epoch)
             state["early_stopped"] = True
-            write_text_atomic(run / "state.json", json.dumps(
-                {**json.loads((run / "state.json").read_text()), "early_stopped": True},
-                indent=2))
+            _update_state(run, early_stopped=True)
             break
     if not (run / "best.safetensors").exists() and not (run / BEST_EPOCH_FILE).exists():
         save_weights(model, run / "best.safetensors")
@@ -416,21 +416,24 @@ def _train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str]
                                        count=state["swa_count"])
         state["best_metric"] = state["swa"][metric]
         state["seconds"] = state.get("seconds", 0.0) + time.perf_counter() - t0
-        write_text_atomic(run / "state.json", json.dumps(
-            {**json.loads((run / "state.json").read_text()), **{
-                k: state[k] for k in ("swa", "best_metric", "seconds")}}, indent=2))
+        _update_state(run, **{k: state[k] for k in ("swa", "best_metric", "seconds")})
     if pipeline.task == "classification":
         _calibrate(model, run, val_loader)
     if not state.get("finished"):
         state["finished"] = True
-        write_text_atomic(run / "state.json", json.dumps(
-            {**json.loads((run / "state.json").read_text()), "finished": True}, indent=2))
+        _update_state(run, finished=True)
     return TrainResult(run_dir=run, epochs_run=state["epoch"], best_epoch=state["best_epoch"],
                        best_metric=float(state["best_metric"] or float("nan")),
                        history=tuple(state["history"]),
                        seconds=float(state.get("seconds", 0.0)), skipped=tuple(skipped),
                        averaged_epochs=int(state.get("swa_count") or 0) if "swa" in state
                        else 0)
+
+
+def _update_state(run: Path, **values: Any) -> None:
+    """Set keys of the run's ``state.json`` (atomically), keeping the others."""
+    path = run / "state.json"
+    write_text_atomic(path, json.dumps({**json.loads(path.read_text()), **values}, indent=2))
 
 
 def _readable_split(split: DataSplit) -> tuple[DataSplit, list[tuple[str, str]]]:

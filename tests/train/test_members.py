@@ -16,7 +16,7 @@ import yaml
 
 from medvision.cli.main import main
 from medvision.config import Pipeline, load_pipeline
-from medvision.errors import ConfigError
+from medvision.errors import CheckpointError, ConfigError
 from medvision.io import read_volume
 
 from conftest import hippocampus_subset
@@ -113,6 +113,18 @@ def test_member_runs_become_an_architecture_ensemble(
     plain = ensemble_digest([m.__class__(weights=m.weights, weights_sha256=m.weights_sha256)
                              for m in bundle.members])
     assert plain != bundle.weights_sha256  # the member's network is part of the name
+
+    # a manifest whose networks are malformed, or whose first member is not the pipeline's own
+    # network, is refused with the reason
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    for change, message in ((lambda e: e[1].update(model={"name": 5}), "unreadable ensemble"),
+                            (lambda e: e[0].update(model=e[1]["model"]), "first member must")):
+        entries = [dict(m) for m in manifest]
+        change(entries)
+        (broken / "ensemble.json").write_text(json.dumps({"members": entries}))
+        with pytest.raises(CheckpointError, match=message):
+            ModelBundle.load(broken)
 
     # the ensemble's probabilities are the mean of the two networks'
     predictor = Predictor.from_pipeline(folder)
