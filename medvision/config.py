@@ -239,6 +239,8 @@ class MemberConfig(_Strict):
     """The member's network (different from the pipeline's and the other members')."""
     training: dict[str, Any] = Field(default_factory=dict)
     """Keys of ``training`` that differ for this member (epochs, swa_epochs, threads...)."""
+    augment: AugmentConfig | None = None
+    """This member's augmentation, whole, in place of the pipeline's (None: the pipeline's)."""
 
 
 class InferenceConfig(_Strict):
@@ -522,7 +524,8 @@ class Pipeline(_Strict):
 
     def member(self, index: int) -> Pipeline:
         """The pipeline that trains member ``index``: a plain pipeline (no ``members``) with
-        this one's network (0) or ``members[I-1]``'s network and training settings (``I``).
+        this one's network (0) or ``members[I-1]``'s network, training settings and
+        augmentation (``I``).
 
         Raises:
             ConfigError: no such member, or training settings that do not validate.
@@ -542,7 +545,8 @@ class Pipeline(_Strict):
             raise ConfigError(f"members[{index - 1}].training: swa_epochs "
                               f"({training.swa_epochs}) must be fewer than epochs "
                               f"({training.epochs})")
-        return self.model_copy(update={"model": spec.model, "training": training, "members": []})
+        return self.model_copy(update={"model": spec.model, "training": training, "members": [],
+                                       "augment": spec.augment or self.augment})
 
     def member_index(self, model: ModelConfig) -> int | None:
         """Which member trains ``model`` (None: none of them)."""

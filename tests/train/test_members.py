@@ -52,12 +52,18 @@ def test_members_are_checked_where_the_pipeline_is_read() -> None:
     assert pipeline.member_index(pipeline.model) == 0
     with pytest.raises(ConfigError, match="there is no member 2"):
         pipeline.member(2)
+    assert member.augment == pipeline.augment  # the pipeline's unless the member says
+    own = Pipeline.model_validate({**settings, "members": [
+        {"model": DYNUNET, "augment": {"prob": 0.3, "rotate_degrees": 30}}]})
+    assert own.member(1).augment.rotate_degrees == 30 and own.member(1).augment.flip_axes == ()
+    assert own.member(0).augment == own.augment != own.member(1).augment
     bad: list[tuple[dict[str, Any], str]] = [
         ({"training": {**settings["training"], "folds": 3}}, "cannot be combined"),
         ({"members": [{"model": UNET}]}, "repeats an earlier network"),
         ({"members": [{"model": DYNUNET, "training": {"swa_epochs": 5}}]},
          "swa_epochs .5. must be fewer than epochs"),
         ({"members": [{"model": DYNUNET, "training": {"batch_sise": 2}}]}, "batch_sise"),
+        ({"members": [{"model": DYNUNET, "augment": {"rotate": 2}}]}, "rotate"),
         ({"explanation": {"method": "gradcam", "layer": "model.1"}},
          "explanation.members: first"),
     ]
