@@ -24,17 +24,25 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "Statistic",
+    "auc_statistic",
+    "balanced_accuracy_statistic",
     "binary_auc",
     "bootstrap_interval",
     "classification_metrics",
     "detection_metrics",
     "match_detections",
     "expected_calibration_error",
+    "paired_difference",
+    "recall_statistic",
     "segmentation_metrics",
     "wilson",
 ]
 
 BOOTSTRAP_ROUNDS = 2000
+
+#: A metric of a resample: case indices in, one value out (what the bootstrap resamples).
+Statistic = Callable[[np.ndarray], float]
 
 
 def wilson(successes: int, total: int) -> dict[str, Any]:
@@ -103,6 +111,43 @@ def binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float(value)
 
 
+def auc_statistic(probs: np.ndarray, truth: np.ndarray) -> Statistic:
+    """AUC of the chosen cases: the last class's for two classes, else the mean of each
+    class's one-vs-rest AUC."""
+    k = probs.shape[1]
+
+    def auc(index: np.ndarray) -> float:
+        if k == 2:
+            return binary_auc(probs[index, 1], truth[index] == 1)
+        return float(np.nanmean([binary_auc(probs[index, c], truth[index] == c)
+                                 for c in range(k)]))
+
+    return auc
+
+
+def recall_statistic(pred: np.ndarray, truth: np.ndarray, c: int) -> Statistic:
+    """Share of the chosen class-``c`` cases predicted as ``c`` (NaN when there is none)."""
+    def recall(index: np.ndarray) -> float:
+        mask = truth[index] == c
+        return float(np.mean(pred[index][mask] == c)) if mask.any() else float("nan")
+
+    return recall
+
+
+def balanced_accuracy_statistic(pred: np.ndarray, truth: np.ndarray, k: int) -> Statistic:
+    """Mean of the ``k`` classes' recalls over the chosen cases."""
+    recalls = [recall_statistic(pred, truth, c) for c in range(k)]
+    return lambda index: float(np.nanmean([recall(index) for recall in recalls]))
+
+
+def paired_difference(first: Statistic, second: Statistic) -> Statistic:
+    """``second - first`` on the same chosen cases (the paired difference to bootstrap)."""
+    def difference(index: np.ndarray) -> float:
+        return second(index) - first(index)
+
+    return difference
+
+
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
     """ECE of the top-class confidence over equal-width bins."""
     confidence = probs.max(axis=1)
@@ -167,10 +212,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, classes: Seque
             return per_class(idx, 1)[which]
         return float(np.nanmean([per_class(idx, c)[which] for c in range(k)]))
 
-    def auc(idx: np.ndarray) -> float:
-        if k == 2:
-            return binary_auc(probs[idx, 1], labels[idx] == 1)
-        return float(np.nanmean([binary_auc(probs[idx, c], labels[idx] == c) for c in range(k)]))
+    auc = auc_statistic(probs, labels)
 
     n = len(labels)
     strata = [np.flatnonzero(labels == c) for c in range(k)]

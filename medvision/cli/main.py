@@ -21,6 +21,7 @@ from medvision._version import __version__
 from medvision.cli import (
     analyze,
     audit,
+    compare,
     convert,
     deid,
     evaluate,
@@ -39,8 +40,8 @@ from medvision.errors import ConfigError, MedvisionError, MissingDependencyError
 __all__ = ["main"]
 
 SUBCOMMANDS: tuple[ModuleType, ...] = (info, convert, pipelines, plan, pretrain, train,
-                                        evaluate, publish, export, analyze, pacs, audit, deid,
-                                        synthesize)
+                                        evaluate, compare, publish, export, analyze, pacs,
+                                        audit, deid, synthesize)
 
 log = logging.getLogger("medvision")
 

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,14 @@ from medvision.atomic import write_text_atomic
 from medvision.audit.records import Auditor, items_digest
 from medvision.config import Pipeline, config_hash
 from medvision.errors import ConfigError
-from medvision.metrics import binary_auc, bootstrap_interval
+from medvision.metrics import (
+    Statistic,
+    auc_statistic,
+    balanced_accuracy_statistic,
+    bootstrap_interval,
+    paired_difference,
+    recall_statistic,
+)
 
 __all__ = ["Comparison", "compare_predictions", "run_experiment"]
 
@@ -61,32 +68,11 @@ class Comparison:
     minutes: dict[str, float]
 
 
-def _scores(probs: np.ndarray, labels: np.ndarray, scarce: int) -> dict[str, Callable[[np.ndarray], float]]:
+def _scores(probs: np.ndarray, labels: np.ndarray, scarce: int) -> dict[str, Statistic]:
     predicted = probs.argmax(axis=1)
-    classes = probs.shape[1]
-
-    def recall(idx: np.ndarray, c: int) -> float:
-        mask = labels[idx] == c
-        return float(np.mean(predicted[idx][mask] == c)) if mask.any() else float("nan")
-
-    def auc(idx: np.ndarray) -> float:
-        if classes == 2:
-            return binary_auc(probs[idx, 1], labels[idx] == 1)
-        return float(np.nanmean([binary_auc(probs[idx, c], labels[idx] == c)
-                                 for c in range(classes)]))
-
-    return {"scarce_recall": lambda idx: recall(idx, scarce),
-            "balanced_accuracy": lambda idx: float(np.nanmean([recall(idx, c)
-                                                               for c in range(classes)])),
-            "auc": auc}
-
-
-def _paired(before: Callable[[np.ndarray], float], after: Callable[[np.ndarray], float]
-            ) -> Callable[[np.ndarray], float]:
-    def difference(idx: np.ndarray) -> float:
-        return after(idx) - before(idx)
-
-    return difference
+    return {"scarce_recall": recall_statistic(predicted, labels, scarce),
+            "balanced_accuracy": balanced_accuracy_statistic(predicted, labels, probs.shape[1]),
+            "auc": auc_statistic(probs, labels)}
 
 
 def compare_predictions(baseline: np.ndarray, augmented: np.ndarray, labels: np.ndarray, *,
@@ -106,7 +92,7 @@ def compare_predictions(baseline: np.ndarray, augmented: np.ndarray, labels: np.
     for name in METRICS:
         for arm, scores in zip(arms, (first, second), strict=True):
             arm[name] = bootstrap_interval(scores[name], strata, seed=seed)
-        difference[name] = bootstrap_interval(_paired(first[name], second[name]), strata,
+        difference[name] = bootstrap_interval(paired_difference(first[name], second[name]), strata,
                                               seed=seed)
     return arms[0], arms[1], difference
 
