@@ -147,6 +147,7 @@ def _pairs(a: _Evaluation, b: _Evaluation) -> tuple[np.ndarray, np.ndarray, str]
     def unique(names: list[str]) -> bool:
         return all(names) and len(set(names)) == len(names)
 
+    named = unique(a.names) and unique(b.names)
     for how, key in (("path", str), ("file name", lambda n: n.replace("\\", "/")
                                                           .rsplit("/", 1)[-1])):
         first, second = [key(n) for n in a.names], [key(n) for n in b.names]
@@ -156,12 +157,13 @@ def _pairs(a: _Evaluation, b: _Evaluation) -> tuple[np.ndarray, np.ndarray, str]
             if both:
                 rows = np.array(both, dtype=int)
                 return rows[:, 0], rows[:, 1], how
-    if len(a.names) == len(b.names) and a.labels == b.labels:
+    # cases without unique names (arrays of an .npz file): only the same list, in order
+    if not named and len(a.names) == len(b.names) and a.labels == b.labels:
         order = np.arange(len(a.names))
         return order, order, "order"
     raise DataError(f"{a.folder} and {b.folder}: no case in common (cases are paired by path, "
-                    "then by file name, then by order when both list the same number of cases "
-                    "with the same labels)")
+                    "then by file name; cases without unique names only by order, when both "
+                    "list as many cases with the same labels)")
 
 
 def compare_evaluations(first: str | os.PathLike[str], second: str | os.PathLike[str], *,

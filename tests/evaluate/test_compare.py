@@ -67,6 +67,24 @@ def test_segmentation_ensemble_against_its_first_member(shared_data: Path, tmp_p
     assert (partial.n, partial.only_first, partial.only_second) == (3, 1, 0)
     assert partial.matched_by == "file name"
 
+    # other cases are never paired by their order; cases without names (arrays) only so
+    renamed = tmp_path / "renamed"
+    shutil.copytree(tmp_path / "single", renamed)
+    cases = (renamed / "cases.csv").read_text().splitlines()
+    (renamed / "cases.csv").write_text("\n".join(
+        [cases[0], *(f"other_{i}.nii.gz," + line.split(",", 1)[1]
+                     for i, line in enumerate(cases[1:]))]) + "\n")
+    with pytest.raises(DataError, match="no case in common"):
+        compare_evaluations(tmp_path / "single", renamed)
+    for folder in (renamed, tmp_path / "ensemble"):
+        lines = (folder / "cases.csv").read_text().splitlines()
+        (folder / "cases.csv").write_text("\n".join(
+            [lines[0], *("," + line.split(",", 1)[1] for line in lines[1:])]) + "\n")
+    unnamed = compare_evaluations(renamed, tmp_path / "ensemble")
+    assert unnamed.matched_by == "order" and unnamed.n == 4
+    assert unnamed.metrics[0].difference["value"] == pytest.approx(
+        dice["difference"]["value"], abs=1e-4)
+
 
 def test_classification_counts_discordant_cases(shared_data: Path, tmp_path: Path) -> None:
     data = chest_subset(shared_data, tmp_path / "data", per_class=6)
