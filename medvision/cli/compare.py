@@ -18,7 +18,7 @@ def add_parser(subparsers: Any) -> None:
         "compare", help="paired comparison of two evaluations of the same cases",
         description="Pairs the cases of two 'medvision evaluate' folders (by path, else by file "
                     "name) and gives every metric for A and B with the paired "
-                    "difference B - A: a bootstrap 95%% CI over the same resampled cases "
+                    "difference B - A: a bootstrap 95% CI over the same resampled cases "
                     "(within each class for classification), and how many cases each is "
                     "better on. Segmentation: mean and per-class Dice, HD95; classification: "
                     "accuracy, balanced accuracy, AUC, sensitivity and specificity (or each "

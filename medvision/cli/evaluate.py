@@ -18,7 +18,7 @@ def add_parser(subparsers: Any) -> None:
     """Register ``evaluate``."""
     parser = subparsers.add_parser(
         "evaluate", help="score a trained pipeline on labelled data",
-        description="Write metrics.json (every scalar with a bootstrap 95%% CI), plots and "
+        description="Write metrics.json (every scalar with a bootstrap 95% CI), plots and "
                     "summary.html. Uses the pipeline's shipped weights unless --weights is "
                     "given.")
     add_pipeline_argument(parser, what="the pipeline to evaluate")

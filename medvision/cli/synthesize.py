@@ -63,7 +63,7 @@ def add_parser(subparsers: Any) -> None:
                     "patients), train a generator on the training side, sample the scarce "
                     "class up to the largest, train the pipeline without and with the samples "
                     "and compare both on the same held-out items: recall of the scarce class, "
-                    "balanced accuracy, AUC, each difference with a paired BCa bootstrap 95%% "
+                    "balanced accuracy, AUC, each difference with a paired BCa bootstrap 95% "
                     "CI. Every step is resumable: run the same command again to continue.")
     add_pipeline_argument(experiment, what="the classification pipeline")
     experiment.add_argument("--data", required=True, help="labelled folder or .npz file")
