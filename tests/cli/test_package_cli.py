@@ -106,6 +106,17 @@ def test_common_options_after_the_subcommand(capsys: pytest.CaptureFixture[str])
     assert json.loads(capsys.readouterr().out)["series"]
 
 
+def test_every_help_page_reads_as_written() -> None:
+    """Each command's --help renders (no stray format codes such as a doubled percent sign)."""
+    from medvision.cli.main import _subparsers, build_parser
+
+    pages = [build_parser(), *_subparsers(build_parser())]
+    assert len(pages) > 20
+    for parser in pages:
+        text = parser.format_help()
+        assert "%%" not in text and "%(" not in text, parser.prog
+
+
 def test_python_dash_m_is_the_command(tmp_path: Path) -> None:
     out = subprocess.run([PYTHON, "-m", "medvision", "--version"], cwd=tmp_path,
                          capture_output=True, text=True, check=True).stdout
