@@ -34,6 +34,7 @@ __all__ = [
     "match_detections",
     "expected_calibration_error",
     "paired_difference",
+    "predicted_classes",
     "recall_statistic",
     "segmentation_metrics",
     "wilson",
@@ -109,6 +110,14 @@ def binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     value: Any = compute_roc_auc(torch.as_tensor(np.asarray(scores, dtype=np.float64)),
                                  torch.as_tensor(positive.astype(np.float64)))
     return float(value)
+
+
+def predicted_classes(probs: np.ndarray, threshold: float | None = 0.5) -> np.ndarray:
+    """The decision: for two classes the last one where its probability is at least
+    ``threshold``; for more (or no threshold) the arg-max."""
+    if probs.shape[1] == 2 and threshold is not None:
+        return (probs[:, 1] >= threshold).astype(int)
+    return probs.argmax(axis=1)
 
 
 def auc_statistic(probs: np.ndarray, truth: np.ndarray) -> Statistic:
@@ -196,10 +205,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, classes: Seque
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels, dtype=int)
     k = len(classes)
-    if k == 2:
-        pred = (probs[:, 1] >= threshold).astype(int)
-    else:
-        pred = probs.argmax(axis=1)
+    pred = predicted_classes(probs, threshold)
 
     def per_class(idx: np.ndarray, c: int) -> tuple[float, float, float, float]:
         tp, fp, fn, tn = _binary_counts(pred[idx], labels[idx], c)

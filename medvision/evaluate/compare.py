@@ -29,6 +29,7 @@ from medvision.metrics import (
     balanced_accuracy_statistic,
     bootstrap_interval,
     paired_difference,
+    predicted_classes,
     recall_statistic,
 )
 
@@ -262,47 +263,39 @@ def _classification(a: dict[str, np.ndarray], b: dict[str, np.ndarray], labels: 
     if unknown:
         raise DataError(f"labels {unknown} are not among the evaluated classes {classes}")
     truth = np.array([classes.index(label) for label in labels])
-    pred_a = _predicted(probs_a, meta_a.get("threshold"))
-    pred_b = _predicted(probs_b, meta_b.get("threshold"))
+    pred_a = predicted_classes(probs_a, meta_a.get("threshold"))  # each one's own decision
+    pred_b = predicted_classes(probs_b, meta_b.get("threshold"))
     right_a, right_b = pred_a == truth, pred_b == truth
     strata = [np.flatnonzero(truth == c) for c in range(len(classes))]
     first = _classification_statistics(probs_a, pred_a, truth, classes)
     second = _classification_statistics(probs_b, pred_b, truth, classes)
     out = []
-    for name, (statistic, cases) in first.items():
+    for name, (statistic, counted) in first.items():
         # cases one gets right and the other wrong, among those the metric counts
-        counted = (np.ones_like(right_a) if cases is None else truth == cases)
-        per_case = name == "accuracy" or name.startswith(("recall ", "sensitivity",
-                                                          "specificity"))
         out.append(_paired(name, statistic, second[name][0], strata, seed,
                            higher_is_better=True,
-                           first_better=int((right_a & ~right_b & counted).sum())
-                           if per_case else None,
-                           second_better=int((right_b & ~right_a & counted).sum())
-                           if per_case else None))
+                           first_better=None if counted is None
+                           else int((right_a & ~right_b & counted).sum()),
+                           second_better=None if counted is None
+                           else int((right_b & ~right_a & counted).sum())))
     return out
-
-
-def _predicted(probs: np.ndarray, threshold: float | None) -> np.ndarray:
-    """The evaluation's own decision: the last class at or above its threshold (two classes),
-    else the arg-max."""
-    if probs.shape[1] == 2 and threshold is not None:
-        return (probs[:, 1] >= threshold).astype(int)
-    return probs.argmax(axis=1)
 
 
 def _classification_statistics(probs: np.ndarray, pred: np.ndarray, truth: np.ndarray,
                                classes: list[str]
-                               ) -> dict[str, tuple[Statistic, int | None]]:
-    """Each metric and the class whose cases it counts (None: every case)."""
+                               ) -> dict[str, tuple[Statistic, np.ndarray | None]]:
+    """Each metric and the cases its "better on" counts count (None: a metric without a
+    per-case value)."""
     k = len(classes)
-    statistics: dict[str, tuple[Statistic, int | None]] = {
-        "accuracy": (lambda index: float(np.mean(pred[index] == truth[index])), None),
+    statistics: dict[str, tuple[Statistic, np.ndarray | None]] = {
+        "accuracy": (lambda index: float(np.mean(pred[index] == truth[index])),
+                     np.ones(len(truth), dtype=bool)),
         "balanced accuracy": (balanced_accuracy_statistic(pred, truth, k), None),
         "AUC": (auc_statistic(probs, truth), None)}
     if k == 2:  # the last class is the positive one, as in evaluate
-        statistics[f"sensitivity ({classes[1]})"] = (recall_statistic(pred, truth, 1), 1)
-        statistics[f"specificity ({classes[0]})"] = (recall_statistic(pred, truth, 0), 0)
+        statistics[f"sensitivity ({classes[1]})"] = (recall_statistic(pred, truth, 1), truth == 1)
+        statistics[f"specificity ({classes[0]})"] = (recall_statistic(pred, truth, 0), truth == 0)
     else:
-        statistics.update({f"recall {name}": (recall_statistic(pred, truth, c), c) for c, name in enumerate(classes)})
+        statistics.update({f"recall {name}": (recall_statistic(pred, truth, c), truth == c)
+                           for c, name in enumerate(classes)})
     return statistics

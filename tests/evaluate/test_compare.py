@@ -76,6 +76,17 @@ def test_segmentation_ensemble_against_its_first_member(shared_data: Path, tmp_p
                      for i, line in enumerate(cases[1:]))]) + "\n")
     with pytest.raises(DataError, match="no case in common"):
         compare_evaluations(tmp_path / "single", renamed)
+
+    # a truncated or empty per-case file says so
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "single", broken)
+    table = (broken / "cases.csv").read_bytes()
+    (broken / "cases.csv").write_bytes(table[:len(table) - 40])
+    with pytest.raises(DataError, match="cases.csv: unreadable"):
+        compare_evaluations(tmp_path / "single", broken)
+    (broken / "cases.csv").write_bytes(b"")
+    with pytest.raises(DataError, match="cases.csv: no cases"):
+        compare_evaluations(tmp_path / "single", broken)
     for folder in (renamed, tmp_path / "ensemble"):
         lines = (folder / "cases.csv").read_text().splitlines()
         (folder / "cases.csv").write_text("\n".join(
