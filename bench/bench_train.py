@@ -4,7 +4,9 @@ Same network (the pipeline's), same images, same batch size, in the same run. Th
 loops use MONAI's LoadImaged with a Dataset (no caching, as MONAI's classification tutorials
 do) and with a CacheDataset; medvision's loop caches the deterministic preprocessing too.
 Prints samples/s for each, the ratios (above 1 means medvision trains faster) and the share of
-medvision's epochs spent waiting for data (metrics.csv ``data_wait_share``).
+medvision's epochs spent waiting for data (metrics.csv ``data_wait_share``); then medvision's
+loop again with ``training.precision: bfloat16`` and its ratio to the float32 loop
+(``--precision float32`` skips it).
 
     .venv/bin/python bench/bench_train.py [--pipeline chest-xray-pneumonia] [--items 256]
 """
@@ -23,6 +25,7 @@ from medvision.config import load_pipeline
 from medvision.models import build_model
 from medvision.train import discover_items, split_items, train
 from medvision.train.data import DataSplit
+from medvision.train.precision import bfloat16_native
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "chest_xray" / "train"
@@ -62,12 +65,14 @@ def tutorial_loop(pipeline, items, epochs: int, *, cache: bool = False) -> float
     return seen / (time.perf_counter() - t0)
 
 
-def medvision_loop(pipeline, items, epochs: int) -> tuple[float, float, float]:
+def medvision_loop(pipeline, items, epochs: int,
+                   precision: str = "float32") -> tuple[float, float, float]:
     """medvision.train over the same items; (samples/s in epochs, cache-building seconds,
     mean share of each epoch spent waiting for data)."""
     split = DataSplit(train=tuple(items), val=tuple(items[:: max(1, len(items) // 8)]))
     cfg = pipeline.model_copy(update={"training": pipeline.training.model_copy(
-        update={"epochs": epochs, "balanced_sampling": False, "early_stopping_patience": None})})
+        update={"epochs": epochs, "balanced_sampling": False, "early_stopping_patience": None,
+                "precision": precision})})
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         result = train(cfg, split, Path(tmp) / "run", progress=False)
@@ -82,6 +87,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--pipeline", default="chest-xray-pneumonia")
     parser.add_argument("--items", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="bfloat16",
+                        help="bfloat16: also time medvision's loop with bfloat16 steps")
     args = parser.parse_args(argv)
     if not DATA.is_dir():
         print(f"needs {DATA}")
@@ -99,6 +106,11 @@ def main(argv: list[str]) -> int:
           f"CacheDataset loop {cached:.1f}, medvision {ours:.1f} (plus {overhead:.0f} s "
           f"caching and validation; {wait:.1%} of each epoch waiting for data); ratio "
           f"medvision/tutorial {ours / theirs:.2f}, medvision/CacheDataset {ours / cached:.2f}")
+    if args.precision == "bfloat16":
+        mixed, _, wait16 = medvision_loop(pipeline, subset, args.epochs, precision="bfloat16")
+        print(f"medvision with training.precision bfloat16: {mixed:.1f} samples/s "
+              f"({wait16:.1%} waiting for data); ratio bfloat16/float32 {mixed / ours:.2f}"
+              + ("" if bfloat16_native() else " (this CPU has no native bfloat16)"))
     return 0
 
 

@@ -16,6 +16,7 @@ from medvision.errors import ModelError
 from medvision.io import Volume
 from medvision.models.bundle import ModelBundle
 from medvision.models.ood import FeatureGuard
+from medvision.models.registry import patch_forward
 from medvision.transforms import build_transforms
 from medvision.transforms.chain import preprocess_transforms, volume_to_tensor
 
@@ -226,15 +227,7 @@ class Predictor:
         network = self.model if self.backend is None else self.backend
 
         def forward(x: Any) -> Any:
-            size = self.pipeline.preprocess.size
-            if self.pipeline.task == "segmentation" and size and any(
-                    s > p for s, p in zip(x.shape[2:], size, strict=True)):
-                from monai.inferers import sliding_window_inference
-
-                return sliding_window_inference(x, roi_size=size, sw_batch_size=2,
-                                                predictor=network, overlap=0.25,
-                                                mode="gaussian")
-            return network(x)
+            return patch_forward(self.pipeline, network, x)
 
         with torch.no_grad():
             out = forward(image)

@@ -4,7 +4,7 @@ reads."""
 
 from medvision.models.bundle import ModelBundle
 from medvision.models.checkpoint import load_weights, save_weights, weights_sha256
-from medvision.models.registry import NETWORKS, build_model
+from medvision.models.registry import NETWORKS, build_model, patch_forward
 
-__all__ = ["NETWORKS", "ModelBundle", "build_model", "load_weights", "save_weights",
-           "weights_sha256"]
+__all__ = ["NETWORKS", "ModelBundle", "build_model", "load_weights", "patch_forward",
+           "save_weights", "weights_sha256"]

@@ -92,3 +92,18 @@ def build_model(pipeline: Pipeline) -> Any:
             from e
     except Exception as e:  # noqa: BLE001 - MONAI raises assorted errors for bad shapes
         raise ModelError(f"cannot build model '{name}': {e}") from e
+
+
+def patch_forward(pipeline: Pipeline, network: Any, image: Any) -> Any:
+    """The network's output for a preprocessed batch. A segmentation volume larger than the
+    training patch (``preprocess.size``; evaluation and inference only pad to it) goes
+    through a Gaussian-weighted sliding window of that patch (overlap 0.25), so a network
+    whose strides need sizes divisible by 8 sees patch-sized inputs only."""
+    size = pipeline.preprocess.size
+    if pipeline.task == "segmentation" and size and any(
+            s > p for s, p in zip(image.shape[2:], size, strict=True)):
+        from monai.inferers import sliding_window_inference
+
+        return sliding_window_inference(image, roi_size=size, sw_batch_size=2,
+                                        predictor=network, overlap=0.25, mode="gaussian")
+    return network(image)

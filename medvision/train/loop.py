@@ -32,11 +32,12 @@ from medvision.audit.records import Auditor, items_digest, record_run
 from medvision.config import Pipeline, config_hash, load_pipeline
 from medvision.errors import CheckpointError, ConfigError, DataError, MedvisionError
 from medvision.io.synthetic import count_synthetic
-from medvision.models import build_model, load_weights, save_weights, weights_sha256
+from medvision.models import build_model, load_weights, patch_forward, save_weights, weights_sha256
 from medvision.models.calibration import fit_temperature, write_temperature
 from medvision.models.checkpoint import tensor_aliases
 from medvision.train.checkpoint_state import load_training_state, save_training_state
 from medvision.train.data import DataSplit, readable_items
+from medvision.train.precision import step_precision
 from medvision.transforms import build_transforms
 
 __all__ = ["SWA_FILE", "TrainResult", "train"]
@@ -178,7 +179,7 @@ def evaluate_batches(pipeline: Pipeline, model: Any, loader: Any,
     with torch.no_grad():
         for batch in loader:
             image = batch["image"]
-            logits = model(image)
+            logits = patch_forward(pipeline, model, image)
             if pipeline.task == "classification":
                 label = torch.as_tensor(batch["label"]).long().view(-1)
                 if loss_fn is not None:
@@ -370,7 +371,9 @@ def _train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str]
             if pipeline.task == "classification":
                 label = torch.as_tensor(label).long().view(-1)
             optimizer.zero_grad(set_to_none=True)
-            loss = supervised_loss(loss_fn, model(image), label)
+            with step_precision(pipeline):
+                output = model(image)
+            loss = supervised_loss(loss_fn, output.float(), label)
             loss.backward()
             optimizer.step()
             running += loss.item() * image.shape[0]

@@ -14,6 +14,8 @@ segmentation and detection on a CPU budget:
    network, loss and optimizer: seconds to load and preprocess an item (paid once, then
    cached), per training step, per validation batch. The epochs are what fits the budget
    after caching; when fewer than a useful minimum fit, a smaller input size is measured.
+   On a CPU with native bfloat16 the first size's steps are also timed in bfloat16, and
+   ``training.precision: bfloat16`` is planned when they are at least 1.15x faster.
 
 The file's comments carry the fingerprint, the measurements and the reasoning.
 """
@@ -36,6 +38,7 @@ import numpy as np
 
 from medvision.config import Pipeline
 from medvision.errors import ConfigError, DataError
+from medvision.train.precision import bfloat16_native
 from medvision.vocabulary import Task
 
 __all__ = ["Fingerprint", "Plan", "fingerprint", "plan_pipeline"]
@@ -345,6 +348,7 @@ def fingerprint(data: str | os.PathLike[str], *, task: str | None = None,
 #: Input sizes tried, largest first, until the budget allows enough epochs.
 _SIZES_2D = (256, 224, 192, 160, 128, 96, 64)
 _SIZES_3D = (128, 96, 80, 64, 48, 32)
+_BFLOAT16_GAIN = 1.15  # bfloat16 steps must be this much faster to be planned
 
 
 def _round_size(shape: tuple[int, ...], cap: int, multiple: int) -> list[int]:
@@ -353,7 +357,7 @@ def _round_size(shape: tuple[int, ...], cap: int, multiple: int) -> list[int]:
 
 
 def _settings(fp: Fingerprint, name: str, size: list[int], epochs: int,
-              batch: int) -> dict[str, Any]:
+              batch: int, precision: str = "float32") -> dict[str, Any]:
     task = fp.task
     in_channels = 1 if fp.grey_as_colour or fp.channels == 1 else fp.channels
     if task == Task.DETECTION:
@@ -411,20 +415,26 @@ def _settings(fp: Fingerprint, name: str, size: list[int], epochs: int,
                             "cache": "memory", "threads": os.cpu_count() or 1}
     if balanced:
         settings["training"]["balanced_sampling"] = True
+    if precision != "float32":
+        settings["training"]["precision"] = precision
     if task == Task.CLASSIFICATION and epochs >= 10:
         settings["training"]["swa_epochs"] = max(2, epochs // 5)
         settings["training"]["val_metric"] = "loss"
     return settings
 
 
-def _time(pipeline: Pipeline, items: list[dict[str, Any]]) -> dict[str, float]:
+def _time(pipeline: Pipeline, items: list[dict[str, Any]], *,
+          also_bfloat16: bool = False) -> dict[str, float]:
     """Seconds per item to load and preprocess, per training step and per validation batch,
-    measured on real items through the real transforms, network, loss and optimizer."""
+    measured on real items through the real transforms, network, loss and optimizer;
+    ``also_bfloat16`` adds ``train_step_bfloat16``, the same steps under bfloat16 autocast
+    (not for detection)."""
     import torch
     from monai.data import DataLoader, Dataset
 
     from medvision.models import build_model
     from medvision.train.loop import _loss, _optimizer, supervised_loss
+    from medvision.train.precision import step_precision
     from medvision.transforms import build_transforms
 
     batch = pipeline.training.batch_size
@@ -478,26 +488,36 @@ def _time(pipeline: Pipeline, items: list[dict[str, Any]]) -> dict[str, float]:
     model = build_model(pipeline)
     loss_fn = _loss(pipeline)
     optimizer = _optimizer(pipeline, model.parameters())
-    steps = []
     model.train()
-    for n, part in enumerate(loaded * 2):
-        image = part["image"]
-        label = part["label"]
-        if pipeline.task == Task.CLASSIFICATION:
-            label = torch.as_tensor(label).long().reshape(-1)
-        t0 = time.perf_counter()
-        loss = supervised_loss(loss_fn, model(image), label)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if n:
-            steps.append(time.perf_counter() - t0)
+
+    def step_seconds(precision: Pipeline) -> float:
+        steps = []
+        for n, part in enumerate(loaded * 2):
+            label = part["label"]
+            if pipeline.task == Task.CLASSIFICATION:
+                label = torch.as_tensor(label).long().reshape(-1)
+            t0 = time.perf_counter()
+            with step_precision(precision):
+                output = model(part["image"])
+            loss = supervised_loss(loss_fn, output.float(), label)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if n:  # the first step pays for allocations
+                steps.append(time.perf_counter() - t0)
+        return statistics.median(steps)
+
+    timing = {"train_step": step_seconds(pipeline)}
+    if also_bfloat16:
+        timing["train_step_bfloat16"] = step_seconds(pipeline.model_copy(update={
+            "training": pipeline.training.model_copy(update={"precision": "bfloat16"})}))
+    image = loaded[-1]["image"]
     model.eval()
     t0 = time.perf_counter()
     with torch.no_grad():
         model(image)
-    return {"load_per_item": load, "augment_per_item": augment,
-            "train_step": statistics.median(steps), "val_batch": time.perf_counter() - t0}
+    return {"load_per_item": load, "augment_per_item": augment, **timing,
+            "val_batch": time.perf_counter() - t0}
 
 
 def plan_pipeline(data: str | os.PathLike[str], *, budget_minutes: float,
@@ -547,10 +567,23 @@ def plan_pipeline(data: str | os.PathLike[str], *, budget_minutes: float,
     n_val = n_items - n_train
     minimum = 5 if fp.task != Task.SEGMENTATION else 10
     chosen = None
+    precision = "float32"
+    timed_items = items[:: max(1, len(items) // (2 * batch + 4))]
     for size in sizes:
-        settings = _settings(fp, name, size, epochs=1, batch=batch)
+        settings = _settings(fp, name, size, epochs=1, batch=batch, precision=precision)
         pipeline = Pipeline.model_validate(settings)
-        timing = _time(pipeline, items[:: max(1, len(items) // (2 * batch + 4))])
+        # the first size decides: bfloat16 steps when this CPU makes them clearly faster
+        compare = chosen is None and fp.task != Task.DETECTION and bfloat16_native()
+        timing = _time(pipeline, timed_items, also_bfloat16=compare)
+        if compare:
+            mixed = timing.pop("train_step_bfloat16")
+            speedup = timing["train_step"] / max(mixed, 1e-9)
+            if speedup >= _BFLOAT16_GAIN:
+                precision = "bfloat16"
+                timing["train_step"] = mixed
+            reasons.append(f"training steps in {precision}: bfloat16 steps took "
+                           f"{1 / speedup:.2f}x the time of float32 ones here (bfloat16 is "
+                           f"used from {_BFLOAT16_GAIN:g}x faster)")
         per_epoch = (math.ceil(n_train / batch) * timing["train_step"]
                      + n_train * timing["augment_per_item"]
                      + math.ceil(n_val / batch) * timing["val_batch"])
@@ -580,7 +613,7 @@ def plan_pipeline(data: str | os.PathLike[str], *, budget_minutes: float,
     if fp.group_pattern is None and fp.layout in ("class_folders", "image_label_folders"):
         reasons.append("no patient key: the validation split is by file, which overstates "
                        "accuracy if a patient has several files; set data.group_pattern")
-    settings = _settings(fp, name, size, epochs=epochs, batch=batch)
+    settings = _settings(fp, name, size, epochs=epochs, batch=batch, precision=precision)
     if settings["training"].get("balanced_sampling"):
         reasons.append("classes are unbalanced (largest more than 1.5 times the smallest): "
                        "balanced sampling")

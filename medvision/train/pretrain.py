@@ -37,6 +37,7 @@ from medvision.train.checkpoint_state import (
     open_run_dir,
     save_training_state,
 )
+from medvision.train.precision import step_precision
 from medvision.vocabulary import Task
 
 __all__ = ["PretrainResult", "pretrain", "unlabelled_images"]
@@ -215,13 +216,17 @@ def pretrain(pipeline: Pipeline, images: Sequence[str], run_dir: str | os.PathLi
                 first = torch.stack([views({"image": x})["image"] for x in image])
                 second = torch.stack([views({"image": x})["image"] for x in image])
                 first, second = (torch.as_tensor(first), torch.as_tensor(second))
-                loss = loss_fn(contrastive.projection(model(first)),
-                               contrastive.projection(model(second)))
+                with step_precision(pipeline):
+                    embedded = (contrastive.projection(model(first)),
+                                contrastive.projection(model(second)))
+                loss = loss_fn(embedded[0].float(), embedded[1].float())
             else:
                 masked = torch.stack([torch.as_tensor(views({"image": x})["image"])
                                       for x in image])
                 dropped = (masked == 0) & (image != 0)
-                error = loss_fn(model(masked)[:, : image.shape[1]], image)
+                with step_precision(pipeline):
+                    rebuilt = model(masked)[:, : image.shape[1]]
+                error = loss_fn(rebuilt.float(), image)
                 loss = error.mean() + 2.0 * (error * dropped).sum() / dropped.sum().clamp_min(1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

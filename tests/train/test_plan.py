@@ -12,6 +12,7 @@ from medvision.cli.main import main
 from medvision.config import load_pipeline
 from medvision.errors import ConfigError
 from medvision.train.plan import fingerprint
+from medvision.train.precision import bfloat16_native
 
 from conftest import chest_subset
 
@@ -62,6 +63,12 @@ def test_plan_then_train(layout: str, shared_data: Path, tmp_path: Path,
         assert all(s % 16 == 0 for s in pipeline.preprocess.size)
     if layout == "voc":
         assert pipeline.in_channels == 3 and pipeline.task == "detection"
+        assert pipeline.training.precision == "float32"
+    elif bfloat16_native():  # the steps were timed both ways; the reason names the choice
+        assert f"#   - training steps in {pipeline.training.precision}: bfloat16 steps " \
+            "took" in text
+    else:
+        assert pipeline.training.precision == "float32"
     run = tmp_path / "run"
     assert main(["train", str(folder), "--data", str(data), "-o", str(run),
                  "--epochs", "1"]) == 0
