@@ -490,14 +490,14 @@ def _time(pipeline: Pipeline, items: list[dict[str, Any]], *,
     optimizer = _optimizer(pipeline, model.parameters())
     model.train()
 
-    def step_seconds(precision: Pipeline) -> float:
+    def step_seconds(timed: Pipeline) -> float:
         steps = []
         for n, part in enumerate(loaded * 2):
             label = part["label"]
             if pipeline.task == Task.CLASSIFICATION:
                 label = torch.as_tensor(label).long().reshape(-1)
             t0 = time.perf_counter()
-            with step_precision(precision):
+            with step_precision(timed):
                 output = model(part["image"])
             loss = supervised_loss(loss_fn, output.float(), label)
             optimizer.zero_grad(set_to_none=True)
