@@ -217,7 +217,7 @@ class TrainingConfig(_Strict):
     precision: Literal["float32", "bfloat16"] = Field(
         default="float32",
         description="bfloat16: mixed precision (torch.autocast) for the training steps, with "
-                    "weights, optimizer and loss in float32; about 1.5-2.4x faster steps on "
+                    "weights, optimizer and loss in float32; about 1.4-2.4x faster steps on "
                     "CPUs with AVX-512 BF16 or AMX, slower on CPUs without (a warning says "
                     "so). Validation, calibration and inference stay float32")
     val_metric: Literal["auc", "accuracy", "dice", "loss", "map_50"] | None = None

@@ -3,7 +3,7 @@
 ``bfloat16`` runs each training step's forward pass under ``torch.autocast`` on the CPU:
 convolutions and matrix products in bfloat16, weights, optimizer state and the loss in
 float32. bfloat16 keeps float32's exponent range, so no loss scaling is needed (unlike float16).
-On CPUs with AVX-512 BF16 or AMX the steps run about 1.5-2.4x faster (bench/bench_train.py
+On CPUs with AVX-512 BF16 or AMX the steps run about 1.4-2.4x faster (bench/bench_train.py
 ``--precision``); on CPUs without them oneDNN emulates bfloat16 and the steps get slower, which
 :func:`step_precision` warns about once. Validation, calibration and inference stay float32, so
 the epoch a run keeps and what it publishes are judged at full precision.
