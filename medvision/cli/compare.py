@@ -45,5 +45,5 @@ def run(args: argparse.Namespace) -> int:
         args.output.mkdir(parents=True, exist_ok=True)
         write_text_atomic(args.output / "comparison.json", as_json)
         write_text_atomic(args.output / "comparison.md", comparison.markdown())
-    print(as_json if args.json else comparison.markdown(), end="" if not args.json else "\n")
+    print(as_json if args.json else comparison.markdown().rstrip("\n"))
     return 0

@@ -14,14 +14,14 @@ from medvision.cli.main import main
 from medvision.config import Pipeline, load_pipeline
 from medvision.errors import ConfigError
 
-from conftest import hippocampus_subset
+from conftest import chest_subset, hippocampus_subset
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _hippocampus(folder: Path, size: list[int] | None = None, **training: object) -> Path:
-    settings = yaml.safe_load((REPO / "pipelines" / "hippocampus-seg" / "pipeline.yaml")
-                              .read_text())
+def _hippocampus(folder: Path, size: list[int] | None = None, *, shipped: str = "hippocampus-seg",
+                 **training: object) -> Path:
+    settings = yaml.safe_load((REPO / "pipelines" / shipped / "pipeline.yaml").read_text())
     settings.update(name=folder.name, members=[])
     settings["training"].update(training)
     if size:
@@ -93,6 +93,26 @@ def test_bfloat16_training_run_keeps_float32_weights(shared_data: Path, tmp_path
     losses = [row["train_loss"] for row in state["history"]]
     assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
     assert all(0 <= row["val_dice"] <= 1 for row in state["history"])
+
+
+@pytest.mark.parametrize("shipped", ["hippocampus-seg", "chest-xray-pneumonia"])
+def test_bfloat16_pretraining(shipped: str, shared_data: Path, tmp_path: Path) -> None:
+    """Masked (segmentation) and contrastive (classification) pretraining with bfloat16 steps:
+    finite losses, float32 weights."""
+    if shipped == "hippocampus-seg":
+        data = hippocampus_subset(shared_data, tmp_path / "data", slice(0, 4))
+    else:
+        data = chest_subset(shared_data, tmp_path / "data", per_class=2)
+    folder = _hippocampus(tmp_path / "bf16", shipped=shipped, precision="bfloat16")
+    run = tmp_path / "ssl"
+    assert main(["pretrain", str(folder), "--data", str(data), "-o", str(run), "--epochs", "1",
+                 "--batch-size", "2"]) == 0
+    rows = (run / "metrics.csv").read_text().splitlines()
+    loss = float(rows[1].split(",")[1])
+    assert len(rows) == 2 and 0 < loss < 100
+    weights = load_file(str(run / "pretrained.safetensors"))
+    assert weights and all(t.dtype == torch.float32 for t in weights.values()
+                           if t.is_floating_point())  # batch-norm counters are integers
 
 
 def test_precision_is_validated_and_refused_for_detection(tmp_path: Path) -> None:
