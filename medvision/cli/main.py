@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -55,11 +56,37 @@ class _JsonFormatter(logging.Formatter):
 def _configure_logging(level: str, as_json: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter() if as_json else
-                         logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("medvision")
     root.handlers = [h for h in root.handlers if isinstance(h, logging.NullHandler)]
     root.addHandler(handler)
     root.setLevel(level.upper())
+    warnings.showwarning = _show_warning
+
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+_WARNED: set[tuple[str, str, int]] = set()
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """Python warnings go to the log, never straight to stderr. medvision's own (which never
+    quote header values) keep their text; a library's text is withheld, because libraries
+    quote the values they complain about (highdicom and pydicom print patient names): its
+    category and origin are logged once per place, at INFO."""
+    where = logging.getLogger("medvision.warnings")
+    if str(Path(filename).resolve()).startswith(_PACKAGE_DIR):
+        where.warning("%s", message)
+        return
+    key = (category.__name__, filename, lineno)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    parts = Path(filename).parts
+    origin = "/".join(parts[parts.index("site-packages") + 1:] if "site-packages" in parts
+                      else parts[-2:])
+    where.info("a library warned (%s at %s:%d); its text is not logged: it may quote header "
+               "values", category.__name__, origin, lineno)
 
 
 def _common_options(parser: argparse.ArgumentParser, *, top: bool) -> None:

@@ -32,6 +32,7 @@ from medvision.io.dicom_files import (
     read_header,
 )
 from medvision.io.dicom_pixels import stack_frames
+from medvision.io.header_checks import check_dataset_uids
 from medvision.io.multivolume import repeats_positions, separate_volumes
 from medvision.io.regrid import SliceGeometry, analyse_slices, regrid_slices
 from medvision.io.volume import LPS_TO_RAS, FourthAxis, Volume, orientation_code
@@ -280,9 +281,14 @@ def scan_dicom(paths: Iterable[str | os.PathLike[str]]) -> DicomScan:
                 if "DirectoryRecordSequence" in ds:
                     queue.extend(dicomdir_files(ds, path))
                     continue
+                # every UID used downstream (grouping, reports, DICOM results, paths) is
+                # checked here, where it enters, and the file refused naming the attribute
+                try:
+                    check_dataset_uids(ds, required=())
+                except InvalidDicomError as e:
+                    raise InvalidDicomError(f"{path}: {e}") from e
                 found = frames_of(ds, path)
-                for keyword in ("SeriesInstanceUID", "StudyInstanceUID", "SeriesNumber"):
-                    ds.get(keyword)  # read by assembly: a malformed value fails here
+                ds.get("SeriesNumber")  # read by assembly: a malformed value fails here
         except DataError as e:
             log.debug("skipping %s", e)
             rejected.append((str(path), str(e)))

@@ -33,9 +33,12 @@ from medvision.errors import (
     ConfigError,
     DataError,
     DeliveryError,
+    InvalidDicomError,
+    MedvisionError,
     PacsError,
 )
 from medvision.infer import Predictor
+from medvision.io.header_checks import check_copied_values, check_dataset_uids, uid_problem
 from medvision.pacs.config import (
     DESTINATION,
     DIMSE_SOURCE,
@@ -74,16 +77,34 @@ OUT_OF_RESOURCES = 0xA700
 
 
 def _validate(ds: Any) -> None:
-    """Raise ValueError unless the dataset can be filed and its pixel data is complete."""
+    """Refuse a dataset unless it can be filed: every UID valid (Study, Series, SOP Instance,
+    SOP Class, Frame of Reference, Transfer Syntax, references), the patient and study values
+    results copy valid for their VRs (see :mod:`medvision.io.header_checks`), and its
+    uncompressed pixel data complete.
+
+    Raises:
+        InvalidDicomError: why not, naming the attribute (never its value).
+    """
     from pydicom.pixels.utils import get_expected_length
 
-    for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"):
-        if not str(ds.get(keyword, "")).strip():
-            raise ValueError(f"missing {keyword}")
+    check_dataset_uids(ds)
+    check_copied_values(ds)
     if "PixelData" in ds and not ds.file_meta.TransferSyntaxUID.is_compressed:
         expected = get_expected_length(ds)
         if len(ds.PixelData) < expected:
-            raise ValueError(f"pixel data truncated ({len(ds.PixelData)} of {expected} bytes)")
+            raise InvalidDicomError(f"pixel data truncated ({len(ds.PixelData)} of {expected} "
+                                    "bytes)")
+
+
+def _uid_or_empty(value: Any) -> str:
+    return str(value) if uid_problem(value) is None else ""
+
+
+def _why(error: BaseException) -> str:
+    """A refusal's reason for logs and answers: medvision's own messages (which never quote
+    header values) in full, a foreign exception by its type only (its text may quote them)."""
+    name = type(error).__name__
+    return f"{name}: {error}" if isinstance(error, MedvisionError) else name
 
 
 #: Transfer syntaxes the listener accepts: every one the readers decode (pydicom with
@@ -140,8 +161,8 @@ class Bridge:
             raise
         except BaseException as e:  # noqa: BLE001 - any decoding problem (even a codec's Rust
             # panic, a BaseException) means "cannot understand"; the listener goes on
-            log.warning("rejected an instance from %s: %s", calling, type(e).__name__ + (
-                f": {e}" if isinstance(e, ValueError) else ""))
+            log.warning("C-STORE: refused an instance from %s (answered 0x%04X): %s", calling,
+                        CANNOT_UNDERSTAND, _why(e))
             return CANNOT_UNDERSTAND
         try:
             self.store.store_instance(study_uid=str(ds.StudyInstanceUID),
@@ -158,13 +179,14 @@ class Bridge:
         sop_class = sop_uid = ""
         try:
             ds = parse_instance(data)
-            sop_class = str(ds.get("SOPClassUID", ""))
-            sop_uid = str(ds.get("SOPInstanceUID", ""))
+            # echoed in the answer only when valid: a malformed UID is not repeated back
+            sop_class = _uid_or_empty(ds.get("SOPClassUID"))
+            sop_uid = _uid_or_empty(ds.get("SOPInstanceUID"))
             _validate(ds)
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # noqa: BLE001 - as in _on_store
-            why = type(e).__name__ + (f": {e}" if isinstance(e, ValueError) else "")
+            why = _why(e)
             log.warning("STOW-RS: refused an instance from %s: %s", sender, why)
             return StoreOutcome(sop_class, sop_uid, STOW_CANNOT_UNDERSTAND, why)
         if study is not None and str(ds.StudyInstanceUID) != study:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from medvision.errors import PacsError
+from medvision.io.header_checks import uid_problem
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -121,6 +122,12 @@ class StowServer:
             log.warning("STOW-RS: refused a request from %s without a valid token",
                         request.client.host if request.client else "?")
             return Response(status_code=401, headers={"WWW-Authenticate": 'Bearer realm="medvision"'})
+        study = request.path_params.get("study")
+        if study is not None and uid_problem(study) is not None:
+            log.warning("STOW-RS: refused a request from %s: the study in the URL is not a "
+                        "valid UID (%s)", sender, uid_problem(study))
+            return Response("the Study Instance UID in the URL is not a valid DICOM UID",
+                            status_code=400)
         content_type = request.headers.get("content-type", "")
         if not content_type.lower().startswith("multipart/related"):
             return Response("expected multipart/related; type=\"application/dicom\"",
@@ -129,15 +136,23 @@ class StowServer:
         if int(request.headers.get("content-length") or 0) > limit:
             return Response(f"request larger than {self.listener.max_request_mb} MB",
                             status_code=413)
-        body = await request.body()
-        if len(body) > limit:
-            return Response(f"request larger than {self.listener.max_request_mb} MB",
-                            status_code=413)
+        # Counted while streaming: a chunked body (no Content-Length) or one longer than its
+        # Content-Length stops at the limit instead of being read whole first.
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                log.warning("STOW-RS: refused a request from %s larger than %s MB", sender,
+                            self.listener.max_request_mb)
+                return Response(f"request larger than {self.listener.max_request_mb} MB",
+                                status_code=413, headers={"Connection": "close"})
+            chunks.append(chunk)
+        body = b"".join(chunks)
         try:
             parts = await run_in_threadpool(split_multipart, content_type, body)
         except ValueError as e:
             return Response(str(e), status_code=400)
-        study = request.path_params.get("study")
         outcomes = []
         for part_type, data in parts:
             if part_type != "application/dicom":

@@ -24,7 +24,9 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medvision.errors import DeliveryError, PacsError
+from medvision.errors import DeliveryError, InvalidDicomError, MedvisionError, PacsError
+from medvision.io.header_checks import check_uid
+from medvision.pacs.urls import check_under
 
 if TYPE_CHECKING:
     import requests
@@ -44,8 +46,10 @@ _SERIES_FIELDS = ("Modality", "BodyPartExamined", "SeriesDescription",
                   "NumberOfSeriesRelatedInstances")
 
 
-def session_for(auth: HttpAuth) -> requests.Session:
-    """A ``requests`` session with the endpoint's credentials and CA bundle.
+def session_for(auth: DicomWebEndpoint | FhirServer) -> requests.Session:
+    """A ``requests`` session with the endpoint's credentials and CA bundle, that sends only
+    to URLs under the endpoint's base URL (checked on every request and redirect before it
+    leaves: see :mod:`medvision.pacs.urls`).
 
     Raises:
         ConfigError: a credential's environment variable is not set.
@@ -53,6 +57,7 @@ def session_for(auth: HttpAuth) -> requests.Session:
     import requests
 
     ca_bundle = None if auth.ca_bundle is None else str(auth.ca_bundle)
+    base = auth.url
 
     class Session(requests.Session):
         # requests lets REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE override a session's own CA
@@ -62,6 +67,10 @@ def session_for(auth: HttpAuth) -> requests.Session:
             if ca_bundle is not None:
                 settings["verify"] = ca_bundle
             return settings
+
+        def send(self, request: Any, **kwargs: Any) -> Any:
+            check_under(base, str(request.url))  # before the credentials go anywhere
+            return super().send(request, **kwargs)
 
     session = Session()
     if auth.username:
@@ -89,6 +98,16 @@ def client_for(endpoint: DicomWebEndpoint,
 def _value(item: dict[str, Any], tag: str) -> Any:
     values = item.get(tag, {}).get("Value") or []
     return values[0] if len(values) == 1 else (values or None)
+
+
+def _checked_uid(item: dict[str, Any], keyword: str, source: str) -> str | None:
+    """A UID from a QIDO-RS answer, or ``None`` (logged) when it is absent or malformed."""
+    value = item.get(_tag(keyword), {}).get("Value") or []
+    try:
+        return check_uid(value[0] if len(value) == 1 else value or None, keyword)
+    except InvalidDicomError as e:
+        log.warning("%s: skipped a QIDO-RS result: %s", source, e)
+        return None
 
 
 def _tag(keyword: str) -> str:
@@ -132,24 +151,30 @@ def stow_deliver(endpoint: DicomWebEndpoint, path: Path) -> str | None:
     except (pydicom.errors.InvalidDicomError, OSError) as e:
         raise DeliveryError(f"{path}: cannot read the result for sending ({e})") from e
     where = f"STOW-RS to {endpoint.url}"
+    try:
+        study_uid = check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
+        sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+    except InvalidDicomError as e:
+        raise DeliveryError(f"{path}: not sent: {e}", permanent=True) from e
     session = session_for(endpoint)
     try:
-        response = client_for(endpoint, session).store_instances(
-            [ds], study_instance_uid=str(ds.StudyInstanceUID))
+        response = client_for(endpoint, session).store_instances([ds],
+                                                                 study_instance_uid=study_uid)
     except requests.RequestException as e:
         raise _http_error(where, e) from e
     finally:
         session.close()
     failed = [item for item in response.get("FailedSOPSequence", [])
-              if str(item.get("ReferencedSOPInstanceUID", "")) == str(ds.SOPInstanceUID)]
+              if str(item.get("ReferencedSOPInstanceUID", "")) == sop_uid]
     if failed:
         reason = int(failed[0].get("FailureReason", 0x0110))
         raise DeliveryError(f"{where}: the server did not store the object (failure reason "
                             f"0x{reason:04X})", permanent=reason in (0x0122, 0xA900, 0xC000))
     stored = [item for item in response.get("ReferencedSOPSequence", [])
-              if str(item.get("ReferencedSOPInstanceUID", "")) == str(ds.SOPInstanceUID)]
+              if str(item.get("ReferencedSOPInstanceUID", "")) == sop_uid]
     if not stored:
-        return "the STOW-RS response did not list the object"
+        # not a delivery: the server may have dropped it; retried, then failed
+        raise DeliveryError(f"{where}: the response did not list the object as stored")
     warning = stored[0].get("WarningReason")
     return None if warning is None else f"STOW-RS warning 0x{int(warning):04X}"
 
@@ -262,8 +287,8 @@ class Watcher:
         now = time.time()
         queued = 0
         for item in self._search_studies():
-            study_uid = str(_value(item, _tag("StudyInstanceUID")) or "")
-            if not study_uid:
+            study_uid = _checked_uid(item, "StudyInstanceUID", self.source.name)
+            if study_uid is None:
                 continue
             modalities = _value(item, _tag("ModalitiesInStudy")) or []
             if isinstance(modalities, str):
@@ -296,9 +321,9 @@ class Watcher:
         own = self.store.own_series()
         counts: dict[str, int] = {}
         for item in series:
-            uid = str(_value(item, _tag("SeriesInstanceUID")) or "")
+            uid = _checked_uid(item, "SeriesInstanceUID", self.source.name)
             modality = str(_value(item, _tag("Modality")) or "")
-            if not uid or uid in own or modality.upper() in RESULT_MODALITIES:
+            if uid is None or uid in own or modality.upper() in RESULT_MODALITIES:
                 continue
             body_part = str(_value(item, _tag("BodyPartExamined")) or "")
             description = str(_value(item, _tag("SeriesDescription")) or "")
@@ -333,14 +358,17 @@ class Watcher:
             for ds in self.client.iter_series(study_uid, series_uid):
                 try:
                     self.validate(ds)
+                    if str(ds.StudyInstanceUID) != study_uid:
+                        raise InvalidDicomError("an instance of another study than the one "
+                                                "asked for")
                     buffer = io.BytesIO()
                     pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
                 except (KeyboardInterrupt, SystemExit):
                     raise
                 except Exception as e:  # noqa: BLE001 - one bad instance, not the series
                     log.warning("%s: skipped an instance (%s)", self.source.name,
-                                type(e).__name__ + (f": {e}" if isinstance(e, ValueError)
-                                                    else ""))
+                                f"{type(e).__name__}: {e}" if isinstance(e, MedvisionError)
+                                else type(e).__name__)
                     rejected += 1
                     continue
                 # Durable file by file; recorded in batches (the study is held until the

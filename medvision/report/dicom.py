@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medvision._version import __version__
-from medvision.errors import ReportError
+from medvision.errors import InvalidDicomError, ReportError
+from medvision.io.header_checks import check_copied_values
 from medvision.report.labels import PRIVATE_SCHEME
 
 if TYPE_CHECKING:
@@ -349,6 +350,8 @@ def _overlay(report: StudyReport, source: Any, image: KeyImage, seed: Sequence[s
                     "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID",
                     "AccessionNumber", "ReferringPhysicianName"):
         setattr(ds, keyword, source.get(keyword, ""))
+    if "SpecificCharacterSet" in source:  # the copied names keep their encoding
+        ds.SpecificCharacterSet = source.SpecificCharacterSet
     sop = _uid(seed, f"overlay-{index}")
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
@@ -412,19 +415,24 @@ def write_dicom(report: StudyReport, pipeline: Pipeline, out_dir: Path, *,
         One :class:`DicomResult` per object written (none for non-DICOM input).
 
     Raises:
+        InvalidDicomError: a patient or study value the results copy breaks its VR.
         ReportError: a result object could not be built.
     """
     if not report.sources:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
     sources = [_complete(ds) for ds in report.sources]
+    try:  # the input's fault, not ours: the study is rejected, naming the attribute
+        check_copied_values(sources[0])
+    except InvalidDicomError as e:
+        raise InvalidDicomError(f"DICOM results not written: {e}") from e
     seed = [str(sources[0].StudyInstanceUID), report.pipeline.name,
             report.pipeline.weights_sha256, *sorted(str(ds.SOPInstanceUID) for ds in sources)]
     written: list[DicomResult] = []
+    path = out_dir / "sr.dcm"
     try:
         sr_uid = _uid(seed, "sr")
         earlier = [ds for ds in predecessors if str(ds.SOPInstanceUID) != sr_uid]
-        path = out_dir / "sr.dcm"
         written.append(DicomResult("SR", path, _sr(report, pipeline, sources, seed, path,
                                                    earlier)))
         prediction = report.prediction
@@ -448,5 +456,7 @@ def write_dicom(report: StudyReport, pipeline: Pipeline, out_dir: Path, *,
             written.append(DicomResult("SC", path, _overlay(
                 report, sources[len(sources) // 2], image, seed, index, path)))
     except (ValueError, TypeError, AttributeError, KeyError) as e:
-        raise ReportError(f"cannot build DICOM results: {type(e).__name__}: {e}") from e
+        # the library's text is left out: it may quote the header values it refused
+        raise ReportError(f"cannot build DICOM results ({type(e).__name__} while writing "
+                          f"{path.name})") from e
     return written
