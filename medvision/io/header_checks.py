@@ -15,14 +15,14 @@ from typing import Any
 
 from medvision.errors import InvalidDicomError
 
-__all__ = ["COPIED_ATTRIBUTES", "MAX_UID_LENGTH", "check_copied_values", "check_dataset_uids",
-           "check_uid", "uid_problem"]
+__all__ = ["COPIED_ATTRIBUTES", "MAX_UID_LENGTH", "REQUIRED_UIDS", "check_copied_values", "check_dataset_uids",
+           "check_uid", "copied_value_problem", "uid_problem"]
 
 #: PS3.5 9.1: at most 64 characters.
 MAX_UID_LENGTH = 64
 _UID = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
-#: UIDs every filed instance must carry.
-REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+#: UIDs every filed instance (and every source of DICOM results) must carry.
+REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 #: Sequences whose items' UIDs are checked (references the results copy or follow).
 _CHECKED_SEQUENCES = ("ReferencedImageSequence", "SourceImageSequence",
                       "ReferencedSeriesSequence", "ReferencedStudySequence",
@@ -64,6 +64,12 @@ def uid_problem(value: Any) -> str | None:
         if not set(text) <= set("0123456789."):
             return "characters other than digits and dots"
         return "an empty component or one with a leading zero"
+    # an ISO 8824 object identifier, as validators (dciodvfy) hold UIDs to: a registered root
+    arcs = text.split(".")
+    if arcs[0] not in ("1", "2") or (arcs[0] == "1" and len(arcs) > 1 and int(arcs[1]) >= 40):
+        return "not under an ISO/ITU-T root (1 or 2)"
+    if arcs[:2] == ["2", "999"]:
+        return "under the example root 2.999"
     return None
 
 
@@ -103,7 +109,7 @@ def _ui_elements(ds: Any, path: str, depth: int) -> Iterator[tuple[str, Any]]:
                 yield from _ui_elements(item, f"{path}{keyword_for_tag(tag)}[{n}].", depth + 1)
 
 
-def check_dataset_uids(ds: Any, *, required: tuple[str, ...] = REQUIRED) -> None:
+def check_dataset_uids(ds: Any, *, required: tuple[str, ...] = REQUIRED_UIDS) -> None:
     """Check every UID of a received or read dataset: the file meta (Transfer Syntax, Media
     Storage SOP Class and Instance), every standard UI attribute at the top level, and those in
     the reference sequences that results copy. ``required`` ones must be present.
@@ -117,18 +123,52 @@ def check_dataset_uids(ds: Any, *, required: tuple[str, ...] = REQUIRED) -> None
     meta = getattr(ds, "file_meta", None)
     if meta is not None:
         for attribute, value in _ui_elements(meta, "", _MAX_DEPTH):
-            if value is not None and value != "":
+            # the writer's own implementation class is not used here (and old toolkits
+            # wrote unregistered ones)
+            if attribute != "ImplementationClassUID" and value is not None and value != "":
                 check_uid(value, attribute)
     for attribute, value in _ui_elements(ds, "", 0):
         if attribute.rsplit(".", 1)[-1] in required or (value is not None and value != ""):
             check_uid(value, attribute)
 
 
-#: Patient and study attributes every result object (SR, SEG, Parametric Map, overlays)
-#: copies from its source: a value that breaks its VR would make every result invalid.
-COPIED_ATTRIBUTES = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-                     "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
-                     "ReferringPhysicianName", "IssuerOfPatientID")
+#: Patient and study attributes (the root attributes of every Patient and Study IE module,
+#: PS3.3; what highdicom copies into an SR, SEG or Parametric Map from its source, and
+#: overlays copy a part of): a value that breaks its VR would make every result invalid.
+COPIED_ATTRIBUTES = ("AccessionNumber", "AdditionalPatientHistory", "AdmissionID",
+                     "AdmittingDiagnosesDescription", "Allergies",
+                     "ClinicalTrialProtocolEthicsCommitteeApprovalNumber",
+                     "ClinicalTrialProtocolEthicsCommitteeName", "ClinicalTrialProtocolID",
+                     "ClinicalTrialProtocolName", "ClinicalTrialSiteID",
+                     "ClinicalTrialSiteName", "ClinicalTrialSponsorName",
+                     "ClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID",
+                     "ClinicalTrialTimePointDescription", "ClinicalTrialTimePointID",
+                     "ConsultingPhysicianName", "DeidentificationMethod",
+                     "IssuerOfClinicalTrialProtocolID", "IssuerOfClinicalTrialSiteID",
+                     "IssuerOfClinicalTrialSubjectID", "IssuerOfClinicalTrialSubjectReadingID",
+                     "IssuerOfClinicalTrialTimePointID", "IssuerOfPatientID",
+                     "LastMenstrualDate", "LongitudinalTemporalEventType",
+                     "LongitudinalTemporalOffsetFromEvent", "MeasuredAPDimension",
+                     "MeasuredLateralDimension", "MedicalAlerts",
+                     "NameOfPhysiciansReadingStudy", "Occupation", "OtherPatientNames",
+                     "PatientAge", "PatientAlternativeCalendar", "PatientBirthDate",
+                     "PatientBirthDateInAlternativeCalendar", "PatientBirthTime",
+                     "PatientBodyMassIndex", "PatientBreedDescription", "PatientComments",
+                     "PatientDeathDateInAlternativeCalendar", "PatientID",
+                     "PatientIdentityRemoved", "PatientName", "PatientSex",
+                     "PatientSexNeutered", "PatientSize", "PatientSpeciesDescription",
+                     "PatientState", "PatientWeight", "PhysiciansOfRecord", "PregnancyStatus",
+                     "QualityControlSubject", "ReasonForVisit", "ReferringPhysicianName",
+                     "RequestingService", "ResponsibleOrganization", "ResponsiblePerson",
+                     "ResponsiblePersonRole", "ServiceEpisodeDescription", "ServiceEpisodeID",
+                     "SmokingStatus", "StrainAdditionalInformation", "StrainDescription",
+                     "StrainNomenclature", "StudyDate", "StudyDescription", "StudyID",
+                     "StudyTime", "TypeOfPatientID")
+#: What highdicom's Contributing Equipment Sequence copies from a source image.
+COPIED_ATTRIBUTES += ("Manufacturer", "ManufacturerModelName", "SoftwareVersions",
+                      "DeviceSerialNumber", "InstitutionName", "InstitutionalDepartmentName",
+                      "InstitutionAddress", "StationName", "AcquisitionDateTime",
+                      "AcquisitionDate", "AcquisitionTime")
 _CONTROL = {chr(c) for c in range(32)} - {"\x1b"}  # ESC starts ISO 2022 code extensions
 
 
@@ -157,6 +197,8 @@ def copied_value_problem(ds: Any, keyword: str) -> str | None:
             return "control characters"
         if not text.isascii() and "SpecificCharacterSet" not in ds:
             return "characters outside ASCII without a Specific Character Set"
+        if vr in ("DS", "IS"):  # validated as written, not as the number pydicom made of it
+            item = getattr(item, "original_string", None) or text
         try:
             validate_value(vr, item, config.RAISE)
         except (ValueError, TypeError) as e:

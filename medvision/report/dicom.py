@@ -30,7 +30,7 @@ import numpy as np
 
 from medvision._version import __version__
 from medvision.errors import InvalidDicomError, ReportError
-from medvision.io.header_checks import check_copied_values
+from medvision.io.header_checks import check_copied_values, check_dataset_uids
 from medvision.report.labels import PRIVATE_SCHEME
 
 if TYPE_CHECKING:
@@ -423,6 +423,8 @@ def write_dicom(report: StudyReport, pipeline: Pipeline, out_dir: Path, *,
     out_dir.mkdir(parents=True, exist_ok=True)
     sources = [_complete(ds) for ds in report.sources]
     try:  # the input's fault, not ours: the study is rejected, naming the attribute
+        for ds in sources:
+            check_dataset_uids(ds)  # present and valid: the results reference them
         check_copied_values(sources[0])
     except InvalidDicomError as e:
         raise InvalidDicomError(f"DICOM results not written: {e}") from e

@@ -21,7 +21,7 @@ from medvision.io.header_checks import (
 
 from conftest import pydicom_test_files
 
-VALID = ["1.2.840.10008.5.1.4.1.1.7", "0", "1.0.2", "2.25." + "9" * 38, "1." + "2" * 62]
+VALID = ["1.2.840.10008.5.1.4.1.1.7", "1", "1.0.2", "2.25." + "9" * 38, "2." + "2" * 62]
 INVALID = {
     "../../tools/shutdown": "characters other than digits and dots",
     "1.2/3": "characters other than digits and dots",
@@ -35,6 +35,10 @@ INVALID = {
     "": "empty",
     "1.2.3 ": "characters other than digits and dots",
     "١.٢": "characters other than digits and dots",  # Arabic-Indic digits are not digits here
+    "0": "root",
+    "3.4": "root",
+    "1.40.2": "root",
+    "2.999.1": "example root",
 }
 
 
@@ -61,12 +65,17 @@ def test_any_text_is_valid_exactly_when_it_matches_the_grammar(value: str) -> No
     grammar = (0 < len(value) <= 64 and all(
         c and c.isascii() and c.isdigit() and (c == "0" or not c.startswith("0"))
         for c in components))
+    grammar = grammar and components[0] in ("1", "2") and components[:2] != ["2", "999"] and (
+        components[0] == "2" or len(components) == 1 or int(components[1]) < 40)
     assert (uid_problem(value) is None) == grammar
 
 
 def test_every_real_file_passes(shared_data: Path) -> None:
-    """The readers' references (real CT, MR, PET, 4D DICOM) and pydicom's test files: the check
-    refuses none but the one pydicom file whose SOP Instance UID is a hex digest."""
+    """The readers' references (real CT, MR, 4D DICOM) and pydicom's test files: the check
+    refuses none but three pydicom files: one whose SOP Instance UID is a hex digest, two
+    whose Media Storage SOP Instance UID is under the unregistered root 999."""
+    refused = {"bad_sequence.dcm": "SOPInstanceUID", "color-pl.dcm": "MediaStorageSOPInstanceUID",
+               "color-px.dcm": "MediaStorageSOPInstanceUID"}
     checked = 0
     for path in [*sorted((shared_data / "dicom").rglob("*")), *pydicom_test_files()]:
         if not path.is_file():
@@ -76,8 +85,8 @@ def test_every_real_file_passes(shared_data: Path) -> None:
         except Exception:  # noqa: BLE001 - not DICOM (a reference NIfTI, a JSON sidecar)
             continue
         checked += 1
-        if path.name == "bad_sequence.dcm":
-            with pytest.raises(InvalidDicomError, match="SOPInstanceUID"):
+        if path.name in refused:
+            with pytest.raises(InvalidDicomError, match=refused[path.name]):
                 check_dataset_uids(ds, required=())
             continue
         check_dataset_uids(ds, required=())
