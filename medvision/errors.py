@@ -22,6 +22,7 @@ __all__ = [
     "PacsError",
     "ReportError",
     "SeriesAssemblyError",
+    "UnknownStudyError",
     "UnreadableFileError",
     "UnsupportedFormatError",
 ]
@@ -90,6 +91,10 @@ class DeliveryError(PacsError):
     def __init__(self, message: str, *, permanent: bool = False) -> None:
         super().__init__(message)
         self.permanent = permanent
+
+
+class UnknownStudyError(PacsError, ConfigError):
+    """A study key that the bridge's work folder does not hold (a usage error: exit 2)."""
 
 
 class AuditError(MedvisionError):

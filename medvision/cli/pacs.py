@@ -49,14 +49,17 @@ def add_parser(subparsers: Any) -> None:
     status = actions.add_parser(
         "status", help="studies and results queued in a work folder",
         description="Reads the work folder without writing to it, so it answers on a full "
-                    "disk. Exit code 1 when any study or result has failed.")
+                    "disk. Says whether a bridge runs on the folder (pid, heartbeat) and marks a "
+                    "study left 'processing' by a crash as stuck. Exit code 1 when any study "
+                    "is failed or rejected or any result has failed.")
     status.add_argument("--workdir", required=True, type=Path)
     status.add_argument("--json", action="store_true")
     retry = actions.add_parser(
-        "retry", help="re-queue failed results and studies",
+        "retry", help="re-queue failed results and failed or rejected studies",
         description="Failed results go back to the outbox with their attempts reset; a failed "
-                    "study with nothing to send is analysed again. A running bridge picks "
-                    "them up at its next round.")
+                    "or rejected study with nothing to send is analysed again (after a fix: a "
+                    "new route, a pipeline installed). A running bridge picks them up at its "
+                    "next round. An unknown study key is a usage error (exit 2).")
     retry.add_argument("--workdir", required=True, type=Path)
     target = retry.add_mutually_exclusive_group(required=True)
     target.add_argument("study", nargs="?", help="a study key as 'pacs status' shows it")
@@ -122,13 +125,24 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(state, indent=2))
         else:
+            bridge = state["bridge"]
+            if bridge["running"]:
+                print(f"bridge running: pid {bridge['pid']} on {bridge['host']}, since "
+                      f"{bridge['started']}, last heartbeat {bridge['heartbeat']}")
+            elif bridge["pid"] is not None:
+                print(f"no bridge running (pid {bridge['pid']} on {bridge['host']} last beat "
+                      f"at {bridge['heartbeat']} and did not stop cleanly)")
+            else:
+                print("no bridge running on this work folder")
             for end in state["endpoints"]:
                 print(f"{end['role']} {end['name']} ({end['detail']}): {end['queue']} queued, "
                       f"last success {end['last_success'] or 'never'}"
                       + (f", last error {end['last_error_at']}: {end['last_error']}"
                          if end["last_error"] else ""))
             for study in state["studies"]:
-                print(f"study {study['study']}: {study['state']} ({study['instances']} "
+                stuck = " (stuck: no bridge is running; it resumes when one starts)" \
+                    if study.get("stuck") else ""
+                print(f"study {study['study']}: {study['state']}{stuck} ({study['instances']} "
                       f"instance(s), from {study['source']} {study['calling_ae']}, "
                       f"analysis attempts "
                       f"{study['attempts']})" + (f" - {study['error']}" if study["error"] else ""))
@@ -141,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
                       f"{item['state']}, "
                       f"{item['attempts']} failed attempt(s)"
                       + (f", last error: {item['error']}" if item["error"] else ""))
-        bad = any(s["state"] == "failed" for s in state["studies"]) or any(
+        bad = any(s["state"] in ("failed", "rejected") for s in state["studies"]) or any(
             o["state"] == "failed" for o in state["outbox"])
         return 1 if bad else 0
     if action == "retry":
@@ -166,8 +180,13 @@ def run(args: argparse.Namespace) -> int:
         for path, status in failed.items():
             print(f"  {path}: status 0x{status & 0xFFFF:04X}")
         return 1 if failed else 0
+    from medvision.errors import ConfigError
     from medvision.pacs.scu import find
 
+    malformed = [item for item in args.match if "=" not in item]
+    if malformed:
+        raise ConfigError(f"--match takes KEYWORD=VALUE (e.g. PatientID=123); got "
+                          f"{', '.join(map(repr, malformed))}")
     query = dict(item.split("=", 1) for item in args.match)
     for key in ("StudyInstanceUID", "StudyDate", "ModalitiesInStudy"):
         query.setdefault(key, "")

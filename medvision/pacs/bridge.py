@@ -28,17 +28,16 @@ from medvision.analyze.studies import collect_studies
 from medvision.audit.log import AuditLog
 from medvision.audit.records import Auditor, AuditRecord, Pseudonymizer
 from medvision.audit.signing import Signer
+from medvision.config import load_pipeline
 from medvision.errors import (
     AuditError,
     ConfigError,
     DataError,
     DeliveryError,
-    InvalidDicomError,
-    MedvisionError,
     PacsError,
 )
 from medvision.infer import Predictor
-from medvision.io.header_checks import check_copied_values, check_dataset_uids, uid_problem
+from medvision.io.header_checks import check_uid, uid_problem
 from medvision.pacs.config import (
     DESTINATION,
     DIMSE_SOURCE,
@@ -50,8 +49,15 @@ from medvision.pacs.config import (
     Peer,
     Route,
 )
+from medvision.pacs.receive import (
+    CANNOT_UNDERSTAND,
+    OUT_OF_RESOURCES,
+    DimseListener,
+    validate_instance,
+    why,
+)
 from medvision.pacs.scu import STORAGE_COMMITMENT, deliver, request_commitment
-from medvision.pacs.store import BridgeStore, OutboxItem, StudyJob
+from medvision.pacs.store import HEARTBEAT_S, BridgeStore, OutboxItem, StudyJob
 from medvision.pacs.stow import (
     CANNOT_UNDERSTAND as STOW_CANNOT_UNDERSTAND,
 )
@@ -66,64 +72,12 @@ from medvision.pacs.stow import (
 )
 from medvision.pacs.throttle import ThrottledLog
 
-__all__ = ["Bridge"]
+__all__ = ["CANNOT_UNDERSTAND", "OUT_OF_RESOURCES", "Bridge"]
 
 log = logging.getLogger(__name__)
 
-#: C-STORE failure status: "Cannot understand" (the dataset could not be parsed or is invalid).
-CANNOT_UNDERSTAND = 0xC210
-#: C-STORE failure status: "Out of resources" (the instance could not be stored).
-OUT_OF_RESOURCES = 0xA700
-
-
-def _validate(ds: Any) -> None:
-    """Refuse a dataset unless it can be filed: every UID valid (Study, Series, SOP Instance,
-    SOP Class, Frame of Reference, Transfer Syntax, references), the patient and study values
-    results copy valid for their VRs (see :mod:`medvision.io.header_checks`), and its
-    uncompressed pixel data complete.
-
-    Raises:
-        InvalidDicomError: why not, naming the attribute (never its value).
-    """
-    from pydicom.pixels.utils import get_expected_length
-
-    check_dataset_uids(ds)
-    check_copied_values(ds)
-    if "PixelData" in ds and not ds.file_meta.TransferSyntaxUID.is_compressed:
-        expected = get_expected_length(ds)
-        if len(ds.PixelData) < expected:
-            raise InvalidDicomError(f"pixel data truncated ({len(ds.PixelData)} of {expected} "
-                                    "bytes)")
-
-
 def _uid_or_empty(value: Any) -> str:
     return str(value) if uid_problem(value) is None else ""
-
-
-def _why(error: BaseException) -> str:
-    """A refusal's reason for logs and answers: medvision's own messages (which never quote
-    header values) in full, a foreign exception by its type only (its text may quote them)."""
-    name = type(error).__name__
-    return f"{name}: {error}" if isinstance(error, MedvisionError) else name
-
-
-#: Transfer syntaxes the listener accepts: every one the readers decode (pydicom with
-#: pylibjpeg's libjpeg, OpenJPEG and RLE plugins), uncompressed first.
-ACCEPTED_TRANSFER_SYNTAXES = (
-    "1.2.840.10008.1.2.1",     # Explicit VR Little Endian
-    "1.2.840.10008.1.2",       # Implicit VR Little Endian
-    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
-    "1.2.840.10008.1.2.2",     # Explicit VR Big Endian (retired)
-    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
-    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
-    "1.2.840.10008.1.2.4.57",  # JPEG Lossless (Process 14)
-    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, First-Order Prediction (Process 14, SV1)
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless Only
-    "1.2.840.10008.1.2.4.91",  # JPEG 2000
-    "1.2.840.10008.1.2.5",     # RLE Lossless
-)
 
 
 _LOAD_LOCK = threading.Lock()
@@ -148,6 +102,7 @@ class Bridge:
         self._active_lock = threading.Lock()
         self._successes: dict[tuple[str, str], float] = {}
         self._errors = ThrottledLog(log, interval_s=60.0)
+        self._started = time.time()
 
     # --- receiving -------------------------------------------------------------------------
     def _on_store(self, event: Any) -> int:
@@ -155,14 +110,14 @@ class Bridge:
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
-            _validate(ds)
+            validate_instance(ds)
             data = event.encoded_dataset(include_meta=True)
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # noqa: BLE001 - any decoding problem (even a codec's Rust
             # panic, a BaseException) means "cannot understand"; the listener goes on
             log.warning("C-STORE: refused an instance from %s (answered 0x%04X): %s", calling,
-                        CANNOT_UNDERSTAND, _why(e))
+                        CANNOT_UNDERSTAND, why(e))
             return CANNOT_UNDERSTAND
         try:
             self.store.store_instance(study_uid=str(ds.StudyInstanceUID),
@@ -182,13 +137,13 @@ class Bridge:
             # echoed in the answer only when valid: a malformed UID is not repeated back
             sop_class = _uid_or_empty(ds.get("SOPClassUID"))
             sop_uid = _uid_or_empty(ds.get("SOPInstanceUID"))
-            _validate(ds)
+            validate_instance(ds)
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # noqa: BLE001 - as in _on_store
-            why = _why(e)
-            log.warning("STOW-RS: refused an instance from %s: %s", sender, why)
-            return StoreOutcome(sop_class, sop_uid, STOW_CANNOT_UNDERSTAND, why)
+            reason = why(e)
+            log.warning("STOW-RS: refused an instance from %s: %s", sender, reason)
+            return StoreOutcome(sop_class, sop_uid, STOW_CANNOT_UNDERSTAND, reason)
         if study is not None and str(ds.StudyInstanceUID) != study:
             log.warning("STOW-RS: refused an instance from %s: not in the study of the URL",
                         sender)
@@ -260,6 +215,12 @@ class Bridge:
         Raises:
             PacsError: a listener could not start.
         """
+        for route in self.config.routes:  # a typo in a route fails here, not at a study
+            try:
+                load_pipeline(route.pipeline)
+            except ConfigError as e:
+                raise ConfigError(f"a route names pipeline {route.pipeline!r}, which cannot "
+                                  f"be loaded: {e}") from e
         recovered = self.store.recover()
         if recovered:
             log.info("recovered %d study(ies) interrupted mid-analysis", recovered)
@@ -279,7 +240,10 @@ class Bridge:
             self._start_dimse(self.config.port)
         if self.config.stow is not None:
             self._stow = StowServer(self.config.stow, self._on_stow)
-            self._stow.start()
+            try:
+                self._stow.start()
+            except PacsError as e:
+                raise ConfigError(str(e)) from e
         self._threads = [threading.Thread(target=self._analysis_loop, daemon=True,
                                           name=f"medvision-bridge-analysis-{n}")
                          for n in range(self.config.workers)]
@@ -290,7 +254,7 @@ class Bridge:
 
             for source in self.config.sources:
                 watcher = Watcher(source, self.store, self.config.routes,
-                                  quiet_period_s=self.config.quiet_period_s, validate=_validate)
+                                  quiet_period_s=self.config.quiet_period_s, validate=validate_instance)
                 self._threads.append(threading.Thread(
                     target=watcher.run, args=(self._stop, self._errors.log), daemon=True,
                     name=f"medvision-bridge-watch-{source.name}"))
@@ -300,41 +264,38 @@ class Bridge:
             thread.start()
 
     def _start_dimse(self, port: int) -> None:
-        from pynetdicom import AE, AllStoragePresentationContexts, evt
-        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+        from pynetdicom import AllStoragePresentationContexts, evt
 
-        ae = AE(ae_title=self.config.ae_title)
-        for context in AllStoragePresentationContexts:
-            ae.add_supported_context(str(context.abstract_syntax),
-                                     list(ACCEPTED_TRANSFER_SYNTAXES))
-        ae.add_supported_context(Verification)
-        # The destination's storage commitment reports arrive as N-EVENT-REPORTs on
-        # associations it opens to us.
-        ae.add_supported_context(STORAGE_COMMITMENT, scu_role=True, scp_role=True)
+        allowed = list(self.config.allowed_calling_aes)
         destination = self.config.destination
-        if self.config.allowed_calling_aes:
-            allowed = list(self.config.allowed_calling_aes)
-            if isinstance(destination, Peer) and destination.storage_commitment:
-                # the destination opens associations to us for its commitment reports
-                allowed.append(destination.ae_title)
-            ae.require_calling_aet = allowed
-        ae.maximum_associations = 32
-        self._server = ae.start_server(
-            (self.config.host, port), block=False,
-            evt_handlers=[(evt.EVT_C_STORE, self._on_store),
-                          (evt.EVT_N_EVENT_REPORT, self._on_commitment_report)],
-            ssl_context=self._ssl_context())
-        log.info("listening as %s on %s:%d", self.config.ae_title, self.config.host, port)
+        if allowed and isinstance(destination, Peer) and destination.storage_commitment:
+            # the destination opens associations to us for its commitment reports
+            allowed.append(destination.ae_title)
+        self._server = DimseListener(
+            ae_title=self.config.ae_title, host=self.config.host, port=port,
+            allowed_calling_aes=allowed, peer_networks=self.config.allowed_peer_networks,
+            ssl_context=self._ssl_context(),
+            handlers=[(evt.EVT_C_STORE, self._on_store),
+                      (evt.EVT_N_EVENT_REPORT, self._on_commitment_report)],
+            contexts=[str(c.abstract_syntax) for c in AllStoragePresentationContexts],
+            # the destination's storage commitment reports arrive as N-EVENT-REPORTs on
+            # associations it opens to us
+            extra_contexts=[(STORAGE_COMMITMENT, True)])
+        self._server.start()
 
     def stop(self) -> None:
         """Stop listening and let the workers finish their current step."""
         self._stop.set()
         if self._server is not None:
-            self._server.shutdown()
+            self._server.stop()
         if self._stow is not None:
             self._stow.stop()
         for thread in self._threads:
             thread.join(timeout=120)
+        try:
+            self.store.stopped()
+        except Exception as e:  # noqa: BLE001 - a stale heartbeat says the same, a bit later
+            self._errors.log("recording the stop", e)
 
     # --- working ---------------------------------------------------------------------------
     def _analysis_loop(self) -> None:
@@ -360,8 +321,12 @@ class Bridge:
                 self._stop.wait(self.config.poll_interval_s)
 
     def _send_loop(self) -> None:
+        beat = 0.0
         while not self._stop.is_set():
             try:
+                if time.monotonic() - beat >= HEARTBEAT_S:
+                    self.store.heartbeat(started=self._started)
+                    beat = time.monotonic()
                 self._send_due()
             except Exception as e:  # noqa: BLE001 - the sender must keep running
                 self._errors.log("sending results", e)
@@ -412,30 +377,54 @@ class Bridge:
             # Input and configuration problems do not go away by retrying; anything else
             # (a full disk, an unwritable audit log, a model that failed to load) may.
             permanent = isinstance(e, DataError | ConfigError)
-            reason = f"{type(e).__name__}: {e}"
+            reason = why(e)  # a library's message may quote header values: its type only
             state = self.store.fail_analysis(
                 job.study_uid, reason, retry_in_s=None if permanent else retry.analysis_retry_s,
                 max_attempts=retry.analysis_max_attempts)
-            self._errors.log(f"analysing a study ({state})", e)
+            self._errors.log(f"study {self.store.study_folder_name(job.study_uid)}: analysing "
+                             f"({state})", reason)
+            if state == "failed":
+                try:
+                    Auditor(self.audit_log, self.pseudonymizer,
+                            actor={"via": self.config.ae_title}).record(AuditRecord(
+                                action="analyze", status="failed", actor={"via":
+                                                                          self.config.ae_title},
+                                reason=reason,
+                                study_key=self.pseudonymizer.pseudonym("study", job.study_uid)))
+                except AuditError as audit_error:
+                    self._errors.log("recording a failed analysis", audit_error)
+
+    def _reject(self, job: StudyJob, auditor: Auditor, reason: str) -> None:
+        """The analysis cannot run: ``rejected`` with the reason, logged and audited."""
+        key = self.store.study_folder_name(job.study_uid)
+        state = self.store.reject_analysis(job.study_uid, reason)
+        log.warning("study %s: %s (%s)", key, state, reason)
+        auditor.record(AuditRecord(
+            action="analyze", status="rejected", actor=auditor.actor, reason=reason,
+            study_key=self.pseudonymizer.pseudonym("study", job.study_uid),
+            inputs={"instances": job.instances, "source": job.source}))
 
     def _analyse(self, job: StudyJob) -> None:
-        paths = self.store.instance_paths(job.study_uid)
-        studies = [s for s in collect_studies(paths, pseudonymizer=self.pseudonymizer)
-                   if s.candidates]
-        if not studies:
-            self.store.finish_analysis(job.study_uid, [], error="no readable image instances")
-            return
-        study = studies[0]
-        route = self._route(study)
-        if route is None:
-            log.info("%s: no route for this study; nothing to do", study.key)
-            self.store.finish_analysis(job.study_uid, [], error="no route matches the study")
-            return
-        predictor = self._predictor(route.pipeline)
         who = {DIMSE_SOURCE: "calling_ae", STOW_SOURCE: "stow_sender"}.get(job.source,
                                                                           "dicomweb_source")
         auditor = Auditor(self.audit_log, self.pseudonymizer,
                           actor={who: job.calling_ae, "via": self.config.ae_title})
+        key = self.store.study_folder_name(job.study_uid)
+        paths = self.store.instance_paths(job.study_uid)
+        studies = [s for s in collect_studies(paths, pseudonymizer=self.pseudonymizer)
+                   if s.candidates]
+        if not studies:
+            self._reject(job, auditor, f"no readable image among {len(paths)} instance(s)")
+            return
+        study = studies[0]
+        route = self._route(study)
+        if route is None:
+            modalities = sorted({str(e.series.modality) for e in study.candidates
+                                 if e.series is not None})
+            self._reject(job, auditor, f"no route matches the study (modalities "
+                                       f"{', '.join(modalities) or 'unknown'})")
+            return
+        predictor = self._predictor(route.pipeline)
         import pydicom
 
         predecessors = []
@@ -477,14 +466,23 @@ class Bridge:
                 path = target / "fhir.json"
                 shutil.copyfile(bundle, path)
                 outputs.append((f"fhir:{json.loads(path.read_text())['id']}", path, "FHIR"))
+        if report.status == "rejected":  # the pipeline refused the input: audited by commit
+            state = self.store.reject_analysis(job.study_uid, report.reason or "rejected")
+            log.warning("study %s: %s (%s)", key, state, report.reason)
+            return
+        if report.status not in ("ok", "flagged"):  # it ran and failed: `pacs retry` re-runs
+            state = self.store.fail_analysis(job.study_uid, report.reason or report.status,
+                                             retry_in_s=None, max_attempts=1)
+            log.warning("study %s: analysis %s (%s)", key, state, report.reason)
+            return
         destination = self.config.destination_for(job.source)
         destinations = {kind: FHIR_DESTINATION if kind == "FHIR" else destination
                         for _, _, kind in outputs}
         state = self.store.finish_analysis(
             job.study_uid, outputs, analysis=job.analysis, destinations=destinations,
-            series=series, error=None if report.status in ("ok", "flagged") else report.reason)
-        log.info("%s: %s, %d result object(s), study %s", study.key, report.status,
-                 len(outputs), state)
+            series=series)
+        log.info("study %s: %s, %d result object(s), %s", key, report.status, len(outputs),
+                 state)
 
     def _send_due(self) -> None:
         retry = self.config.retry
@@ -512,9 +510,12 @@ class Bridge:
                 unreachable.add(item.destination)  # wait for the next round
                 continue
             if note:
-                log.warning("%s result delivered with a %s", item.kind, note)
+                log.warning("study %s: %s result delivered to %s, with a warning: %s",
+                            self.store.study_folder_name(item.study_uid), item.kind,
+                            item.destination, note)
             self.store.mark_sent(item.sop_uid, note=note, awaiting_commitment=committing)
             self._note_success(item.destination, "destination")
+            self._audit_delivery(item, "ok", note)
         destination = self.config.destination
         if isinstance(destination, Peer) and destination.storage_commitment:
             self._request_commitments(destination)
@@ -574,41 +575,64 @@ class Bridge:
         self.store.mark_commitment_requested([item.sop_uid for item in waiting], transaction)
 
     def _on_commitment_report(self, event: Any) -> tuple[int, Any]:
-        """N-EVENT-REPORT from the destination: which results it committed to keep."""
+        """N-EVENT-REPORT from the destination: which results it committed to keep.
+
+        Only the destination's AE may report, and only on a transaction the bridge opened:
+        a report from another AE, or naming an unknown Transaction UID, is refused (0x0110)
+        and logged, and marks nothing."""
+        requestor = event.assoc.requestor
+        calling = str(requestor.ae_title).strip()
+        destination = self.config.destination
+        if not (isinstance(destination, Peer) and destination.storage_commitment
+                and calling == destination.ae_title):
+            log.warning("storage commitment: refused a report from %s at %s: not the "
+                        "destination's AE", calling, requestor.address)
+            return 0x0110, None
         try:
             info = event.event_information
-            committed = [str(i.ReferencedSOPInstanceUID)
+            transaction = check_uid(info.get("TransactionUID"), "TransactionUID")
+            committed = [check_uid(i.get("ReferencedSOPInstanceUID"), "ReferencedSOPInstanceUID")
                          for i in info.get("ReferencedSOPSequence", [])]
-            failed = [(str(i.ReferencedSOPInstanceUID), int(i.get("FailureReason", 0x0110)))
+            failed = [(check_uid(i.get("ReferencedSOPInstanceUID"), "ReferencedSOPInstanceUID"),
+                       int(i.get("FailureReason", 0x0110)))
                       for i in info.get("FailedSOPSequence", [])]
         except Exception as e:  # noqa: BLE001 - a malformed report is refused, not fatal
-            self._errors.log("reading a storage commitment report", e)
+            self._errors.log("reading a storage commitment report", why(e))
+            return 0x0110, None
+        if not self.store.commitment_transaction_known(transaction):
+            log.warning("storage commitment: refused a report from %s at %s: unknown "
+                        "Transaction UID", calling, requestor.address)
             return 0x0110, None
         for uid in committed:
-            self.store.mark_committed(uid)
+            self.store.mark_committed(uid, transaction)
         for uid, reason in failed:
             self.store.commitment_failed(uid, f"the destination did not commit to keep it "
                                          f"(failure reason 0x{reason:04X})",
-                                         max_attempts=self.config.retry.max_attempts)
+                                         max_attempts=self.config.retry.max_attempts,
+                                         transaction=transaction)
         log.info("storage commitment report: %d committed, %d failed", len(committed),
                  len(failed))
         return 0x0000, None
 
     def _send_failed(self, item: OutboxItem, reason: str, state: str) -> None:
-        self._errors.log(f"sending a {item.kind} result (attempt {item.attempts + 1}, {state})",
-                         reason)
-        if state != "failed":
-            return
+        self._errors.log(f"study {self.store.study_folder_name(item.study_uid)}: sending a "
+                         f"{item.kind} result (attempt {item.attempts + 1}, {state})", reason)
+        if state == "failed":
+            self._audit_delivery(item, "failed", reason)
+
+    def _audit_delivery(self, item: OutboxItem, status: str, reason: str | None) -> None:
+        """Every delivery (first try or a `pacs retry`) and every final failure is audited,
+        so the trail's last word on a result is what became of it."""
         auditor = Auditor(self.audit_log, self.pseudonymizer,
                           actor={"via": self.config.ae_title})
         try:
             auditor.record(AuditRecord(
-                action="deliver", status="failed", actor=auditor.actor, reason=reason,
+                action="deliver", status=status, actor=auditor.actor, reason=reason,
                 study_key=self.pseudonymizer.pseudonym("study", item.study_uid),
                 result={"kind": item.kind, "attempts": item.attempts + 1,
-                        "destination": item.destination}))
+                        "destination": item.destination, "sop_instance": item.sop_uid}))
         except AuditError as e:
-            self._errors.log("recording a failed delivery", e)
+            self._errors.log(f"recording a delivery ({status})", e)
 
     def serve_forever(self, *, watch: bool = True) -> None:
         """Start, then block until SIGINT/SIGTERM."""

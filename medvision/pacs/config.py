@@ -185,11 +185,15 @@ class BridgeConfig(_Strict):
     """A whole bridge settings file."""
 
     ae_title: str = Field(default="MEDVISION", max_length=16)
-    host: str = "127.0.0.1"
+    host: str = Field(default="127.0.0.1", description="address the DIMSE listener binds: "
+                      "loopback by default; 0.0.0.0 listens on every interface")
     port: int | None = Field(default=11112, ge=1, le=65535,
                              description="DIMSE listener port; null: no DIMSE listener")
     allowed_calling_aes: tuple[str, ...] = Field(
-        default=(), description="calling AE titles accepted; empty: any")
+        default=(), description="calling AE titles accepted; empty: any (a warning at start)")
+    allowed_peer_networks: tuple[str, ...] = Field(
+        default=(), description="peer addresses (CIDR, e.g. 10.1.0.0/16) whose DIMSE "
+                                "connections are accepted; empty: any")
     tls: TLSConfig | None = None
     quiet_period_s: float = Field(default=10.0, ge=0,
                                   description="a study is complete after this long without news")

@@ -8,9 +8,11 @@ name, fsync, atomic rename, fsync of the folder) and its row is committed. Study
         |                              +--(error: retried later)-------+--> failed
         +------ new instance, crash recovery, `pacs retry` ------------+
 
-Every path ends in ``done`` or ``failed``: an analysis that raises goes back to ``receiving``
+Every path ends in ``done``, ``failed`` or ``rejected``: an analysis that raises goes back to ``receiving``
 with a delay (so a full disk recovers without a restart) until ``max_attempts``, then
-``failed`` with the reason. Result objects go to an outbox (one row per result SOP Instance
+``failed`` with the reason; an analysis that cannot run (no readable image, no route, input
+the pipeline refuses) is ``rejected`` with the reason, and one that ran and failed is
+``failed``, both at once (``pacs retry`` re-runs them after a fix). Result objects go to an outbox (one row per result SOP Instance
 UID) whose items are ``pending`` -> ``sent`` (or ``committed`` with storage commitment) or,
 after ``max_attempts`` tries or a permanent refusal, ``failed``; ``pacs retry`` re-queues them.
 The files an outbox row points to are never rewritten: each analysis writes into its own
@@ -31,12 +33,31 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from medvision.errors import PacsError
+from medvision.errors import PacsError, UnknownStudyError
 
-__all__ = ["BridgeStore", "OutboxItem", "StudyJob", "read_status"]
+__all__ = ["BridgeStore", "OutboxItem", "StudyJob", "StudyState", "read_status"]
+
+
+class StudyState(StrEnum):
+    """Where a study is on its way through the bridge (the ``studies.state`` column)."""
+
+    RETRIEVING = "retrieving"
+    RECEIVING = "receiving"
+    PROCESSING = "processing"
+    SENDING = "sending"
+    DONE = "done"
+    FAILED = "failed"
+    REJECTED = "rejected"
+
+
+#: States a study ends in until ``pacs retry`` (or new instances) re-open it.
+PROBLEM_STATES = (StudyState.FAILED, StudyState.REJECTED)
+#: A running bridge writes its heartbeat at least this often (seconds).
+HEARTBEAT_S = 5.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -56,6 +77,10 @@ CREATE TABLE IF NOT EXISTS remote_studies (
     source TEXT NOT NULL, study_uid TEXT NOT NULL, done_signature TEXT,
     pending_signature TEXT, pending_since REAL NOT NULL DEFAULT 0, series TEXT NOT NULL DEFAULT '{}',
     updated REAL NOT NULL, PRIMARY KEY (source, study_uid)
+);
+CREATE TABLE IF NOT EXISTS bridge (
+    id INTEGER PRIMARY KEY CHECK (id = 1), pid INTEGER NOT NULL, host TEXT NOT NULL,
+    started REAL NOT NULL, heartbeat REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS endpoints (
     name TEXT NOT NULL, role TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '',
@@ -391,6 +416,36 @@ class BridgeStore:
             db.execute("COMMIT")
         return state
 
+    def reject_analysis(self, study_uid: str, reason: str) -> str:
+        """The analysis cannot run on this study (nothing readable, no route, input the
+        pipeline refuses): ``rejected`` with the reason, at once. Returns the new state."""
+        with self._db() as db:
+            changed = db.execute("UPDATE studies SET state = ?, error = ?, updated = ? "
+                                 "WHERE study_uid = ? AND state = ?",
+                                 (StudyState.REJECTED, reason, time.time(), study_uid,
+                                  StudyState.PROCESSING)).rowcount
+            row = db.execute("SELECT state FROM studies WHERE study_uid = ?",
+                             (study_uid,)).fetchone()
+        if changed:
+            return StudyState.REJECTED
+        return str(row[0]) if row else "unknown"
+
+    def heartbeat(self, *, started: float) -> None:
+        """A running bridge says so (``pacs status`` shows it, and whether it is alive)."""
+        import socket
+
+        with self._db() as db:
+            db.execute("INSERT INTO bridge (id, pid, host, started, heartbeat) VALUES "
+                       "(1, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET pid = excluded.pid, "
+                       "host = excluded.host, started = excluded.started, "
+                       "heartbeat = excluded.heartbeat",
+                       (os.getpid(), socket.gethostname(), started, time.time()))
+
+    def stopped(self) -> None:
+        """The bridge stopped cleanly."""
+        with self._db() as db:
+            db.execute("DELETE FROM bridge WHERE pid = ?", (os.getpid(),))
+
     def fail_analysis(self, study_uid: str, error: str, *, retry_in_s: float | None,
                       max_attempts: int) -> str:
         """An analysis raised: try again in ``retry_in_s`` (until ``max_attempts``), else
@@ -448,11 +503,18 @@ class BridgeStore:
         return self._settle(sop_uid, "UPDATE outbox SET state = ?, error = NULL, note = ?, "
                             "last_try = ? WHERE sop_uid = ?", (state, note, time.time(), sop_uid))
 
-    def mark_committed(self, sop_uid: str) -> str | None:
-        """The peer confirmed (storage commitment) that it keeps the object."""
+    def mark_committed(self, sop_uid: str, transaction_uid: str) -> str | None:
+        """The peer confirmed (storage commitment) that it keeps the object, in the
+        transaction the bridge asked it under (a report naming another one changes nothing)."""
         return self._settle(sop_uid, "UPDATE outbox SET state = 'committed', error = NULL "
-                            "WHERE sop_uid = ? AND state IN ('sent_awaiting', 'sent')",
-                            (sop_uid,))
+                            "WHERE sop_uid = ? AND state = 'sent_awaiting' AND commit_tx = ?",
+                            (sop_uid, transaction_uid))
+
+    def commitment_transaction_known(self, transaction_uid: str) -> bool:
+        """Whether the bridge asked for storage commitment under this Transaction UID."""
+        with self._db() as db:
+            return db.execute("SELECT 1 FROM outbox WHERE commit_tx = ? LIMIT 1",
+                              (transaction_uid,)).fetchone() is not None
 
     def mark_failed_send(self, sop_uid: str, error: str, *, max_attempts: int,
                          permanent: bool = False) -> str:
@@ -517,23 +579,36 @@ class BridgeStore:
                            (transaction_uid, time.time(), uid))
             db.execute("COMMIT")
 
-    def commitment_failed(self, sop_uid: str, reason: str, *, max_attempts: int) -> str:
+    def commitment_failed(self, sop_uid: str, reason: str, *, max_attempts: int,
+                          transaction: str | None = None) -> str:
         """The peer did not commit (or did not answer in time): send the object again, up to
-        ``max_attempts`` in all."""
+        ``max_attempts`` in all. With ``transaction``, only an item asked for under it."""
         with self._db() as db:
-            db.execute("UPDATE outbox SET state = 'pending', commit_tx = NULL, "
-                       "commit_requested = 0 WHERE sop_uid = ? AND state = 'sent_awaiting'",
-                       (sop_uid,))
+            changed = db.execute(
+                "UPDATE outbox SET state = 'pending', commit_tx = NULL, commit_requested = 0 "
+                "WHERE sop_uid = ? AND state = 'sent_awaiting'"
+                + (" AND commit_tx = ?" if transaction is not None else ""),
+                (sop_uid, transaction) if transaction is not None else (sop_uid,)).rowcount
+        if transaction is not None and not changed:
+            return "unknown"
         return self.mark_failed_send(sop_uid, reason, max_attempts=max_attempts)
 
     def retry(self, study: str | None = None) -> int:
-        """Re-queue failed results and failed studies (all, or one study by its key as
-        ``pacs status`` shows it); returns how many were re-queued."""
+        """Re-queue failed results and failed or rejected studies (all, or one study by its
+        key as ``pacs status`` shows it); returns how many were re-queued.
+
+        Raises:
+            PacsError: ``study`` names no study of this work folder.
+        """
         now = time.time()
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             uids = [r[0] for r in db.execute("SELECT study_uid FROM studies")
                     if study is None or self.study_folder_name(r[0]) == study]
+            if study is not None and not uids:
+                db.execute("ROLLBACK")
+                raise UnknownStudyError(f"{self.workdir}: no study {study!r} here ('medvision "
+                                        "pacs status' lists the study keys)")
             count = 0
             for uid in uids:
                 count += db.execute("UPDATE outbox SET state = 'pending', attempts = 0, "
@@ -546,7 +621,8 @@ class BridgeStore:
                 else:
                     count += db.execute("UPDATE studies SET state = 'receiving', attempts = 0, "
                                         "retry_after = 0, error = NULL, updated = ? WHERE "
-                                        "study_uid = ? AND state = 'failed'", (now, uid)).rowcount
+                                        "study_uid = ? AND state IN ('failed', 'rejected')",
+                                        (now, uid)).rowcount
             db.execute("COMMIT")
         return count
 
@@ -616,11 +692,42 @@ def read_status(workdir: str | os.PathLike[str]) -> dict[str, Any]:
                 endpoints.append({"name": r[0], "role": r[1], "detail": r[2], "queue": queue,
                                   "last_success": _iso(r[3]), "last_error": r[4],
                                   "last_error_at": _iso(r[5])})
+        bridge = _bridge_status(connection)
+        if not bridge["running"]:
+            for study in studies:  # nothing is working on it: left by a crash
+                if study["state"] == StudyState.PROCESSING:
+                    study["stuck"] = True
     except sqlite3.Error as e:
         raise PacsError(f"{path}: cannot read the job database ({e})") from e
     finally:
         connection.close()
-    return {"endpoints": endpoints, "studies": studies, "outbox": outbox}
+    return {"bridge": bridge, "endpoints": endpoints, "studies": studies, "outbox": outbox}
+
+
+def _bridge_status(connection: sqlite3.Connection) -> dict[str, Any]:
+    """Whether a bridge runs on this work folder: its pid and last heartbeat, and whether
+    that process is alive (on this host) and beat recently."""
+    import socket
+
+    if not connection.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND "
+                              "name = 'bridge'").fetchone():
+        return {"running": False, "pid": None, "heartbeat": None}
+    row = connection.execute("SELECT pid, host, started, heartbeat FROM bridge "
+                             "WHERE id = 1").fetchone()
+    if row is None:
+        return {"running": False, "pid": None, "heartbeat": None}
+    pid, host, started, beat = int(row[0]), str(row[1]), float(row[2]), float(row[3])
+    alive = True
+    if host == socket.gethostname():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            pass  # another user's process: it exists
+    fresh = time.time() - beat < 6 * HEARTBEAT_S
+    return {"running": alive and fresh, "pid": pid, "host": host, "started": _iso(started),
+            "heartbeat": _iso(beat), "alive": alive}
 
 
 def _iso(seconds: float | None) -> str | None:

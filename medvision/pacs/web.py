@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     import requests
     from dicomweb_client.api import DICOMwebClient
 
-    from medvision.pacs.config import DicomWebEndpoint, FhirServer, HttpAuth, Route, WatchSource
+    from medvision.pacs.config import DicomWebEndpoint, FhirServer, Route, WatchSource
     from medvision.pacs.store import BridgeStore
 
 __all__ = ["Watcher", "client_for", "fhir_deliver", "session_for", "stow_deliver"]

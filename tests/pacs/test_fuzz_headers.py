@@ -26,8 +26,10 @@ from pathlib import Path
 
 import pytest
 import requests
+from capture_server import CaptureServer
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from security_peers import BridgeProcess, multipart, small_radiograph
 
 from medvision.analyze import AnalyzeOptions, analyze
 from medvision.audit import AuditLog, Auditor, Pseudonymizer
@@ -39,10 +41,8 @@ from medvision.io.header_checks import (
     uid_problem,
 )
 
-from capture_server import CaptureServer
 from conftest import dcmtk_tool, require, wait_until
 from orthanc_peer import free_port
-from security_peers import BridgeProcess, multipart, small_radiograph
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -81,7 +81,7 @@ def write_case(folder: Path, keyword: str, value: str) -> tuple[Path, object] | 
     path = folder / "case.dcm"
     extra = {"SpecificCharacterSet": "ISO_IR 192"} if not value.isascii() else {}
     try:
-        ds = small_radiograph(path, **extra, **{keyword: value})
+        small_radiograph(path, **extra, **{keyword: value})
     except Exception:  # noqa: BLE001 - pydicom refuses to encode it: not a case for the bridge
         return None
     import pydicom

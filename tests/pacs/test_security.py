@@ -14,10 +14,10 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
+from security_peers import BridgeProcess, multipart, small_radiograph
 
 from conftest import dcmtk_tool, require, wait_until
 from orthanc_peer import Orthanc, free_port
-from security_peers import BridgeProcess, multipart, small_radiograph
 
 pytestmark = pytest.mark.integration
 

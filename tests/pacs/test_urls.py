@@ -9,13 +9,13 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
+from capture_server import CaptureServer
 
 from medvision.errors import DeliveryError
 from medvision.pacs.config import DicomWebEndpoint, FhirServer
 from medvision.pacs.urls import UnsafeUrlError, check_under, url_under
 from medvision.pacs.web import session_for, stow_deliver
 
-from capture_server import CaptureServer
 from conftest import pydicom_test_files
 
 BASE = "http://127.0.0.1:8042/dicom-web/"
