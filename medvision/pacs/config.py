@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from medvision.config import read_yaml
 from medvision.errors import ConfigError
 
-__all__ = ["BridgeConfig", "DicomWebEndpoint", "FhirServer", "Peer", "Route", "StowListener",
+__all__ = ["BridgeConfig", "DicomWebEndpoint", "FhirServer", "Peer", "PeerTLS", "Route",
+           "StowListener",
            "StowSender", "WatchSource", "load_bridge_config"]
 
 #: Names the bridge uses for its own inputs and outputs (a watched source may not take them).
@@ -23,12 +24,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class PeerTLS(_Strict):
+    """DICOM TLS towards a peer (PS3.15 B.9): the CA that signed its certificate, our client
+    certificate and key when it asks for one, and whether its name must match."""
+
+    ca: Path = Field(description="CA certificates (PEM) that verify the peer's certificate")
+    certificate: Path | None = Field(default=None, description="our client certificate (PEM)")
+    key: Path | None = Field(default=None, description="its private key (PEM)")
+    check_hostname: bool = Field(default=True, description="the peer's certificate must name "
+                                 "`server_name` (default: `host`)")
+    server_name: str | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> PeerTLS:
+        if (self.certificate is None) != (self.key is None):
+            raise ValueError("give both certificate and key, or neither")
+        return self
+
+
 class Peer(_Strict):
     """A DICOM node: AE title, host and port."""
 
     ae_title: str = Field(max_length=16)
     host: str = "127.0.0.1"
     port: int = Field(ge=1, le=65535)
+    tls: PeerTLS | None = Field(default=None, description="DICOM TLS to this peer")
     storage_commitment: bool = Field(
         default=False, description="ask the peer to confirm it keeps each result (DICOM "
                                    "Storage Commitment); a result counts only when confirmed")
@@ -77,6 +97,10 @@ class HttpAuth(_Strict):
         default=None, description="CA certificates (PEM) to verify the server's TLS "
                                   "certificate; default: the system's")
     timeout_s: float = Field(default=60.0, gt=0, description="per HTTP request")
+    client_certificate: Path | None = Field(
+        default=None, description="client certificate (PEM) for servers that require one "
+                                  "(mutual TLS)")
+    client_key: Path | None = Field(default=None, description="its private key (PEM)")
 
     @model_validator(mode="after")
     def _one_scheme(self) -> HttpAuth:
@@ -85,6 +109,8 @@ class HttpAuth(_Strict):
                              "(username, password_env), not both")
         if bool(self.username) != bool(self.password_env):
             raise ValueError("basic auth needs both username and password_env")
+        if (self.client_certificate is None) != (self.client_key is None):
+            raise ValueError("give both client_certificate and client_key, or neither")
         return self
 
     def secret(self, variable: str | None) -> str | None:

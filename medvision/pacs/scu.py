@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medvision.errors import DeliveryError, PacsError
-from medvision.pacs.config import Peer
+from medvision.errors import ConfigError, DeliveryError, PacsError
+from medvision.pacs.config import Peer, PeerTLS
 
 __all__ = ["STORAGE_COMMITMENT", "Delivery", "deliver", "echo", "find", "request_commitment",
-           "store"]
+           "store", "tls_context"]
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,22 @@ VERIFICATION = "1.2.840.10008.1.1"
 #: Storage Commitment Push Model SOP Class, and its well-known SOP Instance.
 STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
 STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
+
+
+def tls_context(tls: PeerTLS) -> ssl.SSLContext:
+    """A client TLS context for a peer: its CA, our certificate, hostname checking.
+
+    Raises:
+        ConfigError: a certificate or key file cannot be loaded.
+    """
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
+        context.check_hostname = tls.check_hostname
+        if tls.certificate is not None and tls.key is not None:
+            context.load_cert_chain(str(tls.certificate), str(tls.key))
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"DICOM TLS: cannot load the CA, certificate or key ({e})") from e
+    return context
 
 
 def _associate(peer: Peer, calling_ae: str, contexts: Any) -> Any:
@@ -33,9 +50,16 @@ def _associate(peer: Peer, calling_ae: str, contexts: Any) -> Any:
             ae.add_requested_context(*context)
         else:
             ae.add_requested_context(context)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    tls_args = None if peer.tls is None else (tls_context(peer.tls),
+                                               peer.tls.server_name or peer.host)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         where = f"{peer.ae_title}@{peer.host}:{peer.port}"
+        if peer.tls is not None and not assoc.is_rejected:
+            raise DeliveryError(f"{where}: no TLS association (the handshake failed or the "
+                                "peer is down: check that its certificate is signed by the "
+                                "configured CA and names the host, and that it accepts our "
+                                "client certificate)")
         if assoc.is_rejected:
             raise PacsError(f"{where}: the peer rejected the association (it may not know our "
                             f"AE title {calling_ae}, or the called AE title is wrong)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -80,6 +81,8 @@ def session_for(auth: DicomWebEndpoint | FhirServer) -> requests.Session:
         session.headers["Authorization"] = f"Bearer {token}"
     if ca_bundle is not None:
         session.verify = ca_bundle
+    if auth.client_certificate is not None and auth.client_key is not None:
+        session.cert = (str(auth.client_certificate), str(auth.client_key))
     return session
 
 
@@ -179,15 +182,23 @@ def stow_deliver(endpoint: DicomWebEndpoint, path: Path) -> str | None:
     return None if warning is None else f"STOW-RS warning 0x{int(warning):04X}"
 
 
+_FHIR_ID = re.compile(r"[A-Za-z0-9.\-]{1,64}")
+_FHIR_TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
+
+
 def fhir_transaction(bundle: dict[str, Any]) -> dict[str, Any]:
     """A ``collection`` Bundle as a ``transaction`` that PUTs each resource by its id, so
     sending it again updates the same resources instead of adding copies."""
     entries = []
     for entry in bundle["entry"]:
         resource = entry["resource"]
+        kind, rid = str(resource.get("resourceType", "")), str(resource.get("id", ""))
+        # the request URL is resolved against the server's base: both parts must be plain
+        if not _FHIR_TYPE.fullmatch(kind) or not _FHIR_ID.fullmatch(rid):
+            raise DeliveryError("the FHIR bundle holds a resource whose type or id is not "
+                                "FHIR syntax (id: [A-Za-z0-9.-]{1,64})", permanent=True)
         entries.append({"fullUrl": entry["fullUrl"], "resource": resource,
-                        "request": {"method": "PUT",
-                                    "url": f"{resource['resourceType']}/{resource['id']}"}})
+                        "request": {"method": "PUT", "url": f"{kind}/{rid}"}})
     return {"resourceType": "Bundle", "id": bundle["id"], "type": "transaction",
             "entry": entries}
 
