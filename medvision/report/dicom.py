@@ -21,6 +21,7 @@ the same study again yields the same objects, and the PACS and outbox deduplicat
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     from medvision.report.study import StudyReport
 
 __all__ = ["DicomResult", "class_code", "write_dicom"]
+
+log = logging.getLogger(__name__)
 
 
 #: Standard concepts used whatever the pipeline (checked against pydicom's dictionary in tests).
@@ -291,6 +294,35 @@ def _seg(report: StudyReport, pipeline: Pipeline, sources: list[Any], mask: np.n
     return str(seg.SOPInstanceUID)
 
 
+def _source_planes(array: np.ndarray, affine: np.ndarray, sources: Sequence[Any]
+                   ) -> list[int] | None:
+    """The plane (third axis) of ``array`` at each source slice, or ``None``.
+
+    One plane per source, in order, when the counts agree; otherwise (a series with a slice
+    missing, loaded onto a regular grid with more planes than files) each source's Image
+    Position (Patient) located on the grid, so SEG and Parametric Map frames are built over
+    the slices that are present. ``None`` when a source has no position or falls between
+    planes.
+    """
+    if array.ndim != 3:
+        return None
+    if array.shape[2] == len(sources):
+        return list(range(len(sources)))
+    inverse = np.linalg.inv(np.asarray(affine, dtype=float))
+    planes = []
+    for ds in sources:
+        position = ds.get("ImagePositionPatient")
+        if position is None or len(position) != 3:
+            return None
+        x, y, z = (float(v) for v in position)
+        i, j, k, _ = inverse @ np.array([-x, -y, z, 1.0])  # DICOM LPS -> RAS, then voxels
+        plane = int(round(k))
+        if not 0 <= plane < array.shape[2] or max(abs(i), abs(j), abs(k - plane)) > 0.1:
+            return None
+        planes.append(plane)
+    return planes
+
+
 def _cielab(rgb: Sequence[int]) -> tuple[int, int, int]:
     """sRGB 0-255 to DICOM's scaled CIELab (PS3.3 C.10.7.1.1), as highdicom does."""
     from highdicom.color import CIELabColor
@@ -441,18 +473,25 @@ def write_dicom(report: StudyReport, pipeline: Pipeline, out_dir: Path, *,
         mask = prediction.mask if prediction is not None else None
         if mask is not None:
             labels = np.rint(np.asarray(mask.array[0])).astype(int)
-            if labels.ndim == 3 and labels.shape[2] == len(sources):
+            planes = _source_planes(labels, mask.affine, sources)
+            if planes is None:
+                log.warning("the segmentation's planes do not match the source slices: no SEG")
+            else:
                 path = out_dir / "seg.dcm"
-                uid = _seg(report, pipeline, sources, labels, seed, path)
+                uid = _seg(report, pipeline, sources, labels[:, :, planes], seed, path)
                 if uid:
                     written.append(DicomResult("SEG", path, uid))
         saliency = report.saliency
         if saliency is not None and len(sources) > 1:
             values = np.asarray(saliency.volume.array[0])
-            if values.ndim == 3 and values.shape[2] == len(sources):
+            planes = _source_planes(values, saliency.volume.affine, sources)
+            if planes is None:
+                log.warning("the saliency map's planes do not match the source slices: no "
+                            "Parametric Map")
+            else:
                 path = out_dir / "pm.dcm"
-                written.append(DicomResult("PM", path, _parametric_map(report, sources, values,
-                                                                       seed, path)))
+                written.append(DicomResult("PM", path, _parametric_map(
+                    report, sources, values[:, :, planes], seed, path)))
         for index, image in enumerate(overlays):
             path = out_dir / f"overlay_{index}.dcm"
             written.append(DicomResult("SC", path, _overlay(

@@ -30,7 +30,10 @@ def dicom_parts(content_type: str, body: bytes) -> list[bytes]:
 
 
 class CaptureServer:
-    def __init__(self, *, redirect_to: str | None = None) -> None:
+    def __init__(self, *, redirect_to: str | None = None,
+                 tls: tuple[Path, Path, Path] | None = None) -> None:
+        """``tls``: (certificate, key, CA) to serve HTTPS that requires a client certificate
+        signed by the CA."""
         self.requests: list[Captured] = []
         self.redirect_to = redirect_to
         owner = self
@@ -72,6 +75,15 @@ class CaptureServer:
             do_POST = do_GET = do_PUT = _answer
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.scheme = "http"
+        if tls is not None:
+            import ssl
+
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tls[2]))
+            context.load_cert_chain(str(tls[0]), str(tls[1]))
+            context.verify_mode = ssl.CERT_REQUIRED
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            self.scheme = "https"
         self.port = int(self.server.server_address[1])
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -95,7 +107,7 @@ class CaptureServer:
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}/dicom-web/"
+        return f"{self.scheme}://127.0.0.1:{self.port}/dicom-web/"
 
     def objects(self, folder: Path) -> list[Path]:
         """Every DICOM object POSTed so far, written to ``folder``."""

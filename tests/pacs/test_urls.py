@@ -108,3 +108,48 @@ def test_fhir_sessions_are_held_to_their_base(capture: CaptureServer) -> None:
     assert [r.path for r in capture.requests] == ["/fhir/Patient/abc"]
     assert isinstance(UnsafeUrlError("x"), DeliveryError)
     assert not issubclass(UnsafeUrlError, requests.RequestException)
+
+
+def test_mutual_tls_towards_a_dicomweb_server(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """An HTTPS server that requires a client certificate: the configured client certificate
+    and CA deliver; without the certificate the server refuses; a REQUESTS_CA_BUNDLE in the
+    environment does not override the configured CA."""
+    from conftest import tls_certificates
+
+    certs = tls_certificates(tmp_path / "certs")
+    server = CaptureServer(tls=(certs["server.crt"], certs["server.key"], certs["ca.crt"]))
+    try:
+        ds = pydicom.dcmread(next(p for p in pydicom_test_files() if p.name == "CT_small.dcm"))
+        path = tmp_path / "sr.dcm"
+        ds.save_as(path)
+        (tmp_path / "empty.pem").write_text("")
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "empty.pem"))
+        endpoint = DicomWebEndpoint(url=server.base, ca_bundle=certs["ca.crt"],
+                                    client_certificate=certs["client.crt"],
+                                    client_key=certs["client.key"], timeout_s=10)
+        assert stow_deliver(endpoint, path) is None
+        assert server.requests[-1].path == f"/dicom-web/studies/{ds.StudyInstanceUID}"
+        bare = DicomWebEndpoint(url=server.base, ca_bundle=certs["ca.crt"], timeout_s=10)
+        with pytest.raises(Exception, match="no answer|SSL|certificate"):
+            stow_deliver(bare, path)
+        assert len(server.requests) == 1
+    finally:
+        server.stop()
+
+
+def test_basic_auth_and_an_unset_token_variable(capture: CaptureServer, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from medvision.errors import ConfigError
+
+    ds = pydicom.dcmread(next(p for p in pydicom_test_files() if p.name == "CT_small.dcm"))
+    path = tmp_path / "sr.dcm"
+    ds.save_as(path)
+    monkeypatch.setenv("PACS_PASSWORD", "pw")
+    stow_deliver(DicomWebEndpoint(url=capture.base, username="bridge",
+                                  password_env="PACS_PASSWORD"), path)
+    assert capture.requests[-1].headers["Authorization"] == "Basic YnJpZGdlOnB3"
+    monkeypatch.delenv("PACS_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="PACS_TOKEN"):
+        stow_deliver(DicomWebEndpoint(url=capture.base, token_env="PACS_TOKEN"), path)
+    assert len(capture.requests) == 1

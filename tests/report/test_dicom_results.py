@@ -216,3 +216,34 @@ def test_fhir_bundles_validate_and_carry_the_report_numbers(
         device = next(e.resource for e in bundle.entry
                       if e.resource.get_resource_type() == "Device")
         assert report["pipeline"]["weights_sha256"] in {v.value for v in device.version}
+
+
+def test_a_series_with_a_slice_missing_still_gets_seg_and_parametric_map(
+        shared_data: Path, tmp_path: Path) -> None:
+    """One middle slice left out: the volume loads onto a regular grid with one plane more
+    than there are files; the SEG and the Parametric Map are built over the slices that are
+    present, each frame referencing its own source (before, both were silently left out)."""
+    import highdicom as hd
+
+    from conftest import mr_series_from_nifti
+
+    images = sorted((shared_data / "hippocampus" / "images").glob("*.nii.gz"))
+    files = mr_series_from_nifti(images[0], tmp_path / "mr")
+    missing = files[len(files) // 2]
+    missing.unlink()
+    present = [p for p in files if p != missing]
+    assert main(["analyze", str(tmp_path / "mr"), "--pipeline", "hippocampus-seg", "-o",
+                 str(tmp_path / "out"), "--dicom"]) == 0
+    folder = next((tmp_path / "out").glob("*/report.json")).parent
+    report = json.loads((folder / "report.json").read_text())
+    written = _written(folder, report)
+    assert {"SR", "SEG", "PM"} <= set(written), written
+    sources = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in present}
+    pm = pydicom.dcmread(written["PM"][0])
+    assert int(pm.NumberOfFrames) == len(present)
+    referenced = {str(frame.DerivationImageSequence[0].SourceImageSequence[0]
+                      .ReferencedSOPInstanceUID)
+                  for frame in pm.PerFrameFunctionalGroupsSequence}
+    assert referenced == sources
+    seg = hd.seg.segread(written["SEG"][0])
+    assert {str(uid) for _, _, uid in seg.get_source_image_uids()} <= sources
