@@ -335,7 +335,9 @@ def _render(report: StudyReport, predictor: Predictor, folder: Path, options: An
                               overlays=[i for i in images if i.kind == "overlay"],
                               predecessors=predecessors)
         files["dicom"] = [{"kind": d.kind, "file": f"dicom/{d.path.name}",
-                           "sop_instance_uid": d.sop_instance_uid} for d in written]
+                           "sop_instance_uid": d.sop_instance_uid,
+                           "series_instance_uid": d.series_instance_uid,
+                           "sop_class_uid": d.sop_class_uid} for d in written]
     timings["figures_s"] = time.perf_counter() - t0
     report = replace(report, files=files)
     write_text_atomic(folder / "report.html",

@@ -284,7 +284,7 @@ def scan_dicom(paths: Iterable[str | os.PathLike[str]]) -> DicomScan:
                 # every UID used downstream (grouping, reports, DICOM results, paths) is
                 # checked here, where it enters, and the file refused naming the attribute
                 try:
-                    check_dataset_uids(ds, required=())
+                    check_dataset_uids(ds, required=(), registered_root=False)
                 except InvalidDicomError as e:
                     raise InvalidDicomError(f"{path}: {e}") from e
                 found = frames_of(ds, path)

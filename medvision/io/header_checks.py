@@ -33,11 +33,14 @@ _CHECKED_SEQUENCES = ("ReferencedImageSequence", "SourceImageSequence",
 _MAX_DEPTH = 4
 
 
-def uid_problem(value: Any) -> str | None:
+def uid_problem(value: Any, *, registered_root: bool = True) -> str | None:
     """Why ``value`` is not a valid UID, or ``None`` when it is one.
 
     ``value`` is what pydicom returns for a UI element: a ``str`` (``UID``), a ``MultiValue``
-    for a backslash-separated value, ``None`` or bytes for an unparsed one.
+    for a backslash-separated value, ``None`` or bytes for an unparsed one. With
+    ``registered_root`` it must also sit under an ISO/ITU-T root as validators (dciodvfy)
+    require of objects that are sent: ``1`` (second arc below 40) or ``2``, not the example
+    root ``2.999``. Reading alone asks only the PS3.5 syntax (test data uses roots like 9).
     """
     if value is None:
         return "empty"
@@ -64,6 +67,8 @@ def uid_problem(value: Any) -> str | None:
         if not set(text) <= set("0123456789."):
             return "characters other than digits and dots"
         return "an empty component or one with a leading zero"
+    if not registered_root:
+        return None
     # an ISO 8824 object identifier, as validators (dciodvfy) hold UIDs to: a registered root
     arcs = text.split(".")
     if arcs[0] not in ("1", "2") or (arcs[0] == "1" and len(arcs) > 1 and int(arcs[1]) >= 40):
@@ -73,14 +78,14 @@ def uid_problem(value: Any) -> str | None:
     return None
 
 
-def check_uid(value: Any, attribute: str) -> str:
-    """``value`` as a ``str`` when it is a valid UID.
+def check_uid(value: Any, attribute: str, *, registered_root: bool = True) -> str:
+    """``value`` as a ``str`` when it is a valid UID (see :func:`uid_problem`).
 
     Raises:
         InvalidDicomError: it is not, naming ``attribute`` (the value itself is not repeated:
             it came from outside and may be anything).
     """
-    problem = uid_problem(value)
+    problem = uid_problem(value, registered_root=registered_root)
     if problem is not None:
         raise InvalidDicomError(f"{attribute} is not a valid DICOM UID: {problem} "
                                 "(PS3.5 9.1: digits and dots, no empty or leading-zero "
@@ -109,10 +114,12 @@ def _ui_elements(ds: Any, path: str, depth: int) -> Iterator[tuple[str, Any]]:
                 yield from _ui_elements(item, f"{path}{keyword_for_tag(tag)}[{n}].", depth + 1)
 
 
-def check_dataset_uids(ds: Any, *, required: tuple[str, ...] = REQUIRED_UIDS) -> None:
+def check_dataset_uids(ds: Any, *, required: tuple[str, ...] = REQUIRED_UIDS,
+                       registered_root: bool = True) -> None:
     """Check every UID of a received or read dataset: the file meta (Transfer Syntax, Media
     Storage SOP Class and Instance), every standard UI attribute at the top level, and those in
-    the reference sequences that results copy. ``required`` ones must be present.
+    the reference sequences that results copy. ``required`` ones must be present;
+    ``registered_root``: see :func:`uid_problem`.
 
     Raises:
         InvalidDicomError: a UID is missing, malformed or multi-valued, naming the attribute.
@@ -126,10 +133,10 @@ def check_dataset_uids(ds: Any, *, required: tuple[str, ...] = REQUIRED_UIDS) ->
             # the writer's own implementation class is not used here (and old toolkits
             # wrote unregistered ones)
             if attribute != "ImplementationClassUID" and value is not None and value != "":
-                check_uid(value, attribute)
+                check_uid(value, attribute, registered_root=registered_root)
     for attribute, value in _ui_elements(ds, "", 0):
         if attribute.rsplit(".", 1)[-1] in required or (value is not None and value != ""):
-            check_uid(value, attribute)
+            check_uid(value, attribute, registered_root=registered_root)
 
 
 #: Patient and study attributes (the root attributes of every Patient and Study IE module,

@@ -57,7 +57,7 @@ from medvision.pacs.receive import (
     why,
 )
 from medvision.pacs.scu import STORAGE_COMMITMENT, deliver, request_commitment
-from medvision.pacs.store import HEARTBEAT_S, BridgeStore, OutboxItem, StudyJob
+from medvision.pacs.store import HEARTBEAT_S, BridgeStore, OutboxItem, ResultObject, StudyJob
 from medvision.pacs.stow import (
     CANNOT_UNDERSTAND as STOW_CANNOT_UNDERSTAND,
 )
@@ -439,33 +439,6 @@ class Bridge:
                             predecessors=predecessors)
         commit(outcome, auditor, self.store.results)
         report = outcome.report
-        outputs: list[tuple[str, Path, str]] = []
-        series: dict[str, str] = {}
-        if report.status in ("ok", "flagged"):
-            # Each analysis sends from its own folder: files already queued are never
-            # overwritten by a later analysis of the same study.
-            target = (self.store.outgoing / self.store.study_folder_name(job.study_uid)
-                      / f"analysis-{job.analysis:03d}")
-            target.mkdir(parents=True, exist_ok=True)
-            for item in report.files.get("dicom", []):
-                path = target / Path(item["file"]).name
-                source = self.store.results / study.key / item["file"]
-                try:  # the same file, not a second copy (same disk; saves space)
-                    path.unlink(missing_ok=True)
-                    os.link(source, path)
-                except OSError:
-                    shutil.copyfile(source, path)
-                outputs.append((item["sop_instance_uid"], path, item["kind"]))
-                series[item["sop_instance_uid"]] = str(pydicom.dcmread(
-                    path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]
-                ).SeriesInstanceUID)
-            bundle = self.store.results / study.key / "fhir.json"
-            if fhir and self.config.fhir and self.config.fhir.server and bundle.is_file():
-                import json
-
-                path = target / "fhir.json"
-                shutil.copyfile(bundle, path)
-                outputs.append((f"fhir:{json.loads(path.read_text())['id']}", path, "FHIR"))
         if report.status == "rejected":  # the pipeline refused the input: audited by commit
             state = self.store.reject_analysis(job.study_uid, report.reason or "rejected")
             log.warning("study %s: %s (%s)", key, state, report.reason)
@@ -475,14 +448,41 @@ class Bridge:
                                              retry_in_s=None, max_attempts=1)
             log.warning("study %s: analysis %s (%s)", key, state, report.reason)
             return
-        destination = self.config.destination_for(job.source)
-        destinations = {kind: FHIR_DESTINATION if kind == "FHIR" else destination
-                        for _, _, kind in outputs}
-        state = self.store.finish_analysis(
-            job.study_uid, outputs, analysis=job.analysis, destinations=destinations,
-            series=series)
+        outputs = self._queue_results(job, study.key, report.files, fhir=fhir)
+        state = self.store.finish_analysis(job.study_uid, outputs, analysis=job.analysis)
         log.info("study %s: %s, %d result object(s), %s", key, report.status, len(outputs),
                  state)
+
+    def _queue_results(self, job: StudyJob, folder: str, files: dict[str, Any], *,
+                       fhir: bool) -> list[ResultObject]:
+        """Link an analysis' result files into its own outgoing folder (files already queued
+        are never overwritten by a later analysis of the same study) and describe them for
+        the outbox, from the report: kind, SOP Instance, series and SOP Class UIDs."""
+        target = (self.store.outgoing / self.store.study_folder_name(job.study_uid)
+                  / f"analysis-{job.analysis:03d}")
+        target.mkdir(parents=True, exist_ok=True)
+        destination = self.config.destination_for(job.source)
+        outputs = []
+        for item in files.get("dicom", []):
+            path = target / Path(item["file"]).name
+            source = self.store.results / folder / item["file"]
+            try:  # the same file, not a second copy (same disk; saves space)
+                path.unlink(missing_ok=True)
+                os.link(source, path)
+            except OSError:
+                shutil.copyfile(source, path)
+            outputs.append(ResultObject(item["sop_instance_uid"], path, item["kind"],
+                                        destination, item.get("series_instance_uid"),
+                                        item.get("sop_class_uid")))
+        bundle = self.store.results / folder / "fhir.json"
+        if fhir and self.config.fhir and self.config.fhir.server and bundle.is_file():
+            import json
+
+            path = target / "fhir.json"
+            shutil.copyfile(bundle, path)
+            outputs.append(ResultObject(f"fhir:{json.loads(path.read_text())['id']}", path,
+                                        "FHIR", FHIR_DESTINATION))
+        return outputs
 
     def _send_due(self) -> None:
         retry = self.config.retry
@@ -561,8 +561,11 @@ class Bridge:
             return
         objects = []
         for item in waiting:
-            ds = pydicom.dcmread(item.path, stop_before_pixels=True)
-            objects.append((str(ds.SOPClassUID), item.sop_uid))
+            sop_class = item.sop_class_uid
+            if sop_class is None:  # queued by an older version, which did not record it
+                sop_class = str(pydicom.dcmread(item.path, stop_before_pixels=True,
+                                                specific_tags=["SOPClassUID"]).SOPClassUID)
+            objects.append((sop_class, item.sop_uid))
         try:
             transaction = request_commitment(peer, objects, calling_ae=self.config.ae_title)
         except DeliveryError as e:

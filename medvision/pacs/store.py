@@ -39,7 +39,7 @@ from typing import Any
 
 from medvision.errors import PacsError, UnknownStudyError
 
-__all__ = ["BridgeStore", "OutboxItem", "StudyJob", "StudyState", "read_status"]
+__all__ = ["BridgeStore", "OutboxItem", "ResultObject", "StudyJob", "StudyState", "read_status"]
 
 
 class StudyState(StrEnum):
@@ -95,7 +95,8 @@ _MIGRATIONS = {
     "outbox": {"last_try": "REAL NOT NULL DEFAULT 0", "queued": "REAL NOT NULL DEFAULT 0",
                "note": "TEXT", "analysis": "INTEGER NOT NULL DEFAULT 0",
                "commit_tx": "TEXT", "commit_requested": "REAL NOT NULL DEFAULT 0",
-               "destination": "TEXT NOT NULL DEFAULT 'destination'", "series_uid": "TEXT"},
+               "destination": "TEXT NOT NULL DEFAULT 'destination'", "series_uid": "TEXT",
+               "sop_class_uid": "TEXT"},
 }
 
 
@@ -112,6 +113,19 @@ class StudyJob:
 
 
 @dataclass(frozen=True)
+class ResultObject:
+    """A result an analysis queues: what the sender needs, typed, from the analysis itself
+    (nothing is read back from the file). ``kind``: SR, SEG, PM, SC or FHIR."""
+
+    sop_uid: str
+    path: Path
+    kind: str
+    destination: str = "destination"
+    series_uid: str | None = None
+    sop_class_uid: str | None = None
+
+
+@dataclass(frozen=True)
 class OutboxItem:
     """A result object waiting to be sent."""
 
@@ -121,6 +135,7 @@ class OutboxItem:
     kind: str
     attempts: int
     destination: str = "destination"
+    sop_class_uid: str | None = None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -385,13 +400,10 @@ class BridgeStore:
         return StudyJob(study_uid=row[0], folder=Path(row[1]), calling_ae=row[2],
                         instances=row[3], analysis=int(row[4]) + 1, source=row[5])
 
-    def finish_analysis(self, study_uid: str, outputs: list[tuple[str, Path, str]], *,
-                        error: str | None = None, analysis: int = 0,
-                        destinations: dict[str, str] | None = None,
-                        series: dict[str, str] | None = None) -> str:
-        """Queue the results ``(sop_uid, path, kind)`` and move the study on, in one
-        transaction; returns the study's new state. ``destinations`` names where each kind
-        goes (default ``destination``); ``series`` gives each result's Series Instance UID.
+    def finish_analysis(self, study_uid: str, outputs: list[ResultObject], *,
+                        analysis: int = 0) -> str:
+        """Queue the results and move the study on, in one transaction; returns the study's
+        new state.
 
         A result already queued (same SOP Instance UID: the same inputs gave the same object)
         is not queued again. The study is ``sending`` while any of its results waits, else
@@ -401,18 +413,18 @@ class BridgeStore:
         now = time.time()
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
-            for sop_uid, path, kind in outputs:
+            for result in outputs:
                 db.execute("INSERT INTO outbox (sop_uid, study_uid, path, kind, state, next_try, "
-                           "queued, analysis, destination, series_uid) "
-                           "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?) "
+                           "queued, analysis, destination, series_uid, sop_class_uid) "
+                           "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?) "
                            "ON CONFLICT(sop_uid) DO NOTHING",
-                           (sop_uid, study_uid, str(path), kind, now, now, analysis,
-                            (destinations or {}).get(kind, "destination"),
-                            (series or {}).get(sop_uid)))
+                           (result.sop_uid, study_uid, str(result.path), result.kind, now, now,
+                            analysis, result.destination, result.series_uid,
+                            result.sop_class_uid))
             state = self._settled_state(db, study_uid)
-            db.execute("UPDATE studies SET state = ?, error = ?, updated = ? "
+            db.execute("UPDATE studies SET state = ?, error = NULL, updated = ? "
                        "WHERE study_uid = ? AND state = 'processing'",
-                       (state, error, now, study_uid))
+                       (state, now, study_uid))
             db.execute("COMMIT")
         return state
 
@@ -488,9 +500,9 @@ class BridgeStore:
         now = time.time()
         with self._db() as db:
             rows = db.execute("SELECT sop_uid, study_uid, path, kind, attempts, last_try, "
-                              "destination FROM outbox WHERE state = 'pending' "
+                              "destination, sop_class_uid FROM outbox WHERE state = 'pending' "
                               "ORDER BY queued").fetchall()
-        return [OutboxItem(r[0], r[1], Path(r[2]), r[3], r[4], r[6]) for r in rows
+        return [OutboxItem(r[0], r[1], Path(r[2]), r[3], r[4], r[6], r[7]) for r in rows
                 if r[5] + backoff_delay(r[4], backoff_s=backoff_s,
                                         max_backoff_s=max_backoff_s) <= now]
 
@@ -562,11 +574,11 @@ class BridgeStore:
         (``requested=False``) or those asked for, with when."""
         with self._db() as db:
             rows = db.execute("SELECT sop_uid, study_uid, path, kind, attempts, "
-                              "commit_requested, destination FROM outbox WHERE "
+                              "commit_requested, destination, sop_class_uid FROM outbox WHERE "
                               "state = 'sent_awaiting' AND "
                               + ("commit_requested > 0" if requested else "commit_requested = 0")
                               ).fetchall()
-        return [(OutboxItem(r[0], r[1], Path(r[2]), r[3], r[4], r[6]), float(r[5]))
+        return [(OutboxItem(r[0], r[1], Path(r[2]), r[3], r[4], r[6], r[7]), float(r[5]))
                 for r in rows]
 
     def mark_commitment_requested(self, sop_uids: list[str], transaction_uid: str) -> None:

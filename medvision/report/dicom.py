@@ -56,11 +56,25 @@ TISSUE = ("85756007", "SCT", "Tissue")
 
 @dataclass(frozen=True)
 class DicomResult:
-    """One DICOM object written: its kind (SR, SEG, PM, SC), file and SOP Instance UID."""
+    """One DICOM object written: its kind (SR, SEG, PM, SC), file, SOP Instance UID, and what
+    a sender needs without reading the file again (its series and SOP class)."""
 
     kind: str
     path: Path
     sop_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+
+
+#: SOP Class of each kind of result.
+SOP_CLASSES = {"SR": "1.2.840.10008.5.1.4.1.1.88.34", "SEG": "1.2.840.10008.5.1.4.1.1.66.4",
+               "PM": "1.2.840.10008.5.1.4.1.1.30", "SC": "1.2.840.10008.5.1.4.1.1.7"}
+_SERIES = {"SR": "sr-series", "SEG": "seg-series", "PM": "pm-series", "SC": "overlay-series"}
+
+
+def _result(kind: str, path: Path, sop_instance_uid: str, seed: Sequence[str]) -> DicomResult:
+    return DicomResult(kind, path, sop_instance_uid, _uid(seed, _SERIES[kind]),
+                       SOP_CLASSES[kind])
 
 
 def _code(triple: Sequence[str]) -> Any:
@@ -467,8 +481,8 @@ def write_dicom(report: StudyReport, pipeline: Pipeline, out_dir: Path, *,
     try:
         sr_uid = _uid(seed, "sr")
         earlier = [ds for ds in predecessors if str(ds.SOPInstanceUID) != sr_uid]
-        written.append(DicomResult("SR", path, _sr(report, pipeline, sources, seed, path,
-                                                   earlier)))
+        written.append(_result("SR", path, _sr(report, pipeline, sources, seed, path, earlier),
+                               seed))
         prediction = report.prediction
         mask = prediction.mask if prediction is not None else None
         if mask is not None:
@@ -480,7 +494,7 @@ def write_dicom(report: StudyReport, pipeline: Pipeline, out_dir: Path, *,
                 path = out_dir / "seg.dcm"
                 uid = _seg(report, pipeline, sources, labels[:, :, planes], seed, path)
                 if uid:
-                    written.append(DicomResult("SEG", path, uid))
+                    written.append(_result("SEG", path, uid, seed))
         saliency = report.saliency
         if saliency is not None and len(sources) > 1:
             values = np.asarray(saliency.volume.array[0])
@@ -490,12 +504,12 @@ def write_dicom(report: StudyReport, pipeline: Pipeline, out_dir: Path, *,
                             "Parametric Map")
             else:
                 path = out_dir / "pm.dcm"
-                written.append(DicomResult("PM", path, _parametric_map(
-                    report, sources, values[:, :, planes], seed, path)))
+                written.append(_result("PM", path, _parametric_map(
+                    report, sources, values[:, :, planes], seed, path), seed))
         for index, image in enumerate(overlays):
             path = out_dir / f"overlay_{index}.dcm"
-            written.append(DicomResult("SC", path, _overlay(
-                report, sources[len(sources) // 2], image, seed, index, path)))
+            written.append(_result("SC", path, _overlay(
+                report, sources[len(sources) // 2], image, seed, index, path), seed))
     except (ValueError, TypeError, AttributeError, KeyError) as e:
         # the library's text is left out: it may quote the header values it refused
         raise ReportError(f"cannot build DICOM results ({type(e).__name__} while writing "

@@ -157,3 +157,12 @@ def test_non_ascii_names_with_a_character_set_pass(tmp_path: Path) -> None:
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.PatientName = "Müller^Jürgen"
     check_copied_values(ds)
+
+
+def test_reading_asks_the_syntax_results_ask_a_registered_root(tmp_path: Path) -> None:
+    """Test data often uses roots like 9: readable, but not a UID to send in a result."""
+    path = _radiograph(tmp_path, SeriesInstanceUID="9.9.9")
+    assert scan_dicom([path]).series and not scan_dicom([path]).rejected
+    with pytest.raises(InvalidDicomError, match="SeriesInstanceUID .* root"):
+        check_dataset_uids(pydicom.dcmread(path))
+    assert uid_problem("9.9.9", registered_root=False) is None

@@ -17,7 +17,7 @@ from starlette.testclient import TestClient
 from medvision.errors import ConfigError, DeliveryError, PacsError
 from medvision.pacs.bridge import Bridge
 from medvision.pacs.config import load_bridge_config
-from medvision.pacs.store import BridgeStore, read_status
+from medvision.pacs.store import BridgeStore, ResultObject, read_status
 from medvision.pacs.stow import StowServer, split_multipart
 from medvision.pacs.web import _http_error, fhir_transaction
 
@@ -92,8 +92,8 @@ def test_a_retrieved_study_is_queued_once_and_only_when_complete(tmp_path: Path)
     assert done == pending == "2|CR" and series == {"1.2.9": 2}
     job = store.claim_ready(3600)  # complete: no quiet period to wait for
     assert job is not None and job.source == "pacs" and job.instances == 2
-    store.finish_analysis("1.2", [("9.9", tmp_path / "sr.dcm", "SR")], analysis=job.analysis,
-                          destinations={"SR": "pacs"}, series={"9.9": "9.8"})
+    store.finish_analysis("1.2", [ResultObject("9.9", tmp_path / "sr.dcm", "SR", "pacs",
+                                               "9.8")], analysis=job.analysis)
     assert store.own_series() == {"9.8"}
     # the same instances again (a poll after a crash): nothing new, nothing re-queued
     store.store_instance(study_uid="1.2", sop_uid="1.2.0", data=b"DICM", calling_ae="pacs",
@@ -111,8 +111,7 @@ def test_status_lists_sources_and_destinations_with_queues(tmp_path: Path) -> No
                          source="pacs", hold=True)
     store.endpoint_result("pacs")
     store.endpoint_result("fhir", "HTTP 503", role="destination")
-    store.finish_analysis("1.2", [("f:1", tmp_path / "f.json", "FHIR")],
-                          destinations={"FHIR": "fhir"})
+    store.finish_analysis("1.2", [ResultObject("f:1", tmp_path / "f.json", "FHIR", "fhir")])
     status = {(e["role"], e["name"]): e for e in read_status(tmp_path / "w")["endpoints"]}
     assert status[("source", "pacs")]["queue"] == 1 and status[("source", "pacs")]["last_success"]
     assert status[("source", "dimse")]["queue"] == 0

@@ -15,14 +15,15 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from security_peers import MEDVISION, multipart, small_radiograph
 
 from medvision.pacs.bridge import Bridge
 from medvision.pacs.config import BridgeConfig, Peer, Route, StowListener, StowSender
 from medvision.pacs.scu import STORAGE_COMMITMENT
+from medvision.pacs.store import ResultObject
 
 from conftest import dcmtk_tool, require
 from orthanc_peer import free_port
-from security_peers import MEDVISION, multipart, small_radiograph
 
 pytestmark = pytest.mark.integration
 
@@ -183,7 +184,7 @@ def test_forged_storage_commitment_reports_mark_nothing(tmp_path: Path,
         store.claim_ready(0)
         result = tmp_path / "sr.dcm"
         result.write_bytes(b"x")
-        store.finish_analysis(study, [(sop, result, "SR")])
+        store.finish_analysis(study, [ResultObject(sop, result, "SR")])
         store.mark_sent(sop, awaiting_commitment=True)
         transaction = "1.2.826.0.1.3680043.8.498.4"
         store.mark_commitment_requested([sop], transaction)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from security_peers import MEDVISION, BridgeProcess, small_radiograph
 
 from medvision.audit import AuditLog
 
@@ -23,7 +24,6 @@ from conftest import dcmtk_tool, require, wait_until
 from fhir_stub import FhirStub
 from orthanc_peer import free_port
 from scripted_peer import ScriptedPeer
-from security_peers import MEDVISION, BridgeProcess, small_radiograph
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from medvision.errors import PacsError
-from medvision.pacs.store import BridgeStore, backoff_delay, read_status
+from medvision.pacs.store import BridgeStore, ResultObject, backoff_delay, read_status
 
 
 def _receive(store: BridgeStore, sop: str, study: str = "1.2.3") -> Path:
@@ -25,8 +25,8 @@ def _analysed(store: BridgeStore, tmp_path: Path, sop: str = "9.9",
     assert job is not None
     result = tmp_path / name
     result.write_bytes(b"x")
-    assert store.finish_analysis("1.2.3", [(sop, result, "SR")], analysis=job.analysis) \
-        == "sending"
+    assert store.finish_analysis("1.2.3", [ResultObject(sop, result, "SR")],
+                                 analysis=job.analysis) == "sending"
     return result
 
 
@@ -132,7 +132,8 @@ def test_reanalysis_with_identical_results_does_not_hang_in_sending(tmp_path: Pa
     _receive(store, "1.2")  # new instance: analysed again; same result object UID
     job = store.claim_ready(quiet_period_s=0)
     assert job is not None and job.analysis == 2
-    assert store.finish_analysis("1.2.3", [("9.9", result, "SR")], analysis=2) == "done"
+    assert store.finish_analysis("1.2.3", [ResultObject("9.9", result, "SR")],
+                                 analysis=2) == "done"
     assert store.status()["studies"][0]["state"] == "done"
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from security_peers import BridgeProcess, small_radiograph
 
 from medvision.errors import DeliveryError
 from medvision.pacs.bridge import Bridge
@@ -24,7 +25,6 @@ from medvision.pacs.scu import deliver
 
 from conftest import tls_certificates, wait_until
 from orthanc_peer import Orthanc, free_port
-from security_peers import BridgeProcess, small_radiograph
 
 pytestmark = pytest.mark.integration
 
