@@ -226,3 +226,24 @@ def test_cli_keygen_analyze_verify_anchor(tmp_path: Path, shared_data: Path,
     assert main(["audit", "verify", "--log", str(log), "--public-key", public,
                  "--anchors", str(anchors)]) == 0
     assert "consistent with 1 anchor(s)" in capsys.readouterr().out
+
+
+def test_anchor_refuses_a_log_without_a_signed_checkpoint(tmp_path: Path, capsys) -> None:
+    log = AuditLog(tmp_path / "log" / "audit.sqlite")
+    _records(log, 3)
+    assert main(["audit", "anchor", "--audit-log", str(log.path), "--to",
+                 str(tmp_path / "anchors")]) == 1
+    assert "no signed checkpoint to anchor" in capsys.readouterr().err
+    assert not (tmp_path / "anchors").exists() or not list((tmp_path / "anchors").iterdir())
+
+
+def test_anchor_refuses_a_log_that_fails_verification(tmp_path: Path, keys: tuple[Path, Path],
+                                                      capsys) -> None:
+    private, public = keys
+    log = _signed_log(tmp_path, private)
+    _sql(log, ("UPDATE records SET payload = replace(payload, 'NORMAL', 'PNEUMONIA') "
+               "WHERE seq = 2", ()))
+    assert main(["audit", "anchor", "--audit-log", str(log.path), "--to",
+                 str(tmp_path / "anchors"), "--public-key", str(public)]) == 1
+    assert "not anchoring a log that fails verification" in capsys.readouterr().err
+    assert not (tmp_path / "anchors").exists() or not list((tmp_path / "anchors").iterdir())

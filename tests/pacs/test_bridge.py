@@ -197,6 +197,10 @@ def test_unknown_calling_ae_is_rejected(bridge: BridgeProcess, tmp_path: Path) -
     result = bridge.storescu([chest], aet="INTRUDER")
     assert result.returncode != 0
     assert "Rejected" in result.stderr or "rejected" in result.stderr.lower()
+    assert not list((bridge.workdir / "spool").rglob("*.dcm")), "an instance was spooled"
+    wait_until(lambda: "rejected an association" in bridge.log.read_text(), 10,
+               "the rejected association was not logged")
+    assert "calling AE 'INTRUDER'" in bridge.log.read_text()
 
 
 def test_corrupt_instance_gets_a_failure_status(bridge: BridgeProcess, tmp_path: Path) -> None:
@@ -214,7 +218,7 @@ def test_corrupt_instance_gets_a_failure_status(bridge: BridgeProcess, tmp_path:
     assert status.Status == 0xC210
     time.sleep(0.5)
     log = bridge.log.read_text()
-    assert "rejected an instance from STORESCU" in log
+    assert "refused an instance from STORESCU (answered 0xC210)" in log
     assert "Corrupt" not in log and "Secret" not in log
 
 
