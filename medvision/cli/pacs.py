@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
                signer=signer_from_args(args)).serve_forever(watch=action == "watch")
         return 0
     if action == "status":
-        from medvision.pacs.store import read_status
+        from medvision.pacs.store import PROBLEM_STATES, OutboxState, read_status
 
         state = read_status(args.workdir)
         if args.json:
@@ -146,8 +146,9 @@ def run(args: argparse.Namespace) -> int:
                       f"instance(s), from {study['source']} {study['calling_ae']}, "
                       f"analysis attempts "
                       f"{study['attempts']})" + (f" - {study['error']}" if study["error"] else ""))
-            waiting = [o for o in state["outbox"] if o["state"] in ("pending", "sent_awaiting")]
-            undelivered = [o for o in state["outbox"] if o["state"] == "failed"]
+            waiting = [o for o in state["outbox"] if o["state"] in (OutboxState.PENDING,
+                                                                    OutboxState.SENT_AWAITING)]
+            undelivered = [o for o in state["outbox"] if o["state"] == OutboxState.FAILED]
             print(f"{len(state['outbox'])} result object(s), {len(waiting)} waiting to be sent "
                   f"or confirmed, {len(undelivered)} failed")
             for item in waiting + undelivered:
@@ -155,8 +156,8 @@ def run(args: argparse.Namespace) -> int:
                       f"{item['state']}, "
                       f"{item['attempts']} failed attempt(s)"
                       + (f", last error: {item['error']}" if item["error"] else ""))
-        bad = any(s["state"] in ("failed", "rejected") for s in state["studies"]) or any(
-            o["state"] == "failed" for o in state["outbox"])
+        bad = any(s["state"] in PROBLEM_STATES for s in state["studies"]) or any(
+            o["state"] == OutboxState.FAILED for o in state["outbox"])
         return 1 if bad else 0
     if action == "retry":
         from medvision.pacs.store import BridgeStore

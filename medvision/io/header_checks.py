@@ -15,8 +15,9 @@ from typing import Any
 
 from medvision.errors import InvalidDicomError
 
-__all__ = ["COPIED_ATTRIBUTES", "MAX_UID_LENGTH", "REQUIRED_UIDS", "check_copied_values", "check_dataset_uids",
-           "check_uid", "copied_value_problem", "uid_problem"]
+__all__ = ["COPIED_ATTRIBUTES", "EQUIPMENT_ATTRIBUTES", "MAX_UID_LENGTH", "REQUIRED_UIDS",
+           "check_copied_values", "check_dataset_uids", "check_uid", "copied_value_problem",
+           "uid_problem"]
 
 #: PS3.5 9.1: at most 64 characters.
 MAX_UID_LENGTH = 64
@@ -172,10 +173,10 @@ COPIED_ATTRIBUTES = ("AccessionNumber", "AdditionalPatientHistory", "AdmissionID
                      "StrainNomenclature", "StudyDate", "StudyDescription", "StudyID",
                      "StudyTime", "TypeOfPatientID")
 #: What highdicom's Contributing Equipment Sequence copies from a source image.
-COPIED_ATTRIBUTES += ("Manufacturer", "ManufacturerModelName", "SoftwareVersions",
-                      "DeviceSerialNumber", "InstitutionName", "InstitutionalDepartmentName",
-                      "InstitutionAddress", "StationName", "AcquisitionDateTime",
-                      "AcquisitionDate", "AcquisitionTime")
+EQUIPMENT_ATTRIBUTES = ("Manufacturer", "ManufacturerModelName", "SoftwareVersions",
+                        "DeviceSerialNumber", "InstitutionName", "InstitutionalDepartmentName",
+                        "InstitutionAddress", "StationName", "AcquisitionDateTime",
+                        "AcquisitionDate", "AcquisitionTime")
 _CONTROL = {chr(c) for c in range(32)} - {"\x1b"}  # ESC starts ISO 2022 code extensions
 
 
@@ -217,12 +218,13 @@ def copied_value_problem(ds: Any, keyword: str) -> str | None:
 
 
 def check_copied_values(ds: Any) -> None:
-    """Check the values results copy (:data:`COPIED_ATTRIBUTES`) against their VRs.
+    """Check the values results copy (:data:`COPIED_ATTRIBUTES`,
+    :data:`EQUIPMENT_ATTRIBUTES`) against their VRs.
 
     Raises:
         InvalidDicomError: one cannot be copied into a valid object, naming the attribute.
     """
-    for keyword in COPIED_ATTRIBUTES:
+    for keyword in (*COPIED_ATTRIBUTES, *EQUIPMENT_ATTRIBUTES):
         problem = copied_value_problem(ds, keyword)
         if problem is not None:
             raise InvalidDicomError(f"{keyword} cannot be copied into valid DICOM results: "

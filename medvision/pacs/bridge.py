@@ -1,8 +1,11 @@
 """The PACS bridge: inputs that spool studies, workers that analyse them, a sender.
 
-Inputs: a DIMSE Store SCP, a STOW-RS endpoint (:mod:`medvision.pacs.stow`) and DICOMweb
-sources polled with QIDO-RS/WADO-RS (:mod:`medvision.pacs.web`). Received instances are written
-durably before success is returned (see :mod:`medvision.pacs.store`). A study quiet for
+The data's path, one module each, over one store (:mod:`medvision.pacs.store`): in, a DIMSE
+Store SCP (:mod:`medvision.pacs.receive`, which also holds the checks every received instance
+passes), a STOW-RS endpoint (:mod:`medvision.pacs.stow`) and DICOMweb sources polled with
+QIDO-RS/WADO-RS (:mod:`medvision.pacs.web`); analysis, here; out, the sender
+(:mod:`medvision.pacs.send`). Received instances are written durably before success is
+returned. A study quiet for
 ``quiet_period_s`` (or fully retrieved from a watched source) is routed to a pipeline by the
 settings' rules, analysed like ``medvision analyze`` (report folder and audit record, the
 sender as the actor), turned into DICOM results (SR, SEG, overlays) and, optionally, a FHIR
@@ -19,6 +22,7 @@ import shutil
 import ssl
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +37,16 @@ from medvision.errors import (
     AuditError,
     ConfigError,
     DataError,
-    DeliveryError,
     PacsError,
 )
 from medvision.infer import Predictor
-from medvision.io.header_checks import check_uid, uid_problem
+from medvision.io.header_checks import uid_problem
 from medvision.pacs.config import (
     DESTINATION,
     DIMSE_SOURCE,
     FHIR_DESTINATION,
     STOW_SOURCE,
     BridgeConfig,
-    DicomWebEndpoint,
-    FhirServer,
     Peer,
     Route,
 )
@@ -56,8 +57,9 @@ from medvision.pacs.receive import (
     validate_instance,
     why,
 )
-from medvision.pacs.scu import STORAGE_COMMITMENT, deliver, request_commitment
-from medvision.pacs.store import HEARTBEAT_S, BridgeStore, OutboxItem, ResultObject, StudyJob
+from medvision.pacs.scu import STORAGE_COMMITMENT
+from medvision.pacs.send import Sender
+from medvision.pacs.store import BridgeStore, ResultObject, StudyJob, StudyState
 from medvision.pacs.stow import (
     CANNOT_UNDERSTAND as STOW_CANNOT_UNDERSTAND,
 )
@@ -70,7 +72,7 @@ from medvision.pacs.stow import (
     StowServer,
     parse_instance,
 )
-from medvision.pacs.throttle import ThrottledLog
+from medvision.pacs.throttle import EndpointBook, ThrottledLog
 
 __all__ = ["CANNOT_UNDERSTAND", "OUT_OF_RESOURCES", "Bridge"]
 
@@ -100,9 +102,12 @@ class Bridge:
         self._threads: list[threading.Thread] = []
         self._active: set[str] = set()
         self._active_lock = threading.Lock()
-        self._successes: dict[tuple[str, str], float] = {}
         self._errors = ThrottledLog(log, interval_s=60.0)
+        self._endpoints_book = EndpointBook(self.store, self._errors)
         self._started = time.time()
+        self.sender = Sender(config, self.store, audit_log=self.audit_log,
+                             pseudonymizer=self.pseudonymizer, endpoints=self._endpoints_book,
+                             errors=self._errors)
 
     # --- receiving -------------------------------------------------------------------------
     def _on_store(self, event: Any) -> int:
@@ -126,7 +131,7 @@ class Bridge:
         except (OSError, PacsError) as e:
             self._errors.log(f"storing an instance from {calling} (answered 0xA700)", e)
             return OUT_OF_RESOURCES
-        self._note_success(DIMSE_SOURCE, "source")
+        self._endpoints_book.success(DIMSE_SOURCE, "source")
         return 0x0000
 
     def _on_stow(self, data: bytes, sender: str, study: str | None) -> StoreOutcome:
@@ -155,21 +160,8 @@ class Bridge:
         except (OSError, PacsError) as e:
             self._errors.log(f"storing an instance from {sender} (STOW-RS)", e)
             return StoreOutcome(sop_class, sop_uid, STOW_OUT_OF_RESOURCES, str(e))
-        self._note_success(STOW_SOURCE, "source")
+        self._endpoints_book.success(STOW_SOURCE, "source")
         return StoreOutcome(sop_class, sop_uid)
-
-    def _note_success(self, name: str, role: str) -> None:
-        """Record a source's or destination's success for `pacs status`, at most every few
-        seconds (each record is a synchronous database write)."""
-        now = time.monotonic()
-        with self._active_lock:
-            if now - self._successes.get((role, name), -1e9) < 5.0:
-                return
-            self._successes[(role, name)] = now
-        try:
-            self.store.endpoint_result(name, role=role)
-        except Exception as e:  # noqa: BLE001 - bookkeeping must not refuse an instance
-            self._errors.log("recording a success", e)
 
     def _endpoints(self) -> list[tuple[str, str, str]]:
         """The configured sources and destinations ``(name, role, detail)``."""
@@ -247,7 +239,8 @@ class Bridge:
         self._threads = [threading.Thread(target=self._analysis_loop, daemon=True,
                                           name=f"medvision-bridge-analysis-{n}")
                          for n in range(self.config.workers)]
-        self._threads.append(threading.Thread(target=self._send_loop, daemon=True,
+        self._threads.append(threading.Thread(target=self.sender.run, args=(self._stop,),
+                                              kwargs={"started": self._started}, daemon=True,
                                               name="medvision-bridge-sender"))
         if watch:
             from medvision.pacs.web import Watcher
@@ -276,7 +269,7 @@ class Bridge:
             allowed_calling_aes=allowed, peer_networks=self.config.allowed_peer_networks,
             ssl_context=self._ssl_context(),
             handlers=[(evt.EVT_C_STORE, self._on_store),
-                      (evt.EVT_N_EVENT_REPORT, self._on_commitment_report)],
+                      (evt.EVT_N_EVENT_REPORT, self.sender.on_commitment_report)],
             contexts=[str(c.abstract_syntax) for c in AllStoragePresentationContexts],
             # the destination's storage commitment reports arrive as N-EVENT-REPORTs on
             # associations it opens to us
@@ -319,18 +312,6 @@ class Bridge:
                 self._errors.log("working on the queue", e)
             if job is None:
                 self._stop.wait(self.config.poll_interval_s)
-
-    def _send_loop(self) -> None:
-        beat = 0.0
-        while not self._stop.is_set():
-            try:
-                if time.monotonic() - beat >= HEARTBEAT_S:
-                    self.store.heartbeat(started=self._started)
-                    beat = time.monotonic()
-                self._send_due()
-            except Exception as e:  # noqa: BLE001 - the sender must keep running
-                self._errors.log("sending results", e)
-            self._stop.wait(self.config.poll_interval_s)
 
     def _predictor(self, pipeline: str) -> Predictor:
         """One loaded pipeline per worker thread (attributions hook the model's modules).
@@ -383,7 +364,7 @@ class Bridge:
                 max_attempts=retry.analysis_max_attempts)
             self._errors.log(f"study {self.store.study_folder_name(job.study_uid)}: analysing "
                              f"({state})", reason)
-            if state == "failed":
+            if state == StudyState.FAILED:
                 try:
                     Auditor(self.audit_log, self.pseudonymizer,
                             actor={"via": self.config.ae_title}).record(AuditRecord(
@@ -453,7 +434,7 @@ class Bridge:
         log.info("study %s: %s, %d result object(s), %s", key, report.status, len(outputs),
                  state)
 
-    def _queue_results(self, job: StudyJob, folder: str, files: dict[str, Any], *,
+    def _queue_results(self, job: StudyJob, folder: str, files: Mapping[str, Any], *,
                        fhir: bool) -> list[ResultObject]:
         """Link an analysis' result files into its own outgoing folder (files already queued
         are never overwritten by a later analysis of the same study) and describe them for
@@ -483,159 +464,6 @@ class Bridge:
             outputs.append(ResultObject(f"fhir:{json.loads(path.read_text())['id']}", path,
                                         "FHIR", FHIR_DESTINATION))
         return outputs
-
-    def _send_due(self) -> None:
-        retry = self.config.retry
-        unreachable: set[str] = set()
-        for item in self.store.due_outbox(backoff_s=retry.backoff_s,
-                                          max_backoff_s=retry.max_backoff_s):
-            if item.destination in unreachable:
-                continue
-            endpoint = self.config.endpoint(item.destination)
-            committing = isinstance(endpoint, Peer) and endpoint.storage_commitment
-            try:
-                note = self._deliver(item, endpoint)
-            except DeliveryError as e:
-                state = self.store.mark_failed_send(item.sop_uid, str(e),
-                                                    max_attempts=retry.max_attempts,
-                                                    permanent=e.permanent)
-                self._endpoint_failed(item.destination, str(e))
-                self._send_failed(item, str(e), state)
-                continue
-            except (PacsError, OSError) as e:
-                state = self.store.mark_failed_send(item.sop_uid, str(e),
-                                                    max_attempts=retry.max_attempts)
-                self._endpoint_failed(item.destination, str(e))
-                self._send_failed(item, str(e), state)
-                unreachable.add(item.destination)  # wait for the next round
-                continue
-            if note:
-                log.warning("study %s: %s result delivered to %s, with a warning: %s",
-                            self.store.study_folder_name(item.study_uid), item.kind,
-                            item.destination, note)
-            self.store.mark_sent(item.sop_uid, note=note, awaiting_commitment=committing)
-            self._note_success(item.destination, "destination")
-            self._audit_delivery(item, "ok", note)
-        destination = self.config.destination
-        if isinstance(destination, Peer) and destination.storage_commitment:
-            self._request_commitments(destination)
-
-    def _deliver(self, item: OutboxItem,
-                 endpoint: Peer | DicomWebEndpoint | FhirServer | None) -> str | None:
-        """Send one result to its destination; returns a warning worth keeping.
-
-        Raises:
-            DeliveryError: refused (``permanent`` when resending cannot help).
-            PacsError: no connection.
-        """
-        if endpoint is None:
-            raise DeliveryError(f"destination {item.destination!r} is not in the settings any "
-                                "more", permanent=True)
-        if isinstance(endpoint, Peer):
-            return deliver(endpoint, item.path, calling_ae=self.config.ae_title).note
-        from medvision.pacs import web
-
-        if isinstance(endpoint, FhirServer):
-            return web.fhir_deliver(endpoint, item.path)
-        return web.stow_deliver(endpoint, item.path)
-
-    def _endpoint_failed(self, name: str, error: str) -> None:
-        try:
-            self.store.endpoint_result(name, error, role="destination")
-        except Exception as e:  # noqa: BLE001 - bookkeeping only
-            self._errors.log("recording a delivery error", e)
-
-    def _request_commitments(self, peer: Peer) -> None:
-        """Ask the destination to commit to what was sent; re-send what it never confirmed."""
-        import pydicom
-
-        retry = self.config.retry
-        now = time.time()
-        for item, asked in self.store.awaiting_commitment(requested=True):
-            if now - asked > peer.commitment_timeout_s:
-                self.store.commitment_failed(
-                    item.sop_uid, f"no storage commitment report within "
-                    f"{peer.commitment_timeout_s:.0f} s", max_attempts=retry.max_attempts)
-        waiting = [item for item, _ in self.store.awaiting_commitment(requested=False)]
-        if not waiting:
-            return
-        objects = []
-        for item in waiting:
-            sop_class = item.sop_class_uid
-            if sop_class is None:  # queued by an older version, which did not record it
-                sop_class = str(pydicom.dcmread(item.path, stop_before_pixels=True,
-                                                specific_tags=["SOPClassUID"]).SOPClassUID)
-            objects.append((sop_class, item.sop_uid))
-        try:
-            transaction = request_commitment(peer, objects, calling_ae=self.config.ae_title)
-        except DeliveryError as e:
-            for item in waiting:
-                self.store.commitment_failed(item.sop_uid, str(e),
-                                             max_attempts=1 if e.permanent else
-                                             retry.max_attempts)
-            self._errors.log("requesting storage commitment", e)
-            return
-        self.store.mark_commitment_requested([item.sop_uid for item in waiting], transaction)
-
-    def _on_commitment_report(self, event: Any) -> tuple[int, Any]:
-        """N-EVENT-REPORT from the destination: which results it committed to keep.
-
-        Only the destination's AE may report, and only on a transaction the bridge opened:
-        a report from another AE, or naming an unknown Transaction UID, is refused (0x0110)
-        and logged, and marks nothing."""
-        requestor = event.assoc.requestor
-        calling = str(requestor.ae_title).strip()
-        destination = self.config.destination
-        if not (isinstance(destination, Peer) and destination.storage_commitment
-                and calling == destination.ae_title):
-            log.warning("storage commitment: refused a report from %s at %s: not the "
-                        "destination's AE", calling, requestor.address)
-            return 0x0110, None
-        try:
-            info = event.event_information
-            transaction = check_uid(info.get("TransactionUID"), "TransactionUID")
-            committed = [check_uid(i.get("ReferencedSOPInstanceUID"), "ReferencedSOPInstanceUID")
-                         for i in info.get("ReferencedSOPSequence", [])]
-            failed = [(check_uid(i.get("ReferencedSOPInstanceUID"), "ReferencedSOPInstanceUID"),
-                       int(i.get("FailureReason", 0x0110)))
-                      for i in info.get("FailedSOPSequence", [])]
-        except Exception as e:  # noqa: BLE001 - a malformed report is refused, not fatal
-            self._errors.log("reading a storage commitment report", why(e))
-            return 0x0110, None
-        if not self.store.commitment_transaction_known(transaction):
-            log.warning("storage commitment: refused a report from %s at %s: unknown "
-                        "Transaction UID", calling, requestor.address)
-            return 0x0110, None
-        for uid in committed:
-            self.store.mark_committed(uid, transaction)
-        for uid, reason in failed:
-            self.store.commitment_failed(uid, f"the destination did not commit to keep it "
-                                         f"(failure reason 0x{reason:04X})",
-                                         max_attempts=self.config.retry.max_attempts,
-                                         transaction=transaction)
-        log.info("storage commitment report: %d committed, %d failed", len(committed),
-                 len(failed))
-        return 0x0000, None
-
-    def _send_failed(self, item: OutboxItem, reason: str, state: str) -> None:
-        self._errors.log(f"study {self.store.study_folder_name(item.study_uid)}: sending a "
-                         f"{item.kind} result (attempt {item.attempts + 1}, {state})", reason)
-        if state == "failed":
-            self._audit_delivery(item, "failed", reason)
-
-    def _audit_delivery(self, item: OutboxItem, status: str, reason: str | None) -> None:
-        """Every delivery (first try or a `pacs retry`) and every final failure is audited,
-        so the trail's last word on a result is what became of it."""
-        auditor = Auditor(self.audit_log, self.pseudonymizer,
-                          actor={"via": self.config.ae_title})
-        try:
-            auditor.record(AuditRecord(
-                action="deliver", status=status, actor=auditor.actor, reason=reason,
-                study_key=self.pseudonymizer.pseudonym("study", item.study_uid),
-                result={"kind": item.kind, "attempts": item.attempts + 1,
-                        "destination": item.destination, "sop_instance": item.sop_uid}))
-        except AuditError as e:
-            self._errors.log(f"recording a delivery ({status})", e)
 
     def serve_forever(self, *, watch: bool = True) -> None:
         """Start, then block until SIGINT/SIGTERM."""

@@ -140,7 +140,7 @@ class DimseListener:
 
             def get_request(self) -> tuple[socket.socket, Any]:
                 # the TLS handshake happens here; socketserver drops its failure silently
-                self.socket = self.socket
+                assert self.socket is not None
                 client, address = self.socket.accept()
                 if self.ssl_context:
                     try:

@@ -8,15 +8,15 @@ name, fsync, atomic rename, fsync of the folder) and its row is committed. Study
         |                              +--(error: retried later)-------+--> failed
         +------ new instance, crash recovery, `pacs retry` ------------+
 
-Every path ends in ``done``, ``failed`` or ``rejected``: an analysis that raises goes back to ``receiving``
-with a delay (so a full disk recovers without a restart) until ``max_attempts``, then
-``failed`` with the reason; an analysis that cannot run (no readable image, no route, input
-the pipeline refuses) is ``rejected`` with the reason, and one that ran and failed is
-``failed``, both at once (``pacs retry`` re-runs them after a fix). Result objects go to an outbox (one row per result SOP Instance
-UID) whose items are ``pending`` -> ``sent`` (or ``committed`` with storage commitment) or,
-after ``max_attempts`` tries or a permanent refusal, ``failed``; ``pacs retry`` re-queues them.
-The files an outbox row points to are never rewritten: each analysis writes into its own
-folder.
+Every path ends in ``done``, ``failed`` or ``rejected``: an analysis that raises goes back to
+``receiving`` with a delay (so a full disk recovers without a restart) until ``max_attempts``,
+then ``failed`` with the reason; an analysis that cannot run (no readable image, no route,
+input the pipeline refuses) is ``rejected`` with the reason, and one that ran and failed is
+``failed``, both at once (``pacs retry`` re-runs them after a fix). Result objects go to an
+outbox (one row per result SOP Instance UID) whose items are ``pending`` -> ``sent`` (or
+``committed`` with storage commitment) or, after ``max_attempts`` tries or a permanent refusal,
+``failed``; ``pacs retry`` re-queues them. The files an outbox row points to are never
+rewritten: each analysis writes into its own folder.
 
 Backoff is computed from the last try and the attempt count with the *current* settings, so
 changing ``retry`` in the configuration applies to items already waiting.
@@ -39,7 +39,8 @@ from typing import Any
 
 from medvision.errors import PacsError, UnknownStudyError
 
-__all__ = ["BridgeStore", "OutboxItem", "ResultObject", "StudyJob", "StudyState", "read_status"]
+__all__ = ["HEARTBEAT_S", "PROBLEM_STATES", "BridgeStore", "OutboxItem", "OutboxState",
+           "ResultObject", "StudyJob", "StudyState", "read_status"]
 
 
 class StudyState(StrEnum):
@@ -52,6 +53,16 @@ class StudyState(StrEnum):
     DONE = "done"
     FAILED = "failed"
     REJECTED = "rejected"
+
+
+class OutboxState(StrEnum):
+    """Where a result object is (the ``outbox.state`` column)."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    SENT_AWAITING = "sent_awaiting"
+    COMMITTED = "committed"
+    FAILED = "failed"
 
 
 #: States a study ends in until ``pacs retry`` (or new instances) re-open it.
@@ -319,8 +330,10 @@ class BridgeStore:
                        "excluded.done_signature, pending_signature = excluded.pending_signature, "
                        "series = excluded.series, updated = excluded.updated",
                        (source, study_uid, signature, signature, json.dumps(series), now))
-            queued = db.execute("UPDATE studies SET state = 'receiving', complete = 1, "
-                                "updated = ? WHERE study_uid = ? AND state = 'retrieving'",
+            queued = db.execute(f"UPDATE studies SET state = '{StudyState.RECEIVING}', complete = "
+                                "1, "
+                                "updated = ? WHERE study_uid = ? AND state = "
+                                f"'{StudyState.RETRIEVING}'",
                                 (now, study_uid)).rowcount
             db.execute("COMMIT")
         return bool(queued)
@@ -374,10 +387,12 @@ class BridgeStore:
         Returns how many."""
         with self._db() as db:
             stuck = [r[0] for r in db.execute(
-                "SELECT study_uid FROM studies WHERE state = 'processing'") if r[0] not in keep]
+                "SELECT study_uid FROM studies WHERE state = "
+                f"'{StudyState.PROCESSING}'") if r[0] not in keep]
             for uid in stuck:
-                db.execute("UPDATE studies SET state = 'receiving', updated = ? "
-                           "WHERE study_uid = ? AND state = 'processing'", (time.time(), uid))
+                db.execute(f"UPDATE studies SET state = '{StudyState.RECEIVING}', updated = ? "
+                           "WHERE study_uid = ? AND state = "
+                           f"'{StudyState.PROCESSING}'", (time.time(), uid))
             return len(stuck)
 
     def claim_ready(self, quiet_period_s: float) -> StudyJob | None:
@@ -387,13 +402,15 @@ class BridgeStore:
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             row = db.execute("SELECT study_uid, folder, calling_ae, instances, analyses, source "
-                             "FROM studies WHERE state = 'receiving' AND (last_received <= ? "
+                             f"FROM studies WHERE state = '{StudyState.RECEIVING}' AND "
+                             "(last_received <= ? "
                              "OR complete = 1) AND retry_after <= ? ORDER BY last_received "
                              "LIMIT 1", (now - quiet_period_s, now)).fetchone()
             if row is None:
                 db.execute("COMMIT")
                 return None
-            db.execute("UPDATE studies SET state = 'processing', attempts = attempts + 1, "
+            db.execute(f"UPDATE studies SET state = '{StudyState.PROCESSING}', attempts = attempts "
+                       "+ 1, "
                        "analyses = analyses + 1, updated = ? WHERE study_uid = ?",
                        (now, row[0]))
             db.execute("COMMIT")
@@ -416,14 +433,14 @@ class BridgeStore:
             for result in outputs:
                 db.execute("INSERT INTO outbox (sop_uid, study_uid, path, kind, state, next_try, "
                            "queued, analysis, destination, series_uid, sop_class_uid) "
-                           "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?) "
+                           f"VALUES (?, ?, ?, ?, '{OutboxState.PENDING}', ?, ?, ?, ?, ?, ?) "
                            "ON CONFLICT(sop_uid) DO NOTHING",
                            (result.sop_uid, study_uid, str(result.path), result.kind, now, now,
                             analysis, result.destination, result.series_uid,
                             result.sop_class_uid))
             state = self._settled_state(db, study_uid)
             db.execute("UPDATE studies SET state = ?, error = NULL, updated = ? "
-                       "WHERE study_uid = ? AND state = 'processing'",
+                       f"WHERE study_uid = ? AND state = '{StudyState.PROCESSING}'",
                        (state, now, study_uid))
             db.execute("COMMIT")
         return state
@@ -500,7 +517,8 @@ class BridgeStore:
         now = time.time()
         with self._db() as db:
             rows = db.execute("SELECT sop_uid, study_uid, path, kind, attempts, last_try, "
-                              "destination, sop_class_uid FROM outbox WHERE state = 'pending' "
+                              "destination, sop_class_uid FROM outbox WHERE state = "
+                              f"'{OutboxState.PENDING}' "
                               "ORDER BY queued").fetchall()
         return [OutboxItem(r[0], r[1], Path(r[2]), r[3], r[4], r[6], r[7]) for r in rows
                 if r[5] + backoff_delay(r[4], backoff_s=backoff_s,
@@ -518,8 +536,10 @@ class BridgeStore:
     def mark_committed(self, sop_uid: str, transaction_uid: str) -> str | None:
         """The peer confirmed (storage commitment) that it keeps the object, in the
         transaction the bridge asked it under (a report naming another one changes nothing)."""
-        return self._settle(sop_uid, "UPDATE outbox SET state = 'committed', error = NULL "
-                            "WHERE sop_uid = ? AND state = 'sent_awaiting' AND commit_tx = ?",
+        return self._settle(sop_uid, f"UPDATE outbox SET state = '{OutboxState.COMMITTED}', error "
+                                     "= NULL "
+                            f"WHERE sop_uid = ? AND state = '{OutboxState.SENT_AWAITING}' AND "
+                            "commit_tx = ?",
                             (sop_uid, transaction_uid))
 
     def commitment_transaction_known(self, transaction_uid: str) -> bool:
@@ -562,9 +582,9 @@ class BridgeStore:
         state = self._settled_state(db, study_uid)
         if state != "sending":
             failed = db.execute("SELECT error FROM outbox WHERE study_uid = ? AND "
-                                "state = 'failed' LIMIT 1", (study_uid,)).fetchone()
+                                f"state = '{OutboxState.FAILED}' LIMIT 1", (study_uid,)).fetchone()
             db.execute("UPDATE studies SET state = ?, error = COALESCE(?, error), updated = ? "
-                       "WHERE study_uid = ? AND state = 'sending'",
+                       f"WHERE study_uid = ? AND state = '{StudyState.SENDING}'",
                        (state, f"result not delivered: {failed[0]}" if failed else None,
                         time.time(), study_uid))
         return state
@@ -575,7 +595,7 @@ class BridgeStore:
         with self._db() as db:
             rows = db.execute("SELECT sop_uid, study_uid, path, kind, attempts, "
                               "commit_requested, destination, sop_class_uid FROM outbox WHERE "
-                              "state = 'sent_awaiting' AND "
+                              f"state = '{OutboxState.SENT_AWAITING}' AND "
                               + ("commit_requested > 0" if requested else "commit_requested = 0")
                               ).fetchall()
         return [(OutboxItem(r[0], r[1], Path(r[2]), r[3], r[4], r[6], r[7]), float(r[5]))
@@ -587,7 +607,7 @@ class BridgeStore:
             db.execute("BEGIN IMMEDIATE")
             for uid in sop_uids:
                 db.execute("UPDATE outbox SET commit_tx = ?, commit_requested = ? "
-                           "WHERE sop_uid = ? AND state = 'sent_awaiting'",
+                           f"WHERE sop_uid = ? AND state = '{OutboxState.SENT_AWAITING}'",
                            (transaction_uid, time.time(), uid))
             db.execute("COMMIT")
 
@@ -597,8 +617,9 @@ class BridgeStore:
         ``max_attempts`` in all. With ``transaction``, only an item asked for under it."""
         with self._db() as db:
             changed = db.execute(
-                "UPDATE outbox SET state = 'pending', commit_tx = NULL, commit_requested = 0 "
-                "WHERE sop_uid = ? AND state = 'sent_awaiting'"
+                f"UPDATE outbox SET state = '{OutboxState.PENDING}', commit_tx = NULL, "
+                "commit_requested = 0 "
+                f"WHERE sop_uid = ? AND state = '{OutboxState.SENT_AWAITING}'"
                 + (" AND commit_tx = ?" if transaction is not None else ""),
                 (sop_uid, transaction) if transaction is not None else (sop_uid,)).rowcount
         if transaction is not None and not changed:
@@ -623,17 +644,23 @@ class BridgeStore:
                                         "pacs status' lists the study keys)")
             count = 0
             for uid in uids:
-                count += db.execute("UPDATE outbox SET state = 'pending', attempts = 0, "
-                                    "last_try = 0 WHERE study_uid = ? AND state = 'failed'",
+                count += db.execute(f"UPDATE outbox SET state = '{OutboxState.PENDING}', attempts "
+                                    "= 0, "
+                                    "last_try = 0 WHERE study_uid = ? AND state = "
+                                    f"'{OutboxState.FAILED}'",
                                     (uid,)).rowcount
                 if db.execute("SELECT COUNT(*) FROM outbox WHERE study_uid = ? AND "
-                              "state = 'pending'", (uid,)).fetchone()[0]:
-                    db.execute("UPDATE studies SET state = 'sending', error = NULL, updated = ? "
-                               "WHERE study_uid = ? AND state IN ('failed', 'done')", (now, uid))
+                              f"state = '{OutboxState.PENDING}'", (uid,)).fetchone()[0]:
+                    db.execute(f"UPDATE studies SET state = '{StudyState.SENDING}', error = NULL, "
+                               "updated = ? "
+                               f"WHERE study_uid = ? AND state IN ('{StudyState.FAILED}', "
+                               f"'{StudyState.DONE}')", (now, uid))
                 else:
-                    count += db.execute("UPDATE studies SET state = 'receiving', attempts = 0, "
+                    count += db.execute(f"UPDATE studies SET state = '{StudyState.RECEIVING}', "
+                                        "attempts = 0, "
                                         "retry_after = 0, error = NULL, updated = ? WHERE "
-                                        "study_uid = ? AND state IN ('failed', 'rejected')",
+                                        f"study_uid = ? AND state IN ('{StudyState.FAILED}', "
+                                        f"'{StudyState.REJECTED}')",
                                         (now, uid)).rowcount
             db.execute("COMMIT")
         return count

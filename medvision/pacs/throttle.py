@@ -11,8 +11,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import TYPE_CHECKING
 
-__all__ = ["ThrottledLog"]
+if TYPE_CHECKING:
+    from medvision.pacs.store import BridgeStore
+
+__all__ = ["EndpointBook", "ThrottledLog"]
 
 
 class ThrottledLog:
@@ -42,3 +46,36 @@ class ThrottledLog:
             if repeated else ""
         self.logger.error("%s failed: %s%s", what, error, suffix)
         return True
+
+
+class EndpointBook:
+    """Records each source's and destination's last success and error for ``pacs status``:
+    a success at most every few seconds per endpoint (each record is a synchronous database
+    write, and a busy listener succeeds many times a second)."""
+
+    def __init__(self, store: BridgeStore, errors: ThrottledLog, *,
+                 interval_s: float = 5.0) -> None:
+        self.store = store
+        self.errors = errors
+        self.interval_s = interval_s
+        self._last: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+
+    def success(self, name: str, role: str) -> None:
+        """``name`` (a ``source`` or ``destination``) just worked."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get((role, name), -1e9) < self.interval_s:
+                return
+            self._last[(role, name)] = now
+        try:
+            self.store.endpoint_result(name, role=role)
+        except Exception as e:  # noqa: BLE001 - bookkeeping must not refuse an instance
+            self.errors.log("recording a success", e)
+
+    def failure(self, name: str, error: str) -> None:
+        """Destination ``name`` just failed with ``error``."""
+        try:
+            self.store.endpoint_result(name, error, role="destination")
+        except Exception as e:  # noqa: BLE001 - bookkeeping only
+            self.errors.log("recording a delivery error", e)

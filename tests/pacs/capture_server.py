@@ -31,11 +31,12 @@ def dicom_parts(content_type: str, body: bytes) -> list[bytes]:
 
 class CaptureServer:
     def __init__(self, *, redirect_to: str | None = None,
-                 tls: tuple[Path, Path, Path] | None = None) -> None:
+                 tls: tuple[Path, Path, Path] | None = None, list_stored: bool = True) -> None:
         """``tls``: (certificate, key, CA) to serve HTTPS that requires a client certificate
         signed by the CA."""
         self.requests: list[Captured] = []
         self.redirect_to = redirect_to
+        self.list_stored = list_stored
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -51,7 +52,8 @@ class CaptureServer:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                answer = owner._stow_answer(self.headers.get("Content-Type", ""), body)
+                answer = owner._stow_answer(self.headers.get("Content-Type", "")
+                                            if owner.list_stored else "", body)
                 data = json.dumps(answer).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/dicom+json")

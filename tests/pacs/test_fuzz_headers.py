@@ -36,6 +36,7 @@ from medvision.audit import AuditLog, Auditor, Pseudonymizer
 from medvision.infer import Predictor
 from medvision.io.header_checks import (
     COPIED_ATTRIBUTES,
+    EQUIPMENT_ATTRIBUTES,
     REQUIRED_UIDS,
     copied_value_problem,
     uid_problem,
@@ -70,7 +71,7 @@ def expected_refusal(keyword: str, value: str, ds: object) -> bool:
     if keyword in UID_FIELDS:  # an empty UID is refused only where it is required
         return (uid_problem(stored) is not None
                 and (stored not in (None, "") or keyword in REQUIRED_UIDS))
-    if keyword in COPIED_ATTRIBUTES:
+    if keyword in COPIED_ATTRIBUTES or keyword in EQUIPMENT_ATTRIBUTES:
         return copied_value_problem(ds, keyword) is not None
     return False
 

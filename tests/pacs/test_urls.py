@@ -153,3 +153,16 @@ def test_basic_auth_and_an_unset_token_variable(capture: CaptureServer, tmp_path
     with pytest.raises(ConfigError, match="PACS_TOKEN"):
         stow_deliver(DicomWebEndpoint(url=capture.base, token_env="PACS_TOKEN"), path)
     assert len(capture.requests) == 1
+
+
+def test_a_stow_answer_that_does_not_list_the_object_is_not_a_delivery(tmp_path: Path) -> None:
+    server = CaptureServer(list_stored=False)
+    try:
+        ds = pydicom.dcmread(next(p for p in pydicom_test_files() if p.name == "CT_small.dcm"))
+        path = tmp_path / "sr.dcm"
+        ds.save_as(path)
+        with pytest.raises(DeliveryError, match="did not list the object as stored") as e:
+            stow_deliver(DicomWebEndpoint(url=server.base), path)
+        assert not e.value.permanent  # retried, then failed by the bridge's retry settings
+    finally:
+        server.stop()
