@@ -93,3 +93,27 @@ class BridgeProcess:
         result = subprocess.run([MEDVISION, "pacs", "status", "--workdir", str(self.workdir),
                                  "--json"], capture_output=True, text=True)
         return result.returncode, json.loads(result.stdout)
+
+
+def start_two_listener_bridge(root: Path, *, destination_url: str, calling_ae: str,
+                              stow_token: str) -> tuple[BridgeProcess, int, int]:
+    """A bridge with a DIMSE listener (accepting ``calling_ae``) and a STOW-RS listener (one
+    sender, ``stow_token``), sending results by STOW-RS with a bearer token to
+    ``destination_url``; started, and its ports."""
+    from conftest import wait_until
+    from orthanc_peer import free_port
+
+    port, stow_port = free_port(), free_port()
+    settings = {
+        "ae_title": "MEDVISION", "port": port, "allowed_calling_aes": [calling_ae],
+        "quiet_period_s": 1, "poll_interval_s": 0.2, "workers": 1,
+        "destination": {"url": destination_url, "token_env": "PACS_TOKEN"},
+        "stow": {"port": stow_port, "senders": [{"name": "ris", "token_env": "STOW_TOKEN"}]},
+        "routes": [{"pipeline": "chest-xray-pneumonia", "modalities": ["CR", "DX"]}],
+        "retry": {"backoff_s": 0.5, "max_backoff_s": 2, "max_attempts": 3}}
+    bridge = BridgeProcess(root, settings, env={"PACS_TOKEN": "pacs-token",
+                                                "STOW_TOKEN": stow_token})
+    bridge.start()
+    wait_until(lambda: "STOW-RS listening" in bridge.log_text(), 120,
+               "the bridge did not start")
+    return bridge, port, stow_port

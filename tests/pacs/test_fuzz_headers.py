@@ -29,7 +29,7 @@ import requests
 from capture_server import CaptureServer
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from security_peers import BridgeProcess, multipart, small_radiograph
+from security_peers import multipart, small_radiograph, start_two_listener_bridge
 
 from medvision.analyze import AnalyzeOptions, analyze
 from medvision.audit import AuditLog, Auditor, Pseudonymizer
@@ -43,7 +43,6 @@ from medvision.io.header_checks import (
 )
 
 from conftest import dcmtk_tool, require, wait_until
-from orthanc_peer import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -111,20 +110,8 @@ class Listeners:
         require(shutil.which("dciodvfy") is not None, "dicom3tools is not installed")
         self.root = root
         self.capture = CaptureServer()
-        self.port, self.stow_port = free_port(), free_port()
-        settings_ = {
-            "ae_title": "MEDVISION", "port": self.port, "allowed_calling_aes": ["FUZZER"],
-            "quiet_period_s": 1, "poll_interval_s": 0.2, "workers": 1,
-            "destination": {"url": self.capture.base, "token_env": "PACS_TOKEN"},
-            "stow": {"port": self.stow_port, "senders": [{"name": "ris",
-                                                          "token_env": "STOW_TOKEN"}]},
-            "routes": [{"pipeline": "chest-xray-pneumonia", "modalities": ["CR", "DX"]}],
-            "retry": {"backoff_s": 0.5, "max_backoff_s": 2, "max_attempts": 3}}
-        self.bridge = BridgeProcess(root, settings_, env={"PACS_TOKEN": "pacs-token",
-                                                          "STOW_TOKEN": TOKEN})
-        self.bridge.start()
-        wait_until(lambda: "STOW-RS listening" in self.bridge.log_text(), 120,
-                   "the bridge did not start")
+        self.bridge, self.port, self.stow_port = start_two_listener_bridge(
+            root, destination_url=self.capture.base, calling_ae="FUZZER", stow_token=TOKEN)
         self.sent: list[Sent] = []
         self.outside_before = {p.name for p in Path(tempfile.gettempdir()).iterdir()}
 

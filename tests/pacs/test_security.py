@@ -14,10 +14,10 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
-from security_peers import BridgeProcess, multipart, small_radiograph
+from security_peers import multipart, small_radiograph, start_two_listener_bridge
 
 from conftest import dcmtk_tool, require, wait_until
-from orthanc_peer import Orthanc, free_port
+from orthanc_peer import Orthanc
 
 pytestmark = pytest.mark.integration
 
@@ -38,22 +38,9 @@ class Setup:
                 "dcmtk)")
         self.root = root
         self.orthanc = Orthanc(root / "orthanc", dicomweb=True)
-        self.port, self.stow_port = free_port(), free_port()
-        settings = {
-            "ae_title": "MEDVISION", "port": self.port, "allowed_calling_aes": ["STORESCU"],
-            "quiet_period_s": 1, "poll_interval_s": 0.2, "workers": 1,
-            "destination": {"url": self.orthanc.dicomweb, "token_env": "PACS_TOKEN"},
-            "stow": {"port": self.stow_port, "senders": [{"name": "ris",
-                                                          "token_env": "STOW_TOKEN"}]},
-            "routes": [{"pipeline": "chest-xray-pneumonia", "modalities": ["CR", "DX"]}],
-            "retry": {"backoff_s": 0.5, "max_backoff_s": 2, "max_attempts": 3}}
-        self.bridge = BridgeProcess(root, settings, env={"PACS_TOKEN": "pacs-token",
-                                                         "STOW_TOKEN": TOKEN})
-        self.bridge.start()
-        wait_until(self._listening, 120, "the bridge did not start")
-
-    def _listening(self) -> bool:
-        return "STOW-RS listening" in self.bridge.log_text()
+        self.bridge, self.port, self.stow_port = start_two_listener_bridge(
+            root, destination_url=self.orthanc.dicomweb, calling_ae="STORESCU",
+            stow_token=TOKEN)
 
     @property
     def stow_url(self) -> str:
