@@ -216,15 +216,13 @@ def test_stow_over_tls_with_a_token_and_a_private_ca(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Our STOW-RS client (the sender of results) against our STOW-RS listener, both over TLS:
     the client trusts the server only through the configured CA bundle."""
-    import shutil
 
     from medvision.pacs.config import DicomWebEndpoint
     from medvision.pacs.web import stow_deliver
 
-    from conftest import require, tls_certificates
+    from conftest import tls_certificates
     from orthanc_peer import free_port
 
-    require(shutil.which("openssl") is not None, "openssl is not installed")
     certificates = tls_certificates(tmp_path / "pki")
     port = free_port()
     config = load_bridge_config(_settings(
