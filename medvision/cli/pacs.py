@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
                signer=signer_from_args(args)).serve_forever(watch=action == "watch")
         return 0
     if action == "status":
-        from medvision.pacs.store import PROBLEM_STATES, OutboxState, read_status
+        from medvision.pacs.status import read_status
+        from medvision.pacs.store import PROBLEM_STATES, OutboxState
 
         state = read_status(args.workdir)
         if args.json:

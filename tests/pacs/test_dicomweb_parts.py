@@ -17,7 +17,8 @@ from starlette.testclient import TestClient
 from medvision.errors import ConfigError, DeliveryError, PacsError
 from medvision.pacs.bridge import Bridge
 from medvision.pacs.config import load_bridge_config
-from medvision.pacs.store import BridgeStore, ResultObject, read_status
+from medvision.pacs.status import read_status
+from medvision.pacs.store import BridgeStore, ResultObject
 from medvision.pacs.stow import StowServer, split_multipart
 from medvision.pacs.web import _http_error, fhir_transaction
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from medvision.errors import PacsError
-from medvision.pacs.store import BridgeStore, ResultObject, backoff_delay, read_status
+from medvision.pacs.status import read_status
+from medvision.pacs.store import BridgeStore, ResultObject, backoff_delay
 
 
 def _receive(store: BridgeStore, sop: str, study: str = "1.2.3") -> Path:
