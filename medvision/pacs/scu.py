@@ -200,10 +200,12 @@ def deliver(peer: Peer, path: Path, *, calling_ae: str) -> Delivery:
 
 
 def request_commitment(peer: Peer, objects: list[tuple[str, str]], *,
-                       calling_ae: str) -> str:
+                       calling_ae: str, transaction_uid: str | None = None) -> str:
     """Ask ``peer`` to commit to keeping ``objects`` (``(SOP Class UID, SOP Instance UID)``):
-    an N-ACTION of the Storage Commitment Push Model. The answer comes later, as an
-    N-EVENT-REPORT on an association the peer opens to us. Returns the Transaction UID.
+    an N-ACTION of the Storage Commitment Push Model under ``transaction_uid`` (a new one by
+    default). The answer comes later, as an N-EVENT-REPORT on an association the peer opens
+    to us (a fast peer sends it before the N-ACTION's answer: record the transaction first).
+    Returns the Transaction UID.
 
     Raises:
         DeliveryError: the peer does not offer storage commitment (``permanent``) or
@@ -214,7 +216,7 @@ def request_commitment(peer: Peer, objects: list[tuple[str, str]], *,
     from pydicom.uid import generate_uid
 
     request = Dataset()
-    request.TransactionUID = generate_uid()
+    request.TransactionUID = transaction_uid or generate_uid()
     references = []
     for sop_class, sop_uid in objects:
         item = Dataset()

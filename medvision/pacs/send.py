@@ -154,16 +154,24 @@ class Sender:
                 sop_class = str(pydicom.dcmread(item.path, stop_before_pixels=True,
                                                 specific_tags=["SOPClassUID"]).SOPClassUID)
             objects.append((sop_class, item.sop_uid))
+        from pydicom.uid import generate_uid
+
+        # recorded before the request: the peer may report before it answers the N-ACTION,
+        # and a report naming a transaction the bridge does not know is refused
+        transaction = str(generate_uid())
+        self.store.mark_commitment_requested([item.sop_uid for item in waiting], transaction)
         try:
-            transaction = request_commitment(peer, objects, calling_ae=self.config.ae_title)
+            request_commitment(peer, objects, calling_ae=self.config.ae_title,
+                               transaction_uid=transaction)
         except DeliveryError as e:
             for item in waiting:
                 self.store.commitment_failed(item.sop_uid, str(e),
                                              max_attempts=1 if e.permanent else
                                              retry.max_attempts)
             self.errors.log("requesting storage commitment", e)
-            return
-        self.store.mark_commitment_requested([item.sop_uid for item in waiting], transaction)
+        except PacsError as e:  # no association: ask again next round
+            self.store.mark_commitment_requested([item.sop_uid for item in waiting], None)
+            self.errors.log("requesting storage commitment", e)
 
     def on_commitment_report(self, event: Any) -> tuple[int, Any]:
         """N-EVENT-REPORT from the destination: which results it committed to keep.

@@ -601,14 +601,16 @@ class BridgeStore:
         return [(OutboxItem(r[0], r[1], Path(r[2]), r[3], r[4], r[6], r[7]), float(r[5]))
                 for r in rows]
 
-    def mark_commitment_requested(self, sop_uids: list[str], transaction_uid: str) -> None:
-        """Storage commitment was asked for these results under ``transaction_uid``."""
+    def mark_commitment_requested(self, sop_uids: list[str], transaction_uid: str | None
+                                  ) -> None:
+        """Storage commitment is asked for these results under ``transaction_uid`` (``None``:
+        not asked after all; asked again next round)."""
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             for uid in sop_uids:
                 db.execute("UPDATE outbox SET commit_tx = ?, commit_requested = ? "
                            f"WHERE sop_uid = ? AND state = '{OutboxState.SENT_AWAITING}'",
-                           (transaction_uid, time.time(), uid))
+                           (transaction_uid, time.time() if transaction_uid else 0.0, uid))
             db.execute("COMMIT")
 
     def commitment_failed(self, sop_uid: str, reason: str, *, max_attempts: int,

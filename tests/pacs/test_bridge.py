@@ -164,9 +164,13 @@ def test_results_arrive_in_the_source_study(bridge: BridgeProcess, orthanc: Orth
     for secret in ("Bridge^Test", "Bridge Test", "BRIDGE-1"):
         assert secret not in haystack
     status = subprocess.run([MEDVISION, "pacs", "status", "--workdir", str(bridge.workdir),
-                             "--json"], capture_output=True, text=True, check=True)
-    states = {s["state"] for s in json.loads(status.stdout)["studies"]}
-    assert states <= {"done", "sending"}
+                             "--json"], capture_output=True, text=True)
+    studies = json.loads(status.stdout)["studies"]
+    # the CT has no route: rejected, saying so (and pacs status exits 1 for it); the rest done
+    rejected = [s for s in studies if s["state"] == "rejected"]
+    assert [s["error"] for s in rejected] == ["no route matches the study (modalities CT)"]
+    assert {s["state"] for s in studies if s not in rejected} <= {"done", "sending"}
+    assert status.returncode == 1
 
 
 def test_sigkill_and_restart_lose_nothing(bridge: BridgeProcess, orthanc: Orthanc,
