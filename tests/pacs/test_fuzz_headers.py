@@ -9,7 +9,7 @@ Invariants:
 - every outgoing request goes to a path under the configured base URL (a capture server on
   loopback records them all, with their headers);
 - every object sent, and every DICOM result ``analyze --dicom`` writes, passes ``dciodvfy``
-  without errors.
+  without errors; no HTML page ``analyze`` writes holds a header value as markup.
 
 The listeners' examples are sent by one test and the outcome checked by the next one, once
 the bridge has analysed and sent everything (the two run in this order, in one module).
@@ -167,6 +167,7 @@ def _mkdir(path: Path) -> Path:
 def test_what_the_listeners_accepted_went_out_only_under_the_base(listeners: Listeners) -> None:
     accepted = [s for s in listeners.sent if s.accepted]
     assert listeners.sent and accepted, "the previous test sent nothing"
+    assert len(accepted) < len(listeners.sent), "no hostile value among the examples"
     wanted = {s.study_uid for s in accepted}
 
     def settled() -> bool:
@@ -223,6 +224,9 @@ def test_analyze_rejects_exactly_the_malformed_values(predictor: Predictor, keyw
         assert all(name.startswith("audit.") for name in outside), outside
         for path in (root / "out").glob("*/dicom/*.dcm"):
             assert not dciodvfy_errors(path), (keyword, value, dciodvfy_errors(path))
+        for page in (root / "out").rglob("*.html"):  # header text never becomes markup
+            text = page.read_text(errors="replace")
+            assert "<script>alert" not in text and "<img src=x" not in text, page
 
 
 @pytest.mark.slow
