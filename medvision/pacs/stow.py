@@ -184,6 +184,10 @@ class StowServer:
         config = uvicorn.Config(self.app(), host=self.listener.host, port=self.listener.port,
                                 log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=10, **options)
+        config.load()
+        if config.ssl is not None:
+            # asyncio drops a failed handshake silently: its TLS objects log it here
+            config.ssl.sslobject_class = _LoggedHandshake
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True,
                                         name="medvision-bridge-stow")
@@ -201,6 +205,20 @@ class StowServer:
             self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=30)
+
+
+class _LoggedHandshake(ssl.SSLObject):
+    """The listener's TLS connections: a failed handshake (no client certificate, one from
+    another CA, plain HTTP on the TLS port) is logged, then refused as before."""
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as e:
+            log.warning("STOW-RS: TLS handshake failed: %s", e.reason or type(e).__name__)
+            raise
 
 
 def _response_dataset(outcomes: list[StoreOutcome], url: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ longer than its Content-Length."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -74,7 +75,8 @@ def stow_bridge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tup
     bridge.stop()
 
 
-def test_stow_rs_with_mutual_tls(stow_bridge: tuple[Bridge, dict], tmp_path: Path) -> None:
+def test_stow_rs_with_mutual_tls(stow_bridge: tuple[Bridge, dict], tmp_path: Path,
+                                 caplog: pytest.LogCaptureFixture) -> None:
     bridge, certs = stow_bridge
     assert bridge.config.stow is not None
     url = f"https://127.0.0.1:{bridge.config.stow.port}/studies"
@@ -86,9 +88,14 @@ def test_stow_rs_with_mutual_tls(stow_bridge: tuple[Bridge, dict], tmp_path: Pat
                              verify=str(certs["ca.crt"]),
                              cert=(str(certs["client.crt"]), str(certs["client.key"])))
     assert response.status_code == 200, response.text
-    # no client certificate: refused in the handshake (TLS 1.3: the server closes after it)
-    with pytest.raises(requests.exceptions.ConnectionError):
-        requests.post(url, data=body, headers=headers, timeout=60, verify=str(certs["ca.crt"]))
+    # no client certificate: refused in the handshake (TLS 1.3: the server closes after it),
+    # and the failed handshake is logged
+    with caplog.at_level(logging.WARNING, logger="medvision"):
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.post(url, data=body, headers=headers, timeout=60,
+                          verify=str(certs["ca.crt"]))
+        wait_until(lambda: "STOW-RS: TLS handshake failed" in caplog.text, 10,
+                   "the failed handshake was not logged")
     assert len(list(bridge.store.spool.rglob("*.dcm"))) == 1
 
 
