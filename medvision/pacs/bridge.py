@@ -413,7 +413,7 @@ class Bridge:
             try:
                 predecessors.append(pydicom.dcmread(previous, stop_before_pixels=True))
             except (OSError, pydicom.errors.InvalidDicomError) as e:
-                log.warning("%s: an earlier SR is unreadable (%s)", study.key, e)
+                log.warning("study %s: an earlier SR is unreadable (%s)", key, why(e))
         fhir = self.config.fhir is not None
         outcome = run_study(study, predictor, self.store.results,
                             AnalyzeOptions(dicom=True, fhir=fhir), self.pseudonymizer,
