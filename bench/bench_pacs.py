@@ -88,9 +88,10 @@ def _send_all(port: int, called: str, groups: list[list[Path]]) -> float:
     return elapsed
 
 
-def _wait_port(port: int) -> None:
-    for _ in range(600):
-        if subprocess.run([_dcmtk("echoscu"), "-aet", "STORESCU", "127.0.0.1", str(port)],
+def _wait_port(port: int, called: str) -> None:
+    for _ in range(600):  # the bridge checks the called AE title: echo with the right one
+        if subprocess.run([_dcmtk("echoscu"), "-aet", "STORESCU", "-aec", called, "127.0.0.1",
+                           str(port)],
                           capture_output=True).returncode == 0:
             return
         time.sleep(0.2)
@@ -102,7 +103,7 @@ def _serve_and_send(server: list[str], port: int, called: str,
     """Start a receiving server, send every group to it at once, stop it; seconds taken."""
     proc = subprocess.Popen(server, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_port(port)
+        _wait_port(port, called)
         return _send_all(port, called, groups)
     finally:
         proc.kill()
@@ -142,7 +143,7 @@ def _latencies(tmp: Path, studies: list[list[Path]], workers: int) -> list[float
                              str(folder / "bridge.yaml"), "--workdir", str(folder / "work")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_port(port)
+        _wait_port(port, "MEDVISION")
         started = time.perf_counter()
         _send_all(port, "MEDVISION", studies)
         deadline = time.monotonic() + 600

@@ -9,6 +9,7 @@ UID is refused where it arrives, naming the attribute.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -180,25 +181,34 @@ EQUIPMENT_ATTRIBUTES = ("Manufacturer", "ManufacturerModelName", "SoftwareVersio
 _CONTROL = {chr(c) for c in range(32)} - {"\x1b"}  # ESC starts ISO 2022 code extensions
 
 
+@functools.cache
+def _dictionary(keyword: str) -> tuple[int, str, str]:
+    """(tag, VR, VM) of a keyword, looked up once."""
+    from pydicom.datadict import dictionary_VM, dictionary_VR, tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    assert tag is not None, keyword
+    return tag, dictionary_VR(tag), dictionary_VM(tag)
+
+
 def copied_value_problem(ds: Any, keyword: str) -> str | None:
     """Why the value of ``keyword`` cannot be copied into a valid result, or ``None``."""
     from pydicom import config
-    from pydicom.datadict import dictionary_VM, dictionary_VR
     from pydicom.multival import MultiValue
     from pydicom.valuerep import validate_value
 
-    if keyword not in ds:
+    tag, vr, vm = _dictionary(keyword)
+    if tag not in ds:  # a tag lookup: this runs for every received instance
         return None
-    value = ds[keyword].value
+    value = ds[tag].value
     if value is None or value == "":
         return None
     if isinstance(value, MultiValue | list):
-        if dictionary_VM(keyword) == "1" and len(value) > 1:
+        if vm == "1" and len(value) > 1:
             return f"{len(value)} values where one is allowed"
         values = list(value)
     else:
         values = [value]
-    vr = dictionary_VR(keyword)
     for item in values:
         text = str(item)
         if set(text) & _CONTROL:
