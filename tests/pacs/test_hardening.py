@@ -244,3 +244,12 @@ def test_retry_of_an_unknown_study_and_a_malformed_query_are_usage_errors(tmp_pa
     assert result.returncode == 2 and "--match takes KEYWORD=VALUE" in result.stderr, \
         result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_stow_sender_whose_token_variable_is_unset_stops_the_start(tmp_path: Path) -> None:
+    result = _listen(tmp_path, {"port": None, "destination": {
+        "url": "http://127.0.0.1:9/dicom-web/"}, "stow": {
+        "port": free_port(), "senders": [{"name": "ris", "token_env": "MV_UNSET_TOKEN_VAR"}]},
+        "routes": [{"pipeline": "chest-xray-pneumonia"}]})
+    assert result.returncode == 2, result.stderr
+    assert "MV_UNSET_TOKEN_VAR" in result.stderr and "Traceback" not in result.stderr
