@@ -54,6 +54,7 @@ from medvision.pacs.receive import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
     DimseListener,
+    printable,
     validate_instance,
     why,
 )
@@ -121,8 +122,8 @@ class Bridge:
             raise
         except BaseException as e:  # noqa: BLE001 - any decoding problem (even a codec's Rust
             # panic, a BaseException) means "cannot understand"; the listener goes on
-            log.warning("C-STORE: refused an instance from %s (answered 0x%04X): %s", calling,
-                        CANNOT_UNDERSTAND, why(e))
+            log.warning("C-STORE: refused an instance from %s (answered 0x%04X): %s",
+                        printable(calling), CANNOT_UNDERSTAND, why(e))
             return CANNOT_UNDERSTAND
         try:
             self.store.store_instance(study_uid=str(ds.StudyInstanceUID),
@@ -366,44 +367,47 @@ class Bridge:
                              f"({state})", reason)
             if state == StudyState.FAILED:
                 try:
-                    Auditor(self.audit_log, self.pseudonymizer,
-                            actor={"via": self.config.ae_title}).record(AuditRecord(
-                                action="analyze", status="failed", actor={"via":
-                                                                          self.config.ae_title},
-                                reason=reason,
-                                study_key=self.pseudonymizer.pseudonym("study", job.study_uid)))
+                    self._audit_analysis(job, "failed", reason)
                 except AuditError as audit_error:
                     self._errors.log("recording a failed analysis", audit_error)
 
-    def _reject(self, job: StudyJob, auditor: Auditor, reason: str) -> None:
+    def _auditor(self, job: StudyJob) -> Auditor:
+        """Audit records of a study's analysis name who sent it, and through which bridge."""
+        who = {DIMSE_SOURCE: "calling_ae", STOW_SOURCE: "stow_sender"}.get(job.source,
+                                                                          "dicomweb_source")
+        return Auditor(self.audit_log, self.pseudonymizer,
+                       actor={who: job.calling_ae, "via": self.config.ae_title})
+
+    def _audit_analysis(self, job: StudyJob, status: str, reason: str) -> None:
+        """An analysis that did not produce a report (rejected before it ran, or raised)."""
+        auditor = self._auditor(job)
+        auditor.record(AuditRecord(
+            action="analyze", status=status, actor=auditor.actor, reason=reason,
+            study_key=self.pseudonymizer.pseudonym("study", job.study_uid),
+            inputs={"instances": job.instances, "source": job.source}))
+
+    def _reject(self, job: StudyJob, reason: str) -> None:
         """The analysis cannot run: ``rejected`` with the reason, logged and audited."""
         key = self.store.study_folder_name(job.study_uid)
         state = self.store.reject_analysis(job.study_uid, reason)
         log.warning("study %s: %s (%s)", key, state, reason)
-        auditor.record(AuditRecord(
-            action="analyze", status="rejected", actor=auditor.actor, reason=reason,
-            study_key=self.pseudonymizer.pseudonym("study", job.study_uid),
-            inputs={"instances": job.instances, "source": job.source}))
+        self._audit_analysis(job, "rejected", reason)
 
     def _analyse(self, job: StudyJob) -> None:
-        who = {DIMSE_SOURCE: "calling_ae", STOW_SOURCE: "stow_sender"}.get(job.source,
-                                                                          "dicomweb_source")
-        auditor = Auditor(self.audit_log, self.pseudonymizer,
-                          actor={who: job.calling_ae, "via": self.config.ae_title})
         key = self.store.study_folder_name(job.study_uid)
         paths = self.store.instance_paths(job.study_uid)
         studies = [s for s in collect_studies(paths, pseudonymizer=self.pseudonymizer)
                    if s.candidates]
         if not studies:
-            self._reject(job, auditor, f"no readable image among {len(paths)} instance(s)")
+            self._reject(job, f"no readable image among {len(paths)} instance(s)")
             return
         study = studies[0]
         route = self._route(study)
         if route is None:
             modalities = sorted({str(e.series.modality) for e in study.candidates
                                  if e.series is not None})
-            self._reject(job, auditor, f"no route matches the study (modalities "
-                                       f"{', '.join(modalities) or 'unknown'})")
+            self._reject(job, f"no route matches the study (modalities "
+                              f"{', '.join(modalities) or 'unknown'})")
             return
         predictor = self._predictor(route.pipeline)
         import pydicom
@@ -418,7 +422,7 @@ class Bridge:
         outcome = run_study(study, predictor, self.store.results,
                             AnalyzeOptions(dicom=True, fhir=fhir), self.pseudonymizer,
                             predecessors=predecessors)
-        commit(outcome, auditor, self.store.results)
+        commit(outcome, self._auditor(job), self.store.results)
         report = outcome.report
         if report.status == "rejected":  # the pipeline refused the input: audited by commit
             state = self.store.reject_analysis(job.study_uid, report.reason or "rejected")

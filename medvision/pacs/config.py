@@ -239,6 +239,17 @@ class BridgeConfig(_Strict):
     audit_log: Path | None = Field(default=None, description="default: WORKDIR/audit.sqlite")
 
     @model_validator(mode="after")
+    def _networks_are_cidr(self) -> BridgeConfig:
+        import ipaddress
+
+        for network in self.allowed_peer_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as e:
+                raise ValueError(f"allowed_peer_networks: {e}") from e
+        return self
+
+    @model_validator(mode="after")
     def _results_have_somewhere_to_go(self) -> BridgeConfig:
         names = [s.name for s in self.sources]
         taken = {DIMSE_SOURCE, STOW_SOURCE, DESTINATION, FHIR_DESTINATION}

@@ -25,7 +25,7 @@ from medvision.errors import ConfigError, InvalidDicomError, MedvisionError
 from medvision.io.header_checks import check_copied_values, check_dataset_uids
 
 __all__ = ["ACCEPTED_TRANSFER_SYNTAXES", "CANNOT_UNDERSTAND", "OUT_OF_RESOURCES",
-           "DimseListener", "validate_instance", "why"]
+           "DimseListener", "parse_networks", "printable", "validate_instance", "why"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,12 @@ def why(error: BaseException) -> str:
     text may quote them: a patient's name in a highdicom or pydicom message)."""
     name = type(error).__name__
     return f"{name}: {error}" if isinstance(error, MedvisionError) else name
+
+
+def printable(text: str) -> str:
+    """A peer-given name (an AE title) for a log line: as it is when printable, else its
+    escaped form, so a control character cannot forge or break a line."""
+    return text if text.isprintable() else ascii(text)
 
 
 def parse_networks(networks: Sequence[str]) -> tuple[ipaddress.IPv4Network |

@@ -49,10 +49,13 @@ class Sender:
         """Send until ``stop`` is set, beating the heartbeat every :data:`HEARTBEAT_S`."""
         beat = 0.0
         while not stop.is_set():
-            try:
-                if time.monotonic() - beat >= HEARTBEAT_S:
+            if time.monotonic() - beat >= HEARTBEAT_S:
+                try:  # on its own: a full disk must not stop the deliveries too
                     self.store.heartbeat(started=started)
                     beat = time.monotonic()
+                except Exception as e:  # noqa: BLE001 - pacs status will call it not running
+                    self.errors.log("writing the heartbeat", e)
+            try:
                 self.send_due()
             except Exception as e:  # noqa: BLE001 - the sender must keep running
                 self.errors.log("sending results", e)

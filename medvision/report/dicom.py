@@ -66,15 +66,19 @@ class DicomResult:
     sop_class_uid: str
 
 
-#: SOP Class of each kind of result.
-SOP_CLASSES = {"SR": "1.2.840.10008.5.1.4.1.1.88.34", "SEG": "1.2.840.10008.5.1.4.1.1.66.4",
-               "PM": "1.2.840.10008.5.1.4.1.1.30", "SC": "1.2.840.10008.5.1.4.1.1.7"}
-_SERIES = {"SR": "sr-series", "SEG": "seg-series", "PM": "pm-series", "SC": "overlay-series"}
+#: SOP Class (pydicom's name) and series seed of each kind of result.
+_KINDS = {"SR": ("Comprehensive3DSRStorage", "sr-series"),
+          "SEG": ("SegmentationStorage", "seg-series"),
+          "PM": ("ParametricMapStorage", "pm-series"),
+          "SC": ("SecondaryCaptureImageStorage", "overlay-series")}
 
 
 def _result(kind: str, path: Path, sop_instance_uid: str, seed: Sequence[str]) -> DicomResult:
-    return DicomResult(kind, path, sop_instance_uid, _uid(seed, _SERIES[kind]),
-                       SOP_CLASSES[kind])
+    from pydicom import uid
+
+    sop_class, series = _KINDS[kind]
+    return DicomResult(kind, path, sop_instance_uid, _uid(seed, series),
+                       str(getattr(uid, sop_class)))
 
 
 def _code(triple: Sequence[str]) -> Any:
@@ -488,9 +492,9 @@ def write_dicom(report: StudyReport, pipeline: Pipeline, out_dir: Path, *,
         if mask is not None:
             labels = np.rint(np.asarray(mask.array[0])).astype(int)
             planes = _source_planes(labels, mask.affine, sources)
-            if planes is None:
+            if planes is None and labels.ndim == 3:
                 log.warning("the segmentation's planes do not match the source slices: no SEG")
-            else:
+            elif planes is not None:
                 path = out_dir / "seg.dcm"
                 uid = _seg(report, pipeline, sources, labels[:, :, planes], seed, path)
                 if uid:
@@ -499,10 +503,10 @@ def write_dicom(report: StudyReport, pipeline: Pipeline, out_dir: Path, *,
         if saliency is not None and len(sources) > 1:
             values = np.asarray(saliency.volume.array[0])
             planes = _source_planes(values, saliency.volume.affine, sources)
-            if planes is None:
+            if planes is None and values.ndim == 3:
                 log.warning("the saliency map's planes do not match the source slices: no "
                             "Parametric Map")
-            else:
+            elif planes is not None:
                 path = out_dir / "pm.dcm"
                 written.append(_result("PM", path, _parametric_map(
                     report, sources, values[:, :, planes], seed, path), seed))

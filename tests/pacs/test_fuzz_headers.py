@@ -113,7 +113,6 @@ class Listeners:
         self.bridge, self.port, self.stow_port = start_two_listener_bridge(
             root, destination_url=self.capture.base, calling_ae="FUZZER", stow_token=TOKEN)
         self.sent: list[Sent] = []
-        self.outside_before = {p.name for p in Path(tempfile.gettempdir()).iterdir()}
 
     def send(self, path: Path, channel: str) -> bool:
         if channel == "stow":
@@ -147,8 +146,7 @@ def listeners(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Listeners]:
        channel=st.sampled_from(["dimse", "stow"]))
 def test_listeners_refuse_exactly_the_malformed_values(listeners: Listeners, keyword: str,
                                                        value: str, channel: str) -> None:
-    folder = Path(tempfile.mkdtemp(dir=listeners.root / "in" if (listeners.root / "in").is_dir()
-                                   else _mkdir(listeners.root / "in")))
+    folder = Path(tempfile.mkdtemp(dir=_mkdir(listeners.root / "in")))
     case = write_case(folder, keyword, value)
     assume(case is not None)
     assert case is not None
@@ -215,7 +213,6 @@ def test_analyze_rejects_exactly_the_malformed_values(predictor: Predictor, keyw
         (result,) = analyze([root / "in"], predictor, root / "out", auditor=auditor,
                             options=AnalyzeOptions(progress=False, dicom=True, fhir=True))
         refuse = expected_refusal(keyword, value, ds)
-        assert result.status == ("rejected" if refuse else result.status), result
         assert result.status in (("rejected",) if refuse else ("ok", "flagged")), (
             keyword, value, result)
         if refuse:

@@ -22,7 +22,7 @@ from medvision.pacs.config import BridgeConfig, Peer, Route, StowListener, StowS
 from medvision.pacs.scu import STORAGE_COMMITMENT
 from medvision.pacs.store import ResultObject
 
-from conftest import dcmtk_tool, require
+from conftest import dcmtk_tool, require, wait_until
 from orthanc_peer import free_port
 
 pytestmark = pytest.mark.integration
@@ -96,7 +96,8 @@ def test_peer_networks_outside_the_allow_list_are_closed(tmp_path: Path,
         small_radiograph(path)
         with caplog.at_level(logging.WARNING, logger="medvision"):
             result = _storescu(bridge, path)
-            time.sleep(0.5)
+            wait_until(lambda: "not in allowed_peer_networks" in caplog.text, 10,
+                       "the refused connection was not logged")
         assert result.returncode != 0
         assert "refused a connection from 127.0.0.1: not in allowed_peer_networks" in caplog.text
         assert _spooled(bridge) == []
@@ -136,7 +137,7 @@ def test_a_chunked_stow_body_stops_at_the_limit(bridge: Bridge, tmp_path: Path) 
     except requests.ConnectionError:
         pass  # the server answered 413 and closed while the client was still sending
     assert sent["bytes"] < 20 * 2**20
-    # a body longer than its Content-Length is cut at the declared length, not read on
+    # the listener still answers: a well-formed request under the limit is stored
     path = tmp_path / "cr.dcm"
     small_radiograph(path)
     data, content_type = multipart([path])
@@ -253,3 +254,11 @@ def test_a_stow_sender_whose_token_variable_is_unset_stops_the_start(tmp_path: P
         "routes": [{"pipeline": "chest-xray-pneumonia"}]})
     assert result.returncode == 2, result.stderr
     assert "MV_UNSET_TOKEN_VAR" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_malformed_peer_network_is_a_configuration_error(tmp_path: Path) -> None:
+    result = _listen(tmp_path, {"port": free_port(), "allowed_peer_networks": ["10.0.0.0/33"],
+                                "destination": {"ae_title": "PACS", "port": free_port()},
+                                "routes": [{"pipeline": "chest-xray-pneumonia"}]})
+    assert result.returncode == 2, result.stderr
+    assert "allowed_peer_networks" in result.stderr and "Traceback" not in result.stderr

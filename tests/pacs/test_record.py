@@ -7,8 +7,8 @@ stub receives bundles; the bridge runs as ``medvision pacs listen`` in its own p
 from __future__ import annotations
 
 import json
-import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 from collections.abc import Iterator
@@ -170,10 +170,11 @@ def test_a_study_left_processing_by_a_crash_shows_as_stuck(tmp_path: Path) -> No
     store.store_instance(study_uid="1.2.826.0.1.3680043.8.498.10",
                          sop_uid="1.2.826.0.1.3680043.8.498.11", data=b"x", calling_ae="X")
     store.claim_ready(0)
-    gone = subprocess.run(["true"])  # a pid that is not running any more
+    ended = subprocess.Popen(["true"])  # a bridge that was killed: its pid runs no more
+    ended.wait()
     with sqlite3.connect(store.db_path) as db:
         db.execute("INSERT INTO bridge VALUES (1, ?, ?, 0, 0)",
-                   (99999999 if gone.returncode == 0 else os.getpid(), os.uname().nodename))
+                   (ended.pid, socket.gethostname()))
     result = subprocess.run([MEDVISION, "pacs", "status", "--workdir", str(store.workdir)],
                             capture_output=True, text=True)
     assert "no bridge running" in result.stdout and "did not stop cleanly" in result.stdout

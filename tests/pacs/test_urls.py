@@ -166,3 +166,11 @@ def test_a_stow_answer_that_does_not_list_the_object_is_not_a_delivery(tmp_path:
         assert not e.value.permanent  # retried, then failed by the bridge's retry settings
     finally:
         server.stop()
+
+
+def test_peer_names_in_log_lines_cannot_forge_a_line() -> None:
+    from medvision.pacs.receive import printable
+
+    assert printable("STORESCU") == "STORESCU"
+    forged = printable("X\nERROR forged line")
+    assert "\n" not in forged and "\\n" in forged
