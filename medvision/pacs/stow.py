@@ -123,9 +123,10 @@ class StowServer:
                         request.client.host if request.client else "?")
             return Response(status_code=401, headers={"WWW-Authenticate": 'Bearer realm="medvision"'})
         study = request.path_params.get("study")
-        if study is not None and uid_problem(study) is not None:
+        problem = None if study is None else uid_problem(study)
+        if problem is not None:
             log.warning("STOW-RS: refused a request from %s: the study in the URL is not a "
-                        "valid UID (%s)", sender, uid_problem(study))
+                        "valid UID (%s)", sender, problem)
             return Response("the Study Instance UID in the URL is not a valid DICOM UID",
                             status_code=400)
         content_type = request.headers.get("content-type", "")

@@ -25,8 +25,9 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medvision.errors import DeliveryError, InvalidDicomError, MedvisionError, PacsError
+from medvision.errors import DeliveryError, InvalidDicomError, PacsError
 from medvision.io.header_checks import check_uid
+from medvision.pacs.receive import why
 from medvision.pacs.urls import check_under
 
 if TYPE_CHECKING:
@@ -105,9 +106,8 @@ def _value(item: dict[str, Any], tag: str) -> Any:
 
 def _checked_uid(item: dict[str, Any], keyword: str, source: str) -> str | None:
     """A UID from a QIDO-RS answer, or ``None`` (logged) when it is absent or malformed."""
-    value = item.get(_tag(keyword), {}).get("Value") or []
     try:
-        return check_uid(value[0] if len(value) == 1 else value or None, keyword)
+        return check_uid(_value(item, _tag(keyword)), keyword)
     except InvalidDicomError as e:
         log.warning("%s: skipped a QIDO-RS result: %s", source, e)
         return None
@@ -378,8 +378,7 @@ class Watcher:
                     raise
                 except Exception as e:  # noqa: BLE001 - one bad instance, not the series
                     log.warning("%s: skipped an instance (%s)", self.source.name,
-                                f"{type(e).__name__}: {e}" if isinstance(e, MedvisionError)
-                                else type(e).__name__)
+                                why(e))
                     rejected += 1
                     continue
                 # Durable file by file; recorded in batches (the study is held until the

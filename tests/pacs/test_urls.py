@@ -174,3 +174,18 @@ def test_peer_names_in_log_lines_cannot_forge_a_line() -> None:
     assert printable("STORESCU") == "STORESCU"
     forged = printable("X\nERROR forged line")
     assert "\n" not in forged and "\\n" in forged
+
+
+def test_qido_answers_with_hostile_uids_are_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    """A DICOMweb source answering QIDO-RS with a study UID made to escape the URL: the
+    watcher skips it, says why, and never builds a request from it."""
+    from medvision.pacs.web import _checked_uid
+
+    good = {"0020000D": {"vr": "UI", "Value": ["1.2.826.0.1.3680043.8.498.1"]}}
+    assert _checked_uid(good, "StudyInstanceUID", "pacs") == "1.2.826.0.1.3680043.8.498.1"
+    for hostile in (["../../tools/shutdown"], ["1.2", "1.3"], [], ["1." + "2" * 70]):
+        item = {"0020000D": {"vr": "UI", "Value": hostile}}
+        with caplog.at_level("WARNING", logger="medvision"):
+            assert _checked_uid(item, "StudyInstanceUID", "pacs") is None
+    assert caplog.text.count("skipped a QIDO-RS result") == 4
+    assert "tools/shutdown" not in caplog.text
