@@ -58,7 +58,7 @@ from medvision.pacs.receive import (
     validate_instance,
     why,
 )
-from medvision.pacs.scu import STORAGE_COMMITMENT
+from medvision.pacs.scu import STORAGE_COMMITMENT, tls_context
 from medvision.pacs.send import Sender
 from medvision.pacs.store import BridgeStore, ResultObject, StudyJob, StudyState
 from medvision.pacs.stow import (
@@ -214,6 +214,9 @@ class Bridge:
             except ConfigError as e:
                 raise ConfigError(f"a route names pipeline {route.pipeline!r}, which cannot "
                                   f"be loaded: {e}") from e
+        destination = self.config.destination
+        if isinstance(destination, Peer) and destination.tls is not None:
+            tls_context(destination.tls)  # unreadable certificates fail here, not per result
         recovered = self.store.recover()
         if recovered:
             log.info("recovered %d study(ies) interrupted mid-analysis", recovered)

@@ -262,3 +262,12 @@ def test_a_malformed_peer_network_is_a_configuration_error(tmp_path: Path) -> No
                                 "routes": [{"pipeline": "chest-xray-pneumonia"}]})
     assert result.returncode == 2, result.stderr
     assert "allowed_peer_networks" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_missing_tls_certificate_for_the_destination_stops_the_start(tmp_path: Path) -> None:
+    result = _listen(tmp_path, {"port": free_port(), "routes": [
+        {"pipeline": "chest-xray-pneumonia"}], "destination": {
+        "ae_title": "PACS", "port": free_port(),
+        "tls": {"ca": str(tmp_path / "missing-ca.crt")}}})
+    assert result.returncode == 2, result.stderr
+    assert "DICOM TLS: cannot load the CA" in result.stderr and "Traceback" not in result.stderr
