@@ -330,10 +330,9 @@ class BridgeStore:
                        "excluded.done_signature, pending_signature = excluded.pending_signature, "
                        "series = excluded.series, updated = excluded.updated",
                        (source, study_uid, signature, signature, json.dumps(series), now))
-            queued = db.execute(f"UPDATE studies SET state = '{StudyState.RECEIVING}', complete = "
-                                "1, "
-                                "updated = ? WHERE study_uid = ? AND state = "
-                                f"'{StudyState.RETRIEVING}'",
+            queued = db.execute(f"UPDATE studies SET state = '{StudyState.RECEIVING}', "
+                                "complete = 1, updated = ? WHERE study_uid = ? AND "
+                                f"state = '{StudyState.RETRIEVING}'",
                                 (now, study_uid)).rowcount
             db.execute("COMMIT")
         return bool(queued)
@@ -403,15 +402,15 @@ class BridgeStore:
             db.execute("BEGIN IMMEDIATE")
             row = db.execute("SELECT study_uid, folder, calling_ae, instances, analyses, source "
                              f"FROM studies WHERE state = '{StudyState.RECEIVING}' AND "
-                             "(last_received <= ? "
-                             "OR complete = 1) AND retry_after <= ? ORDER BY last_received "
+                             "(last_received <= ? OR complete = 1) AND retry_after <= ? "
+                             "ORDER BY last_received "
                              "LIMIT 1", (now - quiet_period_s, now)).fetchone()
             if row is None:
                 db.execute("COMMIT")
                 return None
-            db.execute(f"UPDATE studies SET state = '{StudyState.PROCESSING}', attempts = attempts "
-                       "+ 1, "
-                       "analyses = analyses + 1, updated = ? WHERE study_uid = ?",
+            db.execute(f"UPDATE studies SET state = '{StudyState.PROCESSING}', "
+                       "attempts = attempts + 1, analyses = analyses + 1, updated = ? "
+                       "WHERE study_uid = ?",
                        (now, row[0]))
             db.execute("COMMIT")
         return StudyJob(study_uid=row[0], folder=Path(row[1]), calling_ae=row[2],
@@ -536,10 +535,9 @@ class BridgeStore:
     def mark_committed(self, sop_uid: str, transaction_uid: str) -> str | None:
         """The peer confirmed (storage commitment) that it keeps the object, in the
         transaction the bridge asked it under (a report naming another one changes nothing)."""
-        return self._settle(sop_uid, f"UPDATE outbox SET state = '{OutboxState.COMMITTED}', error "
-                                     "= NULL "
-                            f"WHERE sop_uid = ? AND state = '{OutboxState.SENT_AWAITING}' AND "
-                            "commit_tx = ?",
+        return self._settle(sop_uid, f"UPDATE outbox SET state = '{OutboxState.COMMITTED}', "
+                                     "error = NULL WHERE sop_uid = ? AND "
+                                     f"state = '{OutboxState.SENT_AWAITING}' AND commit_tx = ?",
                             (sop_uid, transaction_uid))
 
     def commitment_transaction_known(self, transaction_uid: str) -> bool:
