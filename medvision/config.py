@@ -214,12 +214,14 @@ class TrainingConfig(_Strict):
     """Data-loading worker processes (0: load in the training process)."""
     threads: int | None = Field(default=None, ge=1)
     """PyTorch threads (None: PyTorch's default, one per core)."""
-    precision: Literal["float32", "bfloat16"] = Field(
+    precision: Literal["float32", "bfloat16", "float16"] = Field(
         default="float32",
         description="bfloat16: mixed precision (torch.autocast) for the training steps, with "
                     "weights, optimizer and loss in float32; about 1.4-2.4x faster steps on "
                     "CPUs with AVX-512 BF16 or AMX, slower on CPUs without (a warning says "
-                    "so). Validation, calibration and inference stay float32")
+                    "so), and on GPUs. float16: the same with a gradient scaler, on a GPU "
+                    "only (exit 2 on the CPU). Validation, calibration and inference stay "
+                    "float32")
     val_metric: Literal["auc", "accuracy", "dice", "loss", "map_50"] | None = None
     """Metric that picks the best epoch (None: auc, dice or map_50 by task)."""
     balanced_sampling: bool = False
@@ -484,7 +486,7 @@ class Pipeline(_Strict):
             raise ValueError(f"model.name '{self.model.name}' is not a detection network "
                              "(use retinanet)")
         if self.task == "detection" and self.training.precision != "float32":
-            raise ValueError("training.precision bfloat16 is not offered for detection: box "
+            raise ValueError("training.precision bfloat16/float16 is not offered for detection: box "
                              "regression and anchor matching need float32 coordinates")
         unknown = sorted(set(self.report.classes) - set(self.classes))
         if unknown:

@@ -13,6 +13,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DeliveryError",
+    "DeviceError",
     "ExplainError",
     "GeometryError",
     "InvalidDicomError",
@@ -34,6 +35,11 @@ class MedvisionError(Exception):
 
 class ConfigError(MedvisionError):
     """A pipeline or settings file is missing, malformed or inconsistent."""
+
+
+class DeviceError(ConfigError):
+    """A device was asked for that this machine does not have, or a precision it cannot run
+    (a usage error: exit 2)."""
 
 
 class DataError(MedvisionError):

@@ -54,7 +54,7 @@ def save_weights(model: Any, path: str | os.PathLike[str], *,
 
 
 def load_weights(model: Any, path: str | os.PathLike[str], *, strict: bool = True,
-                 skip_prefixes: tuple[str, ...] = ()) -> list[str]:
+                 skip_prefixes: tuple[str, ...] = (), device: Any = None) -> list[str]:
     """Load safetensors weights into ``model``; returns the names left untouched.
 
     Args:
@@ -62,6 +62,8 @@ def load_weights(model: Any, path: str | os.PathLike[str], *, strict: bool = Tru
         path: a ``.safetensors`` file.
         strict: require every tensor to match (names and shapes).
         skip_prefixes: tensor names to ignore (e.g. a classifier head when fine-tuning).
+        device: where the tensors are read to (the model's device; default the CPU), so
+            GPU weights never pass through host memory twice.
 
     Raises:
         CheckpointError: missing or corrupt file, or tensors that do not fit the model.
@@ -69,7 +71,7 @@ def load_weights(model: Any, path: str | os.PathLike[str], *, strict: bool = Tru
     from safetensors.torch import load_file
 
     try:
-        state = load_file(str(path))
+        state = load_file(str(path), device=str(device) if device is not None else "cpu")
     except (OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read weights ({e})") from e
     state = {k: v for k, v in state.items() if not k.startswith(skip_prefixes)}

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from medvision.config import Pipeline
 from medvision.errors import ConfigError
 
@@ -152,3 +154,21 @@ def build_detector(pipeline: Pipeline) -> Any:
         nms_thresh=float(params["nms_thresh"]),
         detections_per_img=int(params["detections_per_image"]))
     return detector
+
+
+def detect(detector: Any, image: Any, zoom: Any) -> dict[str, np.ndarray]:
+    """Every box the detector keeps for one preprocessed image ``(C, ...)``, mapped back to
+    the input's pixels by the ``zoom`` preprocessing applied; labels and scores with them.
+
+    Training's validation, ``evaluate`` and ``analyze`` all predict through this.
+    """
+    import torch
+
+    image = image.as_tensor() if hasattr(image, "as_tensor") else image
+    with torch.no_grad():
+        found = detector([torch.as_tensor(image).float()])[0]
+    zoom = np.asarray(zoom, dtype=np.float32).reshape(-1)
+    scale = np.concatenate([zoom, zoom]).astype(np.float32)
+    return {"boxes": found["boxes"].detach().cpu().numpy().astype(np.float32) / scale,
+            "labels": found["labels"].detach().cpu().numpy().astype(np.int64),
+            "scores": found["labels_scores"].detach().cpu().numpy().astype(np.float32)}

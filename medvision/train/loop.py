@@ -14,7 +14,6 @@ Outputs in the run folder:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -27,23 +26,34 @@ from typing import Any
 
 import numpy as np
 
-from medvision.atomic import append_csv, write_text_atomic
 from medvision.audit.records import Auditor, items_digest, record_run
 from medvision.config import Pipeline, config_hash, load_pipeline
 from medvision.errors import CheckpointError, ConfigError, DataError, MedvisionError
 from medvision.io.synthetic import count_synthetic
-from medvision.models import build_model, load_weights, patch_forward, save_weights, weights_sha256
+from medvision.models import build_model, load_weights, patch_forward, weights_sha256
 from medvision.models.calibration import fit_temperature, write_temperature
 from medvision.models.checkpoint import tensor_aliases
-from medvision.train.checkpoint_state import load_training_state, save_training_state
 from medvision.train.data import DataSplit, readable_items
-from medvision.train.precision import step_precision
+from medvision.train.engine import (
+    BEST_EPOCH_FILE,
+    BEST_FILE,
+    INIT_FILE,
+    METRICS_FILE,
+    PIPELINE_FILE,
+    SKIPPED_FILE,
+    SPLIT_FILE,
+    STATE_FILE,
+    SWA_FILE,
+    Engine,
+    RunFolder,
+    StepOutput,
+    TrainingState,
+    engine_for,
+)
 from medvision.transforms import build_transforms
 
 __all__ = ["SWA_FILE", "TrainResult", "train"]
 
-SWA_FILE = "swa.safetensors"
-BEST_EPOCH_FILE = "best_epoch.safetensors"
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +70,8 @@ class TrainResult:
     seconds: float
     skipped: tuple[tuple[str, str], ...] = ()
     averaged_epochs: int = 0
+    device: dict[str, Any] | None = None
+    """Where it trained: the device, its name, the precision, the processes."""
 
 
 def _loss(pipeline: Pipeline) -> Any:
@@ -148,25 +160,19 @@ def _dataset(pipeline: Pipeline, items: Sequence[dict[str, Any]], *, train: bool
     return Dataset(data, transform=transform)
 
 
-def _loader(pipeline: Pipeline, dataset: Any, *, train: bool, labels: Sequence[int]) -> Any:
-    import torch
-    from monai.data import DataLoader
-
-    sampler = None
-    if train and pipeline.training.balanced_sampling and pipeline.task == "classification":
-        counts = np.bincount(np.asarray(labels), minlength=len(pipeline.classes))
-        weights = [1.0 / counts[label] for label in labels]
-        generator = torch.Generator().manual_seed(pipeline.training.seed)
-        sampler = torch.utils.data.WeightedRandomSampler(weights, len(weights),
-                                                         generator=generator)
-    return DataLoader(dataset, batch_size=pipeline.training.batch_size,
-                      shuffle=train and sampler is None, sampler=sampler,
-                      num_workers=pipeline.training.num_workers, drop_last=False)
+def class_weights(pipeline: Pipeline, labels: Sequence[int]) -> list[float] | None:
+    """Sampling weights giving each class the same share (``training.balanced_sampling``), or
+    None for plain shuffling."""
+    if not (pipeline.training.balanced_sampling and pipeline.task == "classification"):
+        return None
+    counts = np.bincount(np.asarray(labels), minlength=len(pipeline.classes))
+    return [1.0 / counts[label] for label in labels]
 
 
 def evaluate_batches(pipeline: Pipeline, model: Any, loader: Any,
-                     loss_fn: Any | None = None) -> dict[str, float]:
-    """Validation metrics over a loader: loss, and AUC/accuracy or mean Dice."""
+                     loss_fn: Any | None = None, device: Any = None) -> dict[str, float]:
+    """Validation metrics over a loader: loss, and AUC/accuracy or mean Dice (computed on
+    ``device``, the model's; default the CPU)."""
     import torch
     from monai.metrics import DiceMetric, compute_roc_auc
     from monai.networks.utils import one_hot
@@ -178,16 +184,16 @@ def evaluate_batches(pipeline: Pipeline, model: Any, loader: Any,
     classes = len(pipeline.classes)
     with torch.no_grad():
         for batch in loader:
-            image = batch["image"]
-            logits = patch_forward(pipeline, model, image)
+            image = batch["image"].to(device or "cpu", non_blocking=True)
+            logits = patch_forward(pipeline, model, image).float()
             if pipeline.task == "classification":
-                label = torch.as_tensor(batch["label"]).long().view(-1)
+                label = torch.as_tensor(batch["label"]).long().view(-1).to(logits.device)
                 if loss_fn is not None:
                     losses.append(float(loss_fn(logits, label)))
-                probs.append(torch.softmax(logits, dim=1))
-                targets.append(label)
+                probs.append(torch.softmax(logits, dim=1).cpu())
+                targets.append(label.cpu())
             else:
-                label = batch["label"]
+                label = batch["label"].to(logits.device)
                 if loss_fn is not None:
                     losses.append(float(loss_fn(logits, label)))
                 pred = one_hot(logits.argmax(dim=1, keepdim=True), classes)
@@ -225,11 +231,13 @@ def _better(metric: str, value: float, best: float | None) -> bool:
 def train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str], *,
           resume: bool = False, init_from: str | os.PathLike[str] | None = None,
           freeze: Sequence[str] = (), progress: bool | None = None,
-          auditor: Auditor | None = None, rgb_to_grey: bool = False) -> TrainResult:
+          auditor: Auditor | None = None, rgb_to_grey: bool = False,
+          device: str | None = "auto", max_minutes: float | None = None) -> TrainResult:
     """Train ``pipeline`` on ``split``, writing checkpoints into ``run_dir``.
 
     With an ``auditor`` the run is recorded (failed runs too): the data digests, the
-    pipeline's config hash, the weights written and the best validation metric.
+    pipeline's config hash, the weights written, the device and the best validation metric.
+    Under ``torchrun`` (DistributedDataParallel) only rank 0 writes files and the record.
 
     Args:
         pipeline: validated pipeline.
@@ -244,13 +252,17 @@ def train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str],
         freeze: parameter-name prefixes to keep fixed.
         progress: show a progress bar (default: when stderr is a terminal).
         auditor: where the run's record goes (``None``: not recorded).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        max_minutes: stop after the epoch that passes this much training time.
 
     Raises:
         ConfigError: a non-empty run folder without ``resume``.
+        DeviceError: the device is not there (a ConfigError).
         CheckpointError: nothing to resume from, or unusable ``init_from`` weights.
         AuditError: the record could not be written.
     """
     started = time.perf_counter()
+    engine = engine_for(pipeline, device)
     inputs: dict[str, Any] = {"train": items_digest(split.train),
                               "val": items_digest(split.val),
                               "init_from": str(init_from) if init_from else None}
@@ -258,46 +270,61 @@ def train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str],
                  (("train", split.train), ("val", split.val))}
     if any(synthetic.values()):  # the record says when images were not patients
         inputs["synthetic_items"] = synthetic
+    if not engine.is_main:
+        auditor = None
     try:
-        result = _train(pipeline, split, run_dir, resume=resume, init_from=init_from,
-                        freeze=freeze, progress=progress, rgb_to_grey=rgb_to_grey)
+        result = _train(pipeline, split, run_dir, engine=engine, resume=resume,
+                        init_from=init_from, freeze=freeze, progress=progress,
+                        rgb_to_grey=rgb_to_grey, max_minutes=max_minutes)
     except MedvisionError as e:
         if auditor is not None:
             record_run(auditor, action="train", status="failed", pipeline=pipeline,
-                       inputs=inputs, outputs=[], result={},
+                       inputs=inputs, outputs=[], result={"device": engine.describe()},
                        seconds=time.perf_counter() - started, reason=str(e))
         raise
+    finally:
+        engine.close()
     if auditor is not None:
         run = Path(run_dir)
-        weights = run / "best.safetensors"
+        weights = run / BEST_FILE
         record_run(auditor, action="train", status="ok", pipeline=pipeline, inputs=inputs,
-                   outputs=[run / n for n in ("best.safetensors", "metrics.csv",
-                                              "calibration.json", "pipeline.yaml")],
+                   outputs=[run / n for n in (BEST_FILE, METRICS_FILE,
+                                              "calibration.json", PIPELINE_FILE)],
                    result={"epochs": result.epochs_run, "best_epoch": result.best_epoch,
                            pipeline.validation_metric: result.best_metric,
-                           "skipped_items": len(result.skipped)},
+                           "skipped_items": len(result.skipped),
+                           "device": engine.describe()},
                    seconds=time.perf_counter() - started,
                    weights_sha256=weights_sha256(weights) if weights.is_file() else None)
     return result
 
 
-def _train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str], *,
-           resume: bool, init_from: str | os.PathLike[str] | None, freeze: Sequence[str],
-           progress: bool | None, rgb_to_grey: bool = False) -> TrainResult:
-    import torch
-    from monai.utils import set_determinism
-    from tqdm import tqdm
+def _check_resumable(run: RunFolder, pipeline: Pipeline, split: DataSplit) -> None:
+    """A resumed run keeps its fold and its network."""
+    if (run / SPLIT_FILE).is_file():
+        recorded = run.read_json(SPLIT_FILE).get("fold")
+        if recorded != split.fold:
+            raise ConfigError(f"{run.path}: this run trains fold {recorded}; resume it with "
+                              f"--fold {recorded}" if recorded is not None else
+                              f"{run.path}: this run is not a cross-validation fold; resume "
+                              "it without --fold")
+    if (run / PIPELINE_FILE).is_file():
+        trained = load_pipeline(run / PIPELINE_FILE)
+        if trained.model != pipeline.model:
+            raise ConfigError(f"{run.path}: this run trains another network "
+                              f"({trained.model.name}); resume it with the pipeline (and "
+                              "--member) it was started with")
 
-    run = Path(run_dir)
-    if run.exists() and any(run.iterdir()) and not resume:
-        raise ConfigError(f"{run}: run folder is not empty; pass --resume to continue it or "
-                          "choose a new folder")
-    run.mkdir(parents=True, exist_ok=True)
+
+def _train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str], *,
+           engine: Engine, resume: bool, init_from: str | os.PathLike[str] | None,
+           freeze: Sequence[str], progress: bool | None, rgb_to_grey: bool = False,
+           max_minutes: float | None = None) -> TrainResult:
+    from monai.utils import set_determinism
+
+    run = RunFolder(run_dir, resume=resume, writer=engine.is_main)
     cfg = pipeline.training
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     set_determinism(seed=cfg.seed)
-    show = sys.stderr.isatty() if progress is None else progress
 
     model = build_model(pipeline)
     if init_from is not None:
@@ -305,138 +332,112 @@ def _train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str]
     for name, param in model.named_parameters():
         if any(name.startswith(prefix) for prefix in freeze):
             param.requires_grad_(False)
-    loss_fn = _loss(pipeline)
+    model = model.to(engine.device)
+    loss_fn = _loss(pipeline).to(engine.device)
     optimizer = _optimizer(pipeline, [p for p in model.parameters() if p.requires_grad])
     scheduler = _scheduler(pipeline, optimizer)
     metric = pipeline.validation_metric
-    state: dict[str, Any] = {"epoch": 0, "best_metric": None, "best_epoch": 0, "history": [],
-                             "stale_epochs": 0, "seconds": 0.0}
-    if resume and (run / "split.json").is_file():
-        recorded = json.loads((run / "split.json").read_text()).get("fold")
-        if recorded != split.fold:
-            raise ConfigError(f"{run}: this run trains fold {recorded}; resume it with "
-                              f"--fold {recorded}" if recorded is not None else
-                              f"{run}: this run is not a cross-validation fold; resume it "
-                              "without --fold")
-    if resume and (run / "pipeline.yaml").is_file():
-        trained = load_pipeline(run / "pipeline.yaml")
-        if trained.model != pipeline.model:
-            raise ConfigError(f"{run}: this run trains another network ({trained.model.name}); "
-                              "resume it with the pipeline (and --member) it was started with")
-    if resume and (run / "state.json").is_file():
-        state = load_training_state(run, model=model, optimizer=optimizer, scheduler=scheduler)
-        if state.get("config_hash") != config_hash(pipeline):
+    state = TrainingState()
+    if resume:
+        _check_resumable(run, pipeline, split)
+        if not run.has_state:
+            raise CheckpointError(f"{run.path}: nothing to resume (no {STATE_FILE})")
+        state = run.restore(model=model, optimizer=optimizer, scheduler=scheduler,
+                            scaler=engine.scaler, device=engine.device)
+        if state.config_hash != config_hash(pipeline):
             log.warning("resuming with a pipeline that differs from the checkpoint's")
-        log.info("resuming after epoch %d", state["epoch"])
-    elif resume:
-        raise CheckpointError(f"{run}: nothing to resume (no state.json)")
+        log.info("resuming after epoch %d", state.epoch)
     else:
-        (run / "pipeline.yaml").write_text(_yaml(pipeline))
-        (run / "split.json").write_text(json.dumps(
-            {"fold": split.fold, "folds": pipeline.training.folds if split.fold is not None
-             else None,
-             "synthetic_train_items": count_synthetic(split.train),
-             "train_groups": sorted({str(i["group"]) for i in split.train}),
-             "val_groups": sorted({str(i["group"]) for i in split.val})}, indent=1))
+        run.write_pipeline(pipeline)
+        run.write_json(SPLIT_FILE, {
+            "fold": split.fold, "folds": cfg.folds if split.fold is not None else None,
+            "synthetic_train_items": count_synthetic(split.train),
+            "train_groups": sorted({str(i["group"]) for i in split.train}),
+            "val_groups": sorted({str(i["group"]) for i in split.val})})
+    network = engine.prepare_model(model)
 
     split, skipped = _readable_split(split)
-    write_text_atomic(run / "skipped.json", json.dumps(
-        {"count": len(skipped), "items": [{"path": p, "reason": r} for p, r in skipped]},
-        indent=1))
-    train_ds = _dataset(pipeline, split.train, train=True, run_dir=run)
-    val_ds = _dataset(pipeline, split.val, train=False, run_dir=run)
+    run.write_json(SKIPPED_FILE, {"count": len(skipped),
+                                  "items": [{"path": p, "reason": r} for p, r in skipped]})
+    train_ds = _dataset(pipeline, split.train, train=True, run_dir=run.path)
+    val_ds = _dataset(pipeline, split.val, train=False, run_dir=run.path)
     labels = [int(i["label"]) for i in split.train] if pipeline.task == "classification" else []
-    train_loader = _loader(pipeline, train_ds, train=True, labels=labels)
-    val_loader = _loader(pipeline, val_ds, train=False, labels=[])
+    train_loader = engine.loader(train_ds, batch_size=cfg.batch_size, train=True,
+                                 weights=class_weights(pipeline, labels),
+                                 num_workers=cfg.num_workers)
+    val_loader = engine.loader(val_ds, batch_size=cfg.batch_size, train=False,
+                               num_workers=cfg.num_workers)
 
-    last_epoch = cfg.epochs
-    if state.get("early_stopped"):  # resuming an early-stopped run trains no further
-        log.info("%s: stopped early after epoch %d", run, state["epoch"])
-        last_epoch = state["epoch"]
-    for epoch in range(state["epoch"] + 1, last_epoch + 1):
-        model.train()
-        t0 = time.perf_counter()
-        running, seen, waiting = 0.0, 0, 0.0
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=not show,
-                   leave=False)
-        batches = iter(bar)
-        while True:
-            asked = time.perf_counter()  # time spent waiting for the loader, not computing
-            batch = next(batches, None)
-            waiting += time.perf_counter() - asked
-            if batch is None:
-                break
-            image = batch["image"]
-            label = batch["label"]
-            if pipeline.task == "classification":
-                label = torch.as_tensor(label).long().view(-1)
-            optimizer.zero_grad(set_to_none=True)
-            with step_precision(pipeline):
-                output = model(image)
-            loss = supervised_loss(loss_fn, output.float(), label)
-            loss.backward()
-            optimizer.step()
-            running += loss.item() * image.shape[0]
-            seen += image.shape[0]
-            bar.set_postfix(loss=f"{running / seen:.4f}")
+    def step(batch: Any) -> StepOutput:
+        label = batch["label"]
+        if pipeline.task == "classification":
+            label = label.long().view(-1)
+        with engine.autocast():
+            output = network(batch["image"])
+        return StepOutput(loss=supervised_loss(loss_fn, output.float(), label),
+                          samples=int(batch["image"].shape[0]))
+
+    def epoch(number: int, state: TrainingState) -> TrainingState:
+        network.train()
+        stats = engine.run_epoch(train_loader, step, optimizer=optimizer, epoch=number,
+                                 description=f"epoch {number}/{cfg.epochs}",
+                                 progress=progress)
         lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained at
         scheduler.step()
-        train_seconds = time.perf_counter() - t0
-        val = evaluate_batches(pipeline, model, val_loader, loss_fn)
-        row = {"epoch": epoch, "train_loss": running / max(seen, 1),
-               "lr": lr, "train_seconds": round(train_seconds, 2),
-               "samples_per_second": round(seen / train_seconds, 2) if train_seconds else 0.0,
-               "data_wait_share": round(waiting / train_seconds, 4) if train_seconds else 0.0,
+        val = evaluate_batches(pipeline, model, val_loader, loss_fn, device=engine.device)
+        row = {"epoch": number, "train_loss": stats.loss, "lr": lr,
+               "train_seconds": round(stats.seconds, 2),
+               "samples_per_second": round(stats.samples_per_second, 2),
+               "data_wait_share": round(stats.data_wait_share, 4),
                **{f"val_{k}": v for k, v in val.items()}}
-        state["history"].append(row)
-        append_csv(run / "metrics.csv", row)
-        if _better(metric, val[metric], state["best_metric"]):
-            state.update(best_metric=val[metric], best_epoch=epoch, stale_epochs=0)
-            save_weights(model, run / "best.safetensors",
-                         metadata={"pipeline": pipeline.name, "epoch": str(epoch)})
+        state = state.replace(history=(*state.history, row), loss=stats.loss,
+                              step=state.step + stats.steps,
+                              seconds=state.seconds + stats.seconds,
+                              config_hash=config_hash(pipeline), epoch=number)
+        if _better(metric, val[metric], state.best_metric):
+            state = state.replace(best_metric=val[metric], best_epoch=number, stale_epochs=0)
+            run.save_weights(model, BEST_FILE, metadata={"pipeline": pipeline.name,
+                                                         "epoch": str(number)})
         else:
-            state["stale_epochs"] += 1
-        if epoch > cfg.epochs - cfg.swa_epochs:
-            state["swa_count"] = _accumulate_average(model, run / SWA_FILE,
-                                                     state.get("swa_count", 0))
-        state["epoch"] = epoch
-        state["seconds"] = state.get("seconds", 0.0) + train_seconds
-        state["config_hash"] = config_hash(pipeline)
-        save_training_state(run, model=model, optimizer=optimizer, scheduler=scheduler,
-                            state=state)
-        log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in row.items()})
-        if (cfg.early_stopping_patience and state["stale_epochs"] >= cfg.early_stopping_patience
-                and epoch <= cfg.epochs - cfg.swa_epochs):
-            log.info("early stopping after epoch %d", epoch)
-            state["early_stopped"] = True
-            _update_state(run, early_stopped=True)
-            break
-    if not (run / "best.safetensors").exists() and not (run / BEST_EPOCH_FILE).exists():
-        save_weights(model, run / "best.safetensors")
-    if state.get("swa_count") and "swa" not in state:
+            state = state.replace(stale_epochs=state.stale_epochs + 1)
+        if number > cfg.epochs - cfg.swa_epochs:
+            count = (_accumulate_average(model, run / SWA_FILE, state.swa_count)
+                     if run.writer else state.swa_count + 1)
+            state = state.replace(swa_count=count)
+        if (cfg.early_stopping_patience and state.stale_epochs >= cfg.early_stopping_patience
+                and number <= cfg.epochs - cfg.swa_epochs):
+            log.info("early stopping after epoch %d", number)
+            state = state.replace(early_stopped=True)
+        run.checkpoint(state, model=model, optimizer=optimizer, scheduler=scheduler,
+                       scaler=engine.scaler)
+        log.info("epoch %d: %s", number, {k: round(v, 4) for k, v in row.items()})
+        return state
+
+    state = engine.fit(state, epochs=cfg.epochs, epoch=epoch, max_minutes=max_minutes)
+    engine.barrier()
+    if not (run / BEST_FILE).exists() and not (run / BEST_EPOCH_FILE).exists():
+        run.save_weights(model, BEST_FILE)
+    engine.barrier()
+    if state.swa_count and state.swa is None and state.epoch >= cfg.epochs:
         t0 = time.perf_counter()
-        state["swa"] = _finish_average(pipeline, model, run, train_loader, val_loader, loss_fn,
-                                       count=state["swa_count"])
-        state["best_metric"] = state["swa"][metric]
-        state["seconds"] = state.get("seconds", 0.0) + time.perf_counter() - t0
-        _update_state(run, **{k: state[k] for k in ("swa", "best_metric", "seconds")})
-    if pipeline.task == "classification":
-        _calibrate(model, run, val_loader)
-    if not state.get("finished"):
-        state["finished"] = True
-        _update_state(run, finished=True)
-    return TrainResult(run_dir=run, epochs_run=state["epoch"], best_epoch=state["best_epoch"],
-                       best_metric=float(state["best_metric"] or float("nan")),
-                       history=tuple(state["history"]),
-                       seconds=float(state.get("seconds", 0.0)), skipped=tuple(skipped),
-                       averaged_epochs=int(state.get("swa_count") or 0) if "swa" in state
-                       else 0)
-
-
-def _update_state(run: Path, **values: Any) -> None:
-    """Set keys of the run's ``state.json`` (atomically), keeping the others."""
-    path = run / "state.json"
-    write_text_atomic(path, json.dumps({**json.loads(path.read_text()), **values}, indent=2))
+        swa = _finish_average(pipeline, model, run, train_loader, val_loader, loss_fn,
+                              count=state.swa_count, device=engine.device)
+        state = state.replace(swa=swa, best_metric=swa[metric],
+                              seconds=state.seconds + time.perf_counter() - t0)
+        run.update_state(state)
+    if pipeline.task == "classification" and engine.is_main:
+        _calibrate(model, run, val_loader, device=engine.device)
+    if not state.finished:
+        state = state.replace(finished=True)
+        run.update_state(state)
+    engine.barrier()
+    return TrainResult(run_dir=run.path, epochs_run=state.epoch, best_epoch=state.best_epoch,
+                       best_metric=float(state.best_metric if state.best_metric is not None
+                                         else float("nan")),
+                       history=tuple(state.history), seconds=state.seconds,
+                       skipped=tuple(skipped),
+                       averaged_epochs=state.swa_count if state.swa is not None else 0,
+                       device=engine.describe())
 
 
 def _readable_split(split: DataSplit) -> tuple[DataSplit, list[tuple[str, str]]]:
@@ -463,7 +464,7 @@ def _accumulate_average(model: Any, path: Path, count: int) -> int:
     import torch
     from safetensors.torch import load_file, save_file
 
-    current = {k: v.detach().clone() for k, v in model.state_dict().items()
+    current = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()
                if torch.is_floating_point(v)}
     if count and path.is_file():
         average = load_file(str(path))
@@ -477,8 +478,9 @@ def _accumulate_average(model: Any, path: Path, count: int) -> int:
     return count + 1
 
 
-def _finish_average(pipeline: Pipeline, model: Any, run: Path, train_loader: Any,
-                    val_loader: Any, loss_fn: Any, *, count: int) -> dict[str, float]:
+def _finish_average(pipeline: Pipeline, model: Any, run: RunFolder, train_loader: Any,
+                    val_loader: Any, loss_fn: Any, *, count: int, device: Any = None
+                    ) -> dict[str, float]:
     """Load the averaged weights, recompute batch-norm statistics with one pass over the
     training data (an average of weights has no matching running statistics), validate, and
     make the average ``best.safetensors``; the best single epoch stays as
@@ -486,35 +488,39 @@ def _finish_average(pipeline: Pipeline, model: Any, run: Path, train_loader: Any
     from safetensors.torch import load_file
     from torch.optim.swa_utils import update_bn
 
-    model.load_state_dict(load_file(str(run / SWA_FILE)), strict=False)
-    update_bn((batch["image"] for batch in train_loader), model)  # no-op without batch norm
-    val = evaluate_batches(pipeline, model, val_loader, loss_fn)
-    if not (run / BEST_EPOCH_FILE).exists():
-        os.replace(run / "best.safetensors", run / BEST_EPOCH_FILE)
-    save_weights(model, run / "best.safetensors",
-                 metadata={"pipeline": pipeline.name, "epoch": f"average of last {count}"})
+    # every process reads rank 0's average
+    model.load_state_dict(load_file(str(run / SWA_FILE), device=str(device or "cpu")),
+                          strict=False)
+    # batch-norm statistics for the averaged weights (a no-op without batch norm)
+    update_bn((batch["image"] for batch in train_loader), model, device=device)
+    val = evaluate_batches(pipeline, model, val_loader, loss_fn, device=device)
+    if run.writer and not (run / BEST_EPOCH_FILE).exists():
+        os.replace(run / BEST_FILE, run / BEST_EPOCH_FILE)
+    run.save_weights(model, BEST_FILE,
+                     metadata={"pipeline": pipeline.name, "epoch": f"average of last {count}"})
     log.info("weight average of the last %d epochs: %s", count,
              {k: round(v, 4) for k, v in val.items()})
     return val
 
 
-def _calibrate(model: Any, run: Path, val_loader: Any) -> None:
+def _calibrate(model: Any, run: RunFolder, val_loader: Any, device: Any = None) -> None:
     """Fit a temperature on the validation split for the best weights; store it beside them."""
     import torch
 
-    load_weights(model, run / "best.safetensors")
+    load_weights(model, run / BEST_FILE, device=device)
     model.eval()
     logits, labels = [], []
     with torch.no_grad():
         for batch in val_loader:
-            logits.append(model(batch["image"]))
+            logits.append(model(batch["image"].to(device or "cpu")).float().cpu())
             labels.append(torch.as_tensor(batch["label"]).long().view(-1))
     temperature = fit_temperature(torch.cat(logits).numpy(), torch.cat(labels).numpy())
-    write_temperature(run, temperature, fitted_on="validation split (split.json)")
+    write_temperature(run.path, temperature, fitted_on="validation split (split.json)")
     log.info("calibration temperature %.3f", temperature)
 
 
-def _init_from(model: Any, path: Path, run: Path, *, rgb_to_grey: bool = False) -> None:
+def _init_from(model: Any, path: Path, run: RunFolder | Path, *, rgb_to_grey: bool = False
+               ) -> None:
     """Start from ``path``'s tensors where they fit; every tensor skipped, converted or left
     fresh is named (a warning, and ``init.json`` in the run folder).
 
@@ -563,13 +569,6 @@ def _init_from(model: Any, path: Path, run: Path, *, rgb_to_grey: bool = False) 
     if fresh:
         log.warning("init-from %s: %d model tensor(s) left at fresh values: %s", path.name,
                     len(fresh), ", ".join(fresh[:10]) + (" ..." if len(fresh) > 10 else ""))
-    (run / "init.json").write_text(json.dumps(
-        {"source": str(path), "loaded": len(kept), "converted": converted, "skipped": skipped,
-         "fresh": fresh}, indent=2))
-
-
-
-def _yaml(pipeline: Pipeline) -> str:
-    import yaml
-
-    return str(yaml.safe_dump(pipeline.model_dump(mode="json"), sort_keys=False))
+    folder = run if isinstance(run, RunFolder) else RunFolder(run, resume=True)
+    folder.write_json(INIT_FILE, {"source": str(path), "loaded": len(kept),
+                                  "converted": converted, "skipped": skipped, "fresh": fresh})

@@ -424,50 +424,53 @@ def _settings(fp: Fingerprint, name: str, size: list[int], epochs: int,
 
 
 def _time(pipeline: Pipeline, items: list[dict[str, Any]], *,
-          also_bfloat16: bool = False) -> dict[str, float]:
+          also_bfloat16: bool = False, device: Any = "cpu") -> dict[str, float]:
     """Seconds per item to load and preprocess, per training step and per validation batch,
     measured on real items through the real transforms, network, loss and optimizer;
     ``also_bfloat16`` adds ``train_step_bfloat16``, the same steps under bfloat16 autocast
-    (not for detection)."""
+    (not for detection). Steps run on ``device`` (synchronised before each clock reading)."""
     import torch
     from monai.data import DataLoader, Dataset
 
+    from medvision.devices import autocast, move, synchronize
     from medvision.models import build_model
     from medvision.train.loop import _loss, _optimizer, supervised_loss
-    from medvision.train.precision import step_precision
     from medvision.transforms import build_transforms
 
     batch = pipeline.training.batch_size
     chosen = [dict(i) for i in items[: max(2 * batch, 4)]]
     if pipeline.task == Task.DETECTION:
         from medvision.models.detection import build_detector
-        from medvision.train.detection import _collate, _device_inputs, detection_transforms
+        from medvision.train.detection import _collate, _device_inputs
 
-        transform = detection_transforms(pipeline, train=True)
+        transform = build_transforms(pipeline, train=True)
         t0 = time.perf_counter()
         prepared = [transform(dict(i)) for i in chosen]
         # reading, scaling and augmenting: counted both for caching and (conservatively)
         # as each epoch's augmentation
         load = (time.perf_counter() - t0) / len(chosen)
-        detector = build_detector(pipeline)
+        detector = build_detector(pipeline).to(device)
         optimizer = torch.optim.AdamW(detector.parameters(), lr=pipeline.optimizer.lr)
         batches = [_collate(prepared[k:k + batch]) for k in range(0, len(prepared), batch)]
         steps = []
         detector.train()
         for n, part in enumerate(batches * 2):
+            synchronize(device)
             t0 = time.perf_counter()
-            images, targets = _device_inputs(part)
+            images, targets = _device_inputs(part, device)
             losses = detector(images, targets)
             loss = losses["classification"] + losses["box_regression"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            synchronize(device)
             if n:
                 steps.append(time.perf_counter() - t0)
         detector.eval()
         t0 = time.perf_counter()
         with torch.no_grad():
             detector(images)
+        synchronize(device)
         val = (time.perf_counter() - t0)
         return {"load_per_item": load, "augment_per_item": load,
                 "train_step": statistics.median(steps), "val_batch": val}
@@ -485,24 +488,27 @@ def _time(pipeline: Pipeline, items: list[dict[str, Any]], *,
     loaded: list[Any] = list(loader)  # reading, preprocessing and the random augmentation
     # the deterministic part is cached after the first epoch; augmentation runs every epoch
     augment = max(0.0, (time.perf_counter() - t0) / len(data) - load)
-    model = build_model(pipeline)
-    loss_fn = _loss(pipeline)
+    model = build_model(pipeline).to(device)
+    loss_fn = _loss(pipeline).to(device)
     optimizer = _optimizer(pipeline, model.parameters())
     model.train()
 
     def step_seconds(timed: Pipeline) -> float:
         steps = []
         for n, part in enumerate(loaded * 2):
+            synchronize(device)
+            t0 = time.perf_counter()
+            part = move(part, device)
             label = part["label"]
             if pipeline.task == Task.CLASSIFICATION:
                 label = torch.as_tensor(label).long().reshape(-1)
-            t0 = time.perf_counter()
-            with step_precision(timed):
+            with autocast(device, timed.training.precision):
                 output = model(part["image"])
             loss = supervised_loss(loss_fn, output.float(), label)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            synchronize(device)
             if n:  # the first step pays for allocations
                 steps.append(time.perf_counter() - t0)
         return statistics.median(steps)
@@ -511,27 +517,34 @@ def _time(pipeline: Pipeline, items: list[dict[str, Any]], *,
     if also_bfloat16:
         timing["train_step_bfloat16"] = step_seconds(pipeline.model_copy(update={
             "training": pipeline.training.model_copy(update={"precision": "bfloat16"})}))
-    image = loaded[-1]["image"]
+    image = move(loaded[-1]["image"], device)
     model.eval()
+    synchronize(device)
     t0 = time.perf_counter()
     with torch.no_grad():
         model(image)
+    synchronize(device)
     return {"load_per_item": load, "augment_per_item": augment, **timing,
             "val_batch": time.perf_counter() - t0}
 
 
 def plan_pipeline(data: str | os.PathLike[str], *, budget_minutes: float,
                   task: str | None = None, name: str = "planned",
-                  sample: int = 64) -> Plan:
-    """Fingerprint ``data``, then choose settings whose training fits ``budget_minutes``.
+                  sample: int = 64, device: str | None = "auto") -> Plan:
+    """Fingerprint ``data``, then choose settings whose training fits ``budget_minutes``
+    (training steps timed on ``device``, where the training will run).
 
     Raises:
+        DeviceError: the device is not there.
         DataError: the data cannot be read.
         ConfigError: a task that does not fit the layout, or a budget too small for even one
             epoch at the smallest size tried.
     """
     import torch
 
+    from medvision.devices import resolve_device
+
+    target = resolve_device(device)
     fp, items = fingerprint(data, task=task, sample=sample)
     reasons = []
     if fp.duplicates.get("across classes (contradictory labels)"):
@@ -573,8 +586,9 @@ def plan_pipeline(data: str | os.PathLike[str], *, budget_minutes: float,
         settings = _settings(fp, name, size, epochs=1, batch=batch, precision=precision)
         pipeline = Pipeline.model_validate(settings)
         # the first size decides: bfloat16 steps when this CPU makes them clearly faster
-        compare = chosen is None and fp.task != Task.DETECTION and bfloat16_native()
-        timing = _time(pipeline, timed_items, also_bfloat16=compare)
+        compare = chosen is None and fp.task != Task.DETECTION and (
+            bfloat16_native() if target.type == "cpu" else target.type == "cuda")
+        timing = _time(pipeline, timed_items, also_bfloat16=compare, device=target)
         if compare:
             mixed = timing.pop("train_step_bfloat16")
             speedup = timing["train_step"] / max(mixed, 1e-9)

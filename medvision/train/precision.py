@@ -18,7 +18,7 @@ from typing import Any
 
 from medvision.config import Pipeline
 
-__all__ = ["bfloat16_native", "step_precision"]
+__all__ = ["bfloat16_native", "step_precision", "warn_if_emulated"]
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,10 @@ def bfloat16_native() -> bool:
 
 
 @functools.cache
-def _warn_emulated() -> None:
+def warn_if_emulated() -> None:
+    """Warn once when bfloat16 training runs on a CPU that only emulates it."""
+    if bfloat16_native():
+        return
     log.warning("training.precision bfloat16: this CPU has no native bfloat16 (AVX-512 BF16 or "
                 "AMX); steps will be slower than float32")
 
@@ -47,6 +50,5 @@ def step_precision(pipeline: Pipeline) -> contextlib.AbstractContextManager[Any]
 
     if pipeline.training.precision != "bfloat16":
         return contextlib.nullcontext()
-    if not bfloat16_native():
-        _warn_emulated()
+    warn_if_emulated()
     return torch.autocast("cpu", dtype=torch.bfloat16)

@@ -19,25 +19,17 @@ each named in the run's ``init.json``. Checkpoints every epoch; ``--resume`` con
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medvision.atomic import append_csv, write_text_atomic
 from medvision.config import Pipeline
 from medvision.errors import CheckpointError, ConfigError, DataError
-from medvision.models import build_model, save_weights
-from medvision.train.checkpoint_state import (
-    load_training_state,
-    open_run_dir,
-    save_training_state,
-)
-from medvision.train.precision import step_precision
+from medvision.models import build_model
+from medvision.train.engine import Engine, RunFolder, StepOutput, TrainingState, engine_for
 from medvision.vocabulary import Task
 
 __all__ = ["PretrainResult", "pretrain", "unlabelled_images"]
@@ -84,32 +76,40 @@ def _head_name(model: Any) -> str:
 
 
 def _views(pipeline: Pipeline, *, geometric: bool) -> Any:
-    """Random views for self-supervision, stronger than supervised augmentation; without
-    ``geometric`` only patches are dropped (set to 0), so the original stays the target."""
+    """Random views for self-supervision, stronger than supervised augmentation, made in the
+    loader's workers: with ``geometric`` two independent views ``first`` and ``second`` of the
+    image (affine, contrast, blur, noise, dropped patches); without, one view ``masked`` with
+    only patches dropped (set to 0), so the original stays the target."""
     from monai import transforms as mt
 
     dims = pipeline.spatial_dims
     size = pipeline.preprocess.size
     holes = max(1, (min(size) if size else 64) // 8)
     if not geometric:
-        return mt.RandCoarseDropoutd("image", holes=4, max_holes=12, spatial_size=holes,
-                                     max_spatial_size=holes * 2, fill_value=0.0, prob=1.0)
+        return mt.Compose([
+            mt.CopyItemsd("image", times=1, names=["masked"]),
+            mt.RandCoarseDropoutd("masked", holes=4, max_holes=12, spatial_size=holes,
+                                  max_spatial_size=holes * 2, fill_value=0.0, prob=1.0)])
+    views = ["first", "second"]
     return mt.Compose([
-        mt.RandAffined("image", prob=0.9, rotate_range=[0.3] * (1 if dims == 2 else 3),
-                       scale_range=[0.25] * dims, translate_range=[0.1 * (s or 64) for s in
-                                                                   (size or [64] * dims)],
-                       padding_mode="zeros"),
-        mt.RandAdjustContrastd("image", prob=0.8, gamma=(0.6, 1.6)),
-        mt.RandGaussianSmoothd("image", prob=0.3, sigma_x=(0.3, 1.2), sigma_y=(0.3, 1.2),
-                               sigma_z=(0.3, 1.2)),
-        mt.RandGaussianNoised("image", prob=0.5, std=0.05),
-        mt.RandCoarseDropoutd("image", holes=2, max_holes=6, spatial_size=holes,
-                              max_spatial_size=holes * 2, fill_value=0.0, prob=0.5),
-    ])
+        mt.CopyItemsd("image", times=2, names=views),
+        *[step for key in views for step in (
+            mt.RandAffined(key, prob=0.9, rotate_range=[0.3] * (1 if dims == 2 else 3),
+                           scale_range=[0.25] * dims,
+                           translate_range=[0.1 * (s or 64) for s in (size or [64] * dims)],
+                           padding_mode="zeros"),
+            mt.RandAdjustContrastd(key, prob=0.8, gamma=(0.6, 1.6)),
+            mt.RandGaussianSmoothd(key, prob=0.3, sigma_x=(0.3, 1.2), sigma_y=(0.3, 1.2),
+                                   sigma_z=(0.3, 1.2)),
+            mt.RandGaussianNoised(key, prob=0.5, std=0.05),
+            mt.RandCoarseDropoutd(key, holes=2, max_holes=6, spatial_size=holes,
+                                  max_spatial_size=holes * 2, fill_value=0.0, prob=0.5))],
+        mt.EnsureTyped(views, track_meta=False)])
 
 
 class _Contrastive:
-    """The network with its head replaced by a projection MLP."""
+    """The network with its head replaced by a projection MLP: ``network(x)`` is the
+    projection of the backbone's features (one module, so DDP sees one forward pass)."""
 
     def __init__(self, pipeline: Pipeline) -> None:
         import torch
@@ -123,29 +123,32 @@ class _Contrastive:
             width = int(self.model(torch.zeros(2, pipeline.in_channels, *size)).shape[1])
         self.projection = torch.nn.Sequential(torch.nn.Linear(width, 256), torch.nn.ReLU(),
                                               torch.nn.Linear(256, 128))
-        self.network = torch.nn.ModuleDict({"backbone": self.model,
-                                            "projection": self.projection})
+
+        class Projected(torch.nn.Module):
+            def __init__(self, backbone: Any, projection: Any) -> None:
+                super().__init__()
+                self.backbone, self.projection = backbone, projection
+
+            def forward(self, x: Any) -> Any:
+                return self.projection(self.backbone(x))
+
+        self.network = Projected(self.model, self.projection)
 
 
 def pretrain(pipeline: Pipeline, images: Sequence[str], run_dir: str | os.PathLike[str], *,
              epochs: int, method: str | None = None, max_minutes: float | None = None,
              resume: bool = False, batch_size: int | None = None,
-             temperature: float = 0.1) -> PretrainResult:
+             temperature: float = 0.1, device: str | None = "auto",
+             progress: bool | None = None) -> PretrainResult:
     """Pretrain the pipeline's network on ``images`` without labels (see the module notes).
 
     Raises:
         ConfigError: a non-empty run folder without ``resume``, or a method that does not fit
             the pipeline's task.
+        DeviceError: the device is not there.
         CheckpointError: nothing to resume from.
         DataError: fewer than two images.
     """
-    import torch
-    from monai.data import CacheDataset, DataLoader
-    from monai.losses import ContrastiveLoss
-    from monai.utils import set_determinism
-
-    from medvision.transforms.chain import LoadVolumed, preprocess_transforms
-
     method = method or ("masked" if pipeline.task == Task.SEGMENTATION else "contrastive")
     if method == "contrastive" and pipeline.task != Task.CLASSIFICATION:
         raise ConfigError("contrastive pretraining needs a classification network; use "
@@ -155,10 +158,29 @@ def pretrain(pipeline: Pipeline, images: Sequence[str], run_dir: str | os.PathLi
                           "pipeline (contrastive: classification; masked: segmentation)")
     if len(images) < 2:
         raise DataError("pretraining needs at least two images")
-    run = open_run_dir(run_dir, resume=resume)
+    engine = engine_for(pipeline, device)
+    try:
+        return _pretrain(pipeline, images, run_dir, engine=engine, epochs=epochs,
+                         method=method, max_minutes=max_minutes, resume=resume,
+                         batch_size=batch_size, temperature=temperature, progress=progress)
+    finally:
+        engine.close()
+
+
+def _pretrain(pipeline: Pipeline, images: Sequence[str], run_dir: str | os.PathLike[str], *,
+              engine: Engine, epochs: int, method: str, max_minutes: float | None,
+              resume: bool, batch_size: int | None, temperature: float,
+              progress: bool | None) -> PretrainResult:
+    import torch
+    from monai import transforms as mt
+    from monai.data import CacheDataset
+    from monai.losses import ContrastiveLoss
+    from monai.utils import set_determinism
+
+    from medvision.transforms.chain import LoadVolumed, preprocess_transforms
+
+    run = RunFolder(run_dir, resume=resume, writer=engine.is_main)
     cfg = pipeline.training
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     set_determinism(seed=cfg.seed)
     batch = batch_size or cfg.batch_size
     if method == "contrastive":
@@ -174,80 +196,75 @@ def pretrain(pipeline: Pipeline, images: Sequence[str], run_dir: str | os.PathLi
         model = build_model(reconstruct)
         network = model
         loss_fn = torch.nn.L1Loss(reduction="none")
+    network.to(engine.device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=pipeline.optimizer.lr,
                                   weight_decay=pipeline.optimizer.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
-    state: dict[str, Any] = {"epoch": 0, "seconds": 0.0, "method": method, "loss": None}
-    if resume and (run / "state.json").is_file():
-        state = load_training_state(run, model=network, optimizer=optimizer,
-                                    scheduler=scheduler)
-        if state.get("method") != method:
-            raise ConfigError(f"{run}: this run pretrains with {state.get('method')}")
-        log.info("resuming pretraining after epoch %d", state["epoch"])
+    state = TrainingState(extra={"method": method})
+    if resume and run.has_state:
+        state = run.restore(model=network, optimizer=optimizer, scheduler=scheduler,
+                            scaler=engine.scaler, device=engine.device)
+        if state.extra.get("method") != method:
+            raise ConfigError(f"{run.path}: this run pretrains with {state.extra.get('method')}")
+        log.info("resuming pretraining after epoch %d", state.epoch)
     elif resume:
-        raise CheckpointError(f"{run}: nothing to resume (no state.json)")
+        raise CheckpointError(f"{run.path}: nothing to resume (no state.json)")
     else:
-        (run / "images.json").write_text(json.dumps({"count": len(images), "method": method},
-                                                    indent=1))
-    from monai import transforms as mt
+        run.write_json("images.json", {"count": len(images), "method": method})
+    trained = engine.prepare_model(network)
 
-    deterministic = mt.Compose([LoadVolumed(["image"], channels=[pipeline.in_channels]),
-                                *preprocess_transforms(pipeline, train=False, with_label=False),
-                                mt.EnsureTyped("image", track_meta=False)])
+    deterministic = [LoadVolumed(["image"], channels=[pipeline.in_channels]),
+                     *preprocess_transforms(pipeline, train=False, with_label=False),
+                     mt.EnsureTyped("image", track_meta=False)]
     if pipeline.task == Task.SEGMENTATION and pipeline.preprocess.size:
-        deterministic = mt.Compose([deterministic, mt.ResizeWithPadOrCropd(
-            "image", spatial_size=pipeline.preprocess.size)])
-    dataset = CacheDataset([{"image": p} for p in images], transform=deterministic,
+        deterministic.append(mt.ResizeWithPadOrCropd(
+            "image", spatial_size=pipeline.preprocess.size))
+    dataset = CacheDataset([{"image": p} for p in images],
+                           transform=mt.Compose([*deterministic, _views(
+                               pipeline, geometric=method == "contrastive")]),
                            progress=False, num_workers=0)
-    loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=len(images) > batch,
-                        num_workers=cfg.num_workers,
-                        generator=torch.Generator().manual_seed(cfg.seed))
-    views = _views(pipeline, geometric=method == "contrastive")
-    started = time.perf_counter() - float(state.get("seconds", 0.0))
-    epoch = int(state["epoch"])
-    while epoch < epochs:
+    loader = engine.loader(dataset, batch_size=batch, train=True,
+                           drop_last=len(images) > batch, num_workers=cfg.num_workers)
+
+    def step(part: dict[str, Any]) -> StepOutput:
+        image = part["image"]
+        if method == "contrastive":
+            with engine.autocast():  # both views in one pass
+                embedded = trained(torch.cat([part["first"], part["second"]])).float()
+            first, second = embedded.split(image.shape[0])
+            loss = loss_fn(first, second)
+        else:
+            masked = part["masked"]
+            dropped = (masked == 0) & (image != 0)
+            with engine.autocast():
+                rebuilt = trained(masked)[:, : image.shape[1]]
+            error = loss_fn(rebuilt.float(), image)
+            loss = error.mean() + 2.0 * (error * dropped).sum() / dropped.sum().clamp_min(1)
+        return StepOutput(loss=loss, samples=int(image.shape[0]))
+
+    def epoch(number: int, state: TrainingState) -> TrainingState:
         network.train()
-        epoch += 1
-        t0 = time.perf_counter()
-        total, seen = 0.0, 0
-        for part in loader:
-            image = part["image"]
-            if method == "contrastive":
-                first = torch.stack([views({"image": x})["image"] for x in image])
-                second = torch.stack([views({"image": x})["image"] for x in image])
-                first, second = (torch.as_tensor(first), torch.as_tensor(second))
-                with step_precision(pipeline):
-                    embedded = (contrastive.projection(model(first)),
-                                contrastive.projection(model(second)))
-                loss = loss_fn(embedded[0].float(), embedded[1].float())
-            else:
-                masked = torch.stack([torch.as_tensor(views({"image": x})["image"])
-                                      for x in image])
-                dropped = (masked == 0) & (image != 0)
-                with step_precision(pipeline):
-                    rebuilt = model(masked)[:, : image.shape[1]]
-                error = loss_fn(rebuilt.float(), image)
-                loss = error.mean() + 2.0 * (error * dropped).sum() / dropped.sum().clamp_min(1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * image.shape[0]
-            seen += image.shape[0]
+        stats = engine.run_epoch(loader, step, optimizer=optimizer, epoch=number,
+                                 description=f"pretraining {number}/{epochs}",
+                                 progress=progress)
         scheduler.step()
-        state.update(epoch=epoch, loss=total / max(seen, 1),
-                     seconds=time.perf_counter() - started)
-        append_csv(run / "metrics.csv", {"epoch": epoch, "loss": round(state["loss"], 6),
-                                         "seconds": round(time.perf_counter() - t0, 2)})
-        save_training_state(run, model=network, optimizer=optimizer, scheduler=scheduler,
-                            state=state)
-        save_weights(model, run / PRETRAINED_FILE)
-        log.info("pretraining epoch %d: %s loss %.4f", epoch, method, state["loss"])
-        if max_minutes is not None and state["seconds"] >= max_minutes * 60:
-            log.info("stopping after %.1f minutes (--max-minutes)", state["seconds"] / 60)
-            break
-    write_text_atomic(run / "pretrain.json", json.dumps(
-        {"method": method, "epochs": epoch, "loss": state["loss"], "seconds": state["seconds"],
-         "images": len(images), "weights": PRETRAINED_FILE}, indent=2))
-    return PretrainResult(run_dir=run, method=method, epochs_run=epoch,
-                          loss=float(state["loss"] or float("nan")),
-                          seconds=float(state["seconds"]), images=len(images))
+        state = state.replace(epoch=number, step=state.step + stats.steps, loss=stats.loss,
+                              seconds=state.seconds + stats.seconds)
+        state = state.replace(history=(*state.history, {
+            "epoch": number, "loss": round(stats.loss, 6),
+            "seconds": round(stats.seconds, 2),
+            "data_wait_share": round(stats.data_wait_share, 4)}))
+        run.checkpoint(state, model=network, optimizer=optimizer, scheduler=scheduler,
+                       scaler=engine.scaler)
+        run.save_weights(model, PRETRAINED_FILE)
+        log.info("pretraining epoch %d: %s loss %.4f", number, method, stats.loss)
+        return state
+
+    state = engine.fit(state, epochs=epochs, epoch=epoch, max_minutes=max_minutes)
+    run.write_json("pretrain.json", {"method": method, "epochs": state.epoch,
+                                     "loss": state.loss, "seconds": state.seconds,
+                                     "images": len(images), "weights": PRETRAINED_FILE,
+                                     "device": engine.describe()})
+    return PretrainResult(run_dir=run.path, method=method, epochs_run=state.epoch,
+                          loss=float(state.loss if state.loss is not None else float("nan")),
+                          seconds=state.seconds, images=len(images))

@@ -1,8 +1,11 @@
-"""Preprocessing and augmentation chains, from config, out of MONAI's dictionary transforms.
+"""Preprocessing and augmentation chains, from config, out of MONAI's dictionary transforms;
+the one place that chooses them by task (classification, segmentation, detection).
 
-Training and inference share the deterministic part (load, orientation, spacing, intensity,
-size) so a model always sees images prepared the same way; augmentation is appended only for
-training. The deterministic part comes first, so MONAI's CacheDataset caches exactly it.
+Training, evaluation and analysis share the deterministic part (load, orientation, spacing,
+intensity, size) so a model always sees images prepared the same way; augmentation is
+appended only for training. The deterministic part comes first, so MONAI's CacheDataset
+caches exactly it. Detection moves its boxes with the image (MONAI's box transforms) and keeps
+the zoom it applied, to map predicted boxes back to the input's pixels.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from monai.transforms import MapTransform
 from medvision.config import Pipeline
 from medvision.io import Volume, read_volume
 
-__all__ = ["LoadVolumed", "build_transforms", "volume_to_tensor"]
+__all__ = ["LoadVolumed", "ResizeWithBoxesd", "build_transforms", "detection_transforms",
+           "preprocess_transforms", "volume_to_tensor"]
 
 
 def volume_to_tensor(volume: Volume, *, channels: int) -> Any:
@@ -99,6 +103,8 @@ def preprocess_transforms(pipeline: Pipeline, *, train: bool = True,
     """
     from monai import transforms as mt
 
+    if pipeline.task == "detection":
+        return _detection_preprocess(pipeline, with_boxes=bool(with_label))
     seg = pipeline.task == "segmentation"
     labelled = seg if with_label is None else with_label
     keys = ["image", "label"] if labelled else ["image"]
@@ -175,6 +181,8 @@ def build_transforms(pipeline: Pipeline, *, train: bool, keep_meta: bool = False
     """
     from monai import transforms as mt
 
+    if pipeline.task == "detection":
+        return detection_transforms(pipeline, train=train, with_boxes=train)
     seg = pipeline.task == "segmentation"
     load = LoadVolumed(["image", "label"] if seg else ["image"],
                        channels=[pipeline.in_channels, 1] if seg else [pipeline.in_channels])
@@ -183,3 +191,80 @@ def build_transforms(pipeline: Pipeline, *, train: bool, keep_meta: bool = False
         chain += augment_transforms(pipeline)
     chain.append(mt.EnsureTyped(["image", "label"] if seg else ["image"], track_meta=keep_meta))
     return mt.Compose(chain)
+
+
+BOX_KEYS: dict[str, Any] = {"image_keys": "image", "box_keys": "boxes", "box_ref_image_keys": "image"}
+
+
+class ResizeWithBoxesd:
+    """Resize the image to ``preprocess.size`` and its boxes with it (MONAI's ``ZoomBoxd``
+    with this image's zoom factors); the factors are kept under ``zoom`` to map predictions
+    back to the original pixels."""
+
+    def __init__(self, size: Sequence[int] | None) -> None:
+        self.size = tuple(size) if size else None
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from monai.apps.detection.transforms.dictionary import ZoomBoxd
+
+        out = dict(data)
+        shape = tuple(out["image"].shape[1:])
+        if self.size is None or shape == self.size:
+            out["zoom"] = np.ones(len(shape), dtype=np.float32)
+            return out
+        zoom = [t / s for t, s in zip(self.size, shape, strict=True)]
+        if "boxes" in out:
+            out = dict(ZoomBoxd(zoom=zoom, keep_size=False, **BOX_KEYS)(out))
+        else:
+            from monai.transforms import Zoomd
+
+            out = dict(Zoomd("image", zoom=zoom, keep_size=False, mode="area")(out))
+        out["zoom"] = np.asarray(zoom, dtype=np.float32)
+        return out
+
+
+def _detection_preprocess(pipeline: Pipeline, *, with_boxes: bool) -> list[Any]:
+    """Detection's deterministic part: the pipeline's intensity scaling, then a resize to
+    ``preprocess.size`` moving the boxes (when given) with the image."""
+    from monai import transforms as mt
+    from monai.apps.detection.transforms import dictionary as bt
+
+    steps: list[Any] = [_intensity(pipeline)]
+    if with_boxes:
+        steps.append(mt.EnsureTyped(["boxes"], dtype=np.float32, track_meta=False))
+        steps.append(mt.EnsureTyped(["labels"], dtype=np.int64, track_meta=False))
+    steps.append(ResizeWithBoxesd(pipeline.preprocess.size))
+    if with_boxes:
+        steps.append(bt.ClipBoxToImaged(box_keys="boxes", label_keys="labels",
+                                        box_ref_image_keys="image", remove_empty=True))
+    return steps
+
+
+def detection_transforms(pipeline: Pipeline, *, train: bool, with_boxes: bool = True) -> Any:
+    """Load, scale the intensity (``preprocess.intensity``), resize with the boxes; in
+    training also random flips, 90-degree rotations, zoom and intensity changes, each moving
+    the boxes with the image."""
+    from monai import transforms as mt
+    from monai.apps.detection.transforms import dictionary as bt
+
+    steps: list[Any] = [LoadVolumed(["image"], channels=[pipeline.in_channels]),
+                        *_detection_preprocess(pipeline, with_boxes=with_boxes)]
+    if train and with_boxes:
+        aug = pipeline.augment
+        for axis in aug.flip_axes:
+            steps.append(bt.RandFlipBoxd(prob=0.5, spatial_axis=axis, **BOX_KEYS))
+        if aug.rotate_degrees >= 90 and pipeline.spatial_dims == 2:
+            steps.append(bt.RandRotateBox90d(prob=0.5, max_k=3, spatial_axes=(0, 1), **BOX_KEYS))
+        if aug.scale > 0:
+            steps.append(bt.RandZoomBoxd(prob=aug.prob, min_zoom=1 - aug.scale,
+                                         max_zoom=1 + aug.scale, keep_size=True, **BOX_KEYS))
+            steps.append(bt.ClipBoxToImaged(box_keys="boxes", label_keys="labels",
+                                            box_ref_image_keys="image", remove_empty=True))
+        if aug.gamma is not None:
+            steps.append(mt.RandAdjustContrastd("image", prob=aug.prob, gamma=aug.gamma))
+        if aug.noise_std > 0:
+            steps.append(mt.RandGaussianNoised("image", prob=aug.prob, std=aug.noise_std))
+        if aug.intensity_shift > 0:
+            steps.append(mt.RandShiftIntensityd("image", offsets=aug.intensity_shift,
+                                                prob=aug.prob))
+    return mt.Compose(steps)

@@ -117,7 +117,7 @@ def test_bfloat16_pretraining(shipped: str, shared_data: Path, tmp_path: Path) -
 
 def test_precision_is_validated_and_refused_for_detection(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="precision"):
-        load_pipeline(_hippocampus(tmp_path / "hippo-f16", precision="float16"))
+        load_pipeline(_hippocampus(tmp_path / "hippo-f8", precision="float8"))
     settings = yaml.safe_load((REPO / "pipelines" / "bccd-cells" / "pipeline.yaml").read_text())
     settings["training"]["precision"] = "bfloat16"
     folder = tmp_path / "bccd-bf16"
