@@ -15,14 +15,17 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from medvision.analyze.runner import (
     AnalyzeOptions,
+    StudyInput,
     StudyOutcome,
+    analyse_inputs,
+    read_study,
     replaced_summary,
     run_fingerprint,
     run_study,
@@ -31,10 +34,10 @@ from medvision.analyze.studies import Study, collect_studies
 from medvision.atomic import write_text_atomic
 from medvision.audit.records import Auditor, AuditRecord
 from medvision.errors import AuditError
-from medvision.infer import Predictor
+from medvision.infer import LazyPredictor, Predictor
 from medvision.report.html import render_summary
 
-__all__ = ["StudyResult", "analyze", "commit"]
+__all__ = ["StudyResult", "analyze", "analyze_batched", "commit"]
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +117,69 @@ def commit(outcome: StudyOutcome, auditor: Auditor, out: Path) -> None:
     _publish(outcome.staging, out / outcome.study)
 
 
+class _StudyReader:
+    """The studies of a batch as a map-style dataset: item k is study k read, checked and
+    preprocessed (in a DataLoader worker process; no network there)."""
+
+    def __init__(self, studies: Sequence[Study], pipeline: Any, options: AnalyzeOptions) -> None:
+        self.studies, self.pipeline, self.options = list(studies), pipeline, options
+
+    def __len__(self) -> int:
+        return len(self.studies)
+
+    def __getitem__(self, index: int) -> StudyInput:
+        return read_study(self.studies[index], self.pipeline, self.options)
+
+
+def _as_list(batch: list[StudyInput]) -> list[StudyInput]:
+    return batch
+
+
+def reader_processes(options: AnalyzeOptions, studies: int) -> int:
+    """How many processes read ahead: ``options.workers``, else up to 4 (one per core) when
+    there is more than one batch to read."""
+    if options.workers is not None:
+        return max(0, options.workers)
+    if studies <= options.batch_size:
+        return 0
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def analyze_batched(studies: Sequence[Study], predictor: Predictor, out: Path,
+                    options: AnalyzeOptions, pseudonymizer: Any, *,
+                    previous: dict[str, dict[str, Any]]) -> Iterator[StudyOutcome]:
+    """Analyze studies as a stream that keeps the device busy, yielding outcomes in order.
+
+    Three stages overlap: reader processes (a PyTorch DataLoader with prefetch) read and
+    preprocess the next studies; this process runs the networks on batches of
+    ``options.batch_size`` (predictions, then saliency) on the predictor's device; a pool
+    of threads writes each study's files (maps, figures, page, DICOM) while the next batch
+    runs. At most two batches are in flight, so memory does not grow with the batch.
+    """
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from torch.utils.data import DataLoader
+
+    workers = reader_processes(options, len(studies))
+    loader = DataLoader(_StudyReader(studies, predictor.pipeline, options),
+                        batch_size=options.batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=_as_list, prefetch_factor=2 if workers else None,
+                        persistent_workers=False)
+    pending: deque[Future[StudyOutcome]] = deque()
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="medvision-writer") as pool:
+        for items in loader:
+            results = analyse_inputs(items, predictor, options)
+            for item, result in zip(items, results, strict=True):
+                pending.append(pool.submit(
+                    run_study, item.study, predictor, out, options, pseudonymizer,
+                    previous=previous.get(item.study.key), analysed=(result, item.timings)))
+            while len(pending) > 2 * options.batch_size:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def _existing_report(path: Path) -> dict[str, Any] | None:
     """A study's earlier report, or ``None`` when there is none or it cannot be read."""
     if not path.is_file():
@@ -163,7 +229,7 @@ def _summary_row(report: dict[str, Any], study: Study, columns: Sequence[str]) -
     return row
 
 
-def analyze(inputs: Iterable[str | os.PathLike[str]], predictor: Predictor,
+def analyze(inputs: Iterable[str | os.PathLike[str]], predictor: Predictor | LazyPredictor,
             out_dir: str | os.PathLike[str], *, auditor: Auditor,
             options: AnalyzeOptions | None = None,
             scheduler: str | None = None) -> list[StudyResult]:
@@ -172,7 +238,8 @@ def analyze(inputs: Iterable[str | os.PathLike[str]], predictor: Predictor,
     Args:
         inputs: files and folders.
         predictor: the pipeline to run (in this process; workers load the same pipeline and
-            weights by path).
+            weights by path); a :class:`LazyPredictor` builds its networks only when a study
+            needs analysing.
         out_dir: output folder.
         auditor: where records go; every analysed study gets one.
         options: saliency method, faithfulness, force, PHI.
@@ -211,14 +278,14 @@ def analyze(inputs: Iterable[str | os.PathLike[str]], predictor: Predictor,
                                     "overwritten (--no-overwrite)")
             reports[study.key] = (old, True)
     bar = tqdm(total=len(todo), desc="studies", disable=not show, unit="study")
-    if scheduler is None:
-        outcomes: Iterable[StudyOutcome] = (
-            run_study(study, predictor, out, options, auditor.pseudonymizer,
-                      previous=previous.get(study.key)) for study in todo)
-    else:
+    outcomes: Iterable[StudyOutcome] = ()
+    if todo and scheduler is None:  # the networks are built only now, when a study needs them
+        outcomes = analyze_batched(todo, predictor.load(), out, options,
+                                   auditor.pseudonymizer, previous=previous)
+    elif todo:
         from medvision.analyze.distributed import run_on_cluster
 
-        outcomes = run_on_cluster(todo, predictor, out, options, auditor.pseudonymizer,
+        outcomes = run_on_cluster(todo, predictor.load(), out, options, auditor.pseudonymizer,
                                   scheduler=scheduler, previous=previous)
     for outcome in outcomes:
         commit(outcome, auditor, out)

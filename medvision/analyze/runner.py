@@ -29,10 +29,15 @@ from medvision.audit.records import Pseudonymizer
 from medvision.config import config_hash
 from medvision.errors import DataError, InvalidDicomError, MedvisionError
 from medvision.explain import deletion_curve, explain
-from medvision.explain.saliency import SaliencyMap, ensemble_network, explained_model
+from medvision.explain.saliency import (
+    SaliencyMap,
+    ensemble_network,
+    explain_batch,
+    explained_model,
+)
 from medvision.hashing import file_sha256
 from medvision.infer import Predictor
-from medvision.infer.predictor import Prediction
+from medvision.infer.predictor import Prediction, Prepared, prepare_volume
 from medvision.infer.qc import QCFlag, check_input
 from medvision.io import SourceEntry, Volume, write_volume
 from medvision.io.boundary import reading
@@ -75,6 +80,9 @@ class AnalyzeOptions:
             DICOM inputs into ``<study>/dicom/``.
         fhir: also write ``fhir.json``: a FHIR R4 Bundle (DiagnosticReport, Observations,
             ImagingStudy, Device) with a pseudonymous subject.
+        batch_size: studies per forward (and saliency) pass.
+        workers: reader processes preparing studies ahead of the network (None: up to 4,
+            one per core; 0: read in this process).
     """
 
     explain_method: str | None = None
@@ -86,6 +94,8 @@ class AnalyzeOptions:
     progress: bool | None = None
     dicom: bool = False
     fhir: bool = False
+    batch_size: int = 8
+    workers: int | None = None
 
 
 class _Rejected(Exception):
@@ -196,82 +206,169 @@ class _Draft:
     entry: SourceEntry | None = None
 
 
-def _process(study: Study, predictor: Predictor, options: AnalyzeOptions,
-             timings: dict[str, float]) -> _Draft:
-    """Analyze one study into a draft report (no files written)."""
-    pipeline = predictor.pipeline
+@dataclass(eq=False)
+class StudyInput:
+    """A study read and preprocessed, ready for the network (made in a reader process; no
+    network needed): or its rejection, or the error that stopped it."""
+
+    study: Study
+    timings: dict[str, float]
+    rejected: _Draft | None = None
+    error: BaseException | None = None
+    prepared: Prepared | None = None
+    volume: Volume | None = None
+    entry: SourceEntry | None = None
+    summary: InputSummary | None = None
+    flags: tuple[QCFlag, ...] = ()
+
+
+def read_study(study: Study, pipeline: Any, options: AnalyzeOptions) -> StudyInput:
+    """Read, check and preprocess one study (the part of an analysis before the network);
+    never raises for a bad study."""
+    timings: dict[str, float] = {}
     entry: SourceEntry | None = None
     volume: Volume | None = None
     try:
-        if study.reason:
-            raise _Rejected(study.reason)
-        entry, why = choose_series(study, pipeline)
-        if entry is None:
-            raise _Rejected(why)
+        try:
+            if study.reason:
+                raise _Rejected(study.reason)
+            entry, why = choose_series(study, pipeline)
+            if entry is None:
+                raise _Rejected(why)
+            t0 = time.perf_counter()
+            try:
+                volume = entry.load(skip_unreadable=True)
+            except DataError as e:
+                raise _Rejected(str(e)) from e
+            if entry.series is not None:  # files of this series left out when assembled
+                uid = str(entry.series.header.get("SeriesInstanceUID") or "")
+                same = tuple((p, r) for p, r, s in study.unreadable if s == uid)
+                if same:
+                    volume = replace(volume, skipped_files=(*same, *volume.skipped_files))
+            timings["load_s"] = time.perf_counter() - t0
+            try:
+                volume = reduce_volumes(volume, pipeline.input.four_d,
+                                        b_value=pipeline.input.b_value,
+                                        channels=pipeline.in_channels)
+            except DataError as e:
+                raise _Rejected(str(e)) from e
+            phi = (_phi(entry.series.frames[0].dataset)
+                   if options.include_phi and entry.series is not None else None)
+            summary = _input_summary(study, entry, volume, phi)
+            flags = check_input(volume, pipeline)
+            rejects = [f for f in flags if f.severity == Severity.REJECT]
+            if rejects:
+                raise _Rejected("; ".join(f.message for f in rejects), flags)
+        except _Rejected as e:
+            chosen = entry or (study.candidates[0] if study.candidates else None)
+            return StudyInput(study=study, timings=timings, rejected=_Draft(
+                status=Status.REJECTED, reason=str(e),
+                input=_input_summary(study, chosen, volume), qc=QCResult(flags=e.flags),
+                entry=chosen))
         t0 = time.perf_counter()
-        try:
-            volume = entry.load(skip_unreadable=True)
-        except DataError as e:
-            raise _Rejected(str(e)) from e
-        if entry.series is not None:  # files of this series left out when it was assembled
-            uid = str(entry.series.header.get("SeriesInstanceUID") or "")
-            same = tuple((p, r) for p, r, s in study.unreadable if s == uid)
-            if same:
-                volume = replace(volume, skipped_files=(*same, *volume.skipped_files))
-        timings["load_s"] = time.perf_counter() - t0
-        try:
-            volume = reduce_volumes(volume, pipeline.input.four_d, b_value=pipeline.input.b_value,
-                                    channels=pipeline.in_channels)
-        except DataError as e:
-            raise _Rejected(str(e)) from e
-        phi = (_phi(entry.series.frames[0].dataset)
-               if options.include_phi and entry.series is not None else None)
-        summary = _input_summary(study, entry, volume, phi)
-        flags = check_input(volume, pipeline)
-        rejects = [f for f in flags if f.severity == Severity.REJECT]
-        if rejects:
-            raise _Rejected("; ".join(f.message for f in rejects), flags)
-    except _Rejected as e:
-        chosen = entry or (study.candidates[0] if study.candidates else None)
-        return _Draft(status=Status.REJECTED, reason=str(e),
-                      input=_input_summary(study, chosen, volume), qc=QCResult(flags=e.flags),
-                      entry=chosen)
+        prepared = prepare_volume(pipeline, volume)
+        timings["prepare_s"] = time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001 - one study must not end the batch
+        return StudyInput(study=study, timings=timings, error=e, volume=volume, entry=entry)
+    return StudyInput(study=study, timings=timings, prepared=prepared, volume=volume,
+                      entry=entry, summary=summary, flags=tuple(flags))
 
-    t0 = time.perf_counter()
-    prepared = predictor.prepare(volume)
-    prediction = predictor.predict(prepared)
-    timings["predict_s"] = time.perf_counter() - t0
+
+def _judged(item: StudyInput, prediction: Prediction, pipeline: Any) -> _Draft:
+    """The draft of a predicted study: QC (out of distribution, result-relevant flags) and
+    status; the prediction itself is left out when it is withheld."""
     ood = None
     if prediction.ood_distance is not None and prediction.ood_threshold is not None:
         ood = prediction.ood_distance > prediction.ood_threshold
-    flagged_by = [f.code for f in flags
+    flagged_by = [f.code for f in item.flags
                   if f.severity == Severity.WARN and f.code in pipeline.qc.result_relevant]
     if ood:
         flagged_by.insert(0, "out_of_distribution")
     withheld = bool(ood) and pipeline.qc.on_out_of_distribution == "abstain"
-    qc = QCResult(flags=tuple(flags), ood_distance=prediction.ood_distance,
+    qc = QCResult(flags=item.flags, ood_distance=prediction.ood_distance,
                   ood_threshold=prediction.ood_threshold, out_of_distribution=ood,
                   flagged_by=tuple(dict.fromkeys(flagged_by)), withheld=withheld)
     status, reason = ((Status.FLAGGED, _flag_reason(qc)) if qc.flagged_by
                       else (Status.OK, None))
-    draft = _Draft(status=status, reason=reason, input=summary, qc=qc, volume=volume,
-                   sources=_sources(entry, volume), entry=entry)
-    if withheld:
-        # The label, probabilities, mask and saliency (which shows what drove the label)
-        # are all withheld; only the reason and the input's QC are reported.
-        return draft
-
-    t0 = time.perf_counter()
-    draft.prediction = prediction
-    draft.saliency = explain(predictor, prepared, prediction, method=options.explain_method,
-                             layer=options.explain_layer)
-    if options.faithfulness:
-        model, target, _ = explained_model(predictor, prediction,
-                                           network=ensemble_network(predictor))
-        draft.faithfulness = deletion_curve(model, prepared.image,
-                                            draft.saliency.model_space, target=target)
-    timings["explain_s"] = time.perf_counter() - t0
+    assert item.summary is not None and item.volume is not None and item.entry is not None
+    draft = _Draft(status=status, reason=reason, input=item.summary, qc=qc,
+                   volume=item.volume, sources=_sources(item.entry, item.volume),
+                   entry=item.entry)
+    if not withheld:
+        # the label, probabilities, mask and saliency (which shows what drove the label)
+        # are all withheld for an abstention; only the reason and the input's QC remain
+        draft.prediction = prediction
     return draft
+
+
+def _shared(timings: Sequence[dict[str, float]], key: str, seconds: float) -> None:
+    for t in timings:  # a batch's time, shared among its studies
+        t[key] = t.get(key, 0.0) + seconds / max(len(timings), 1)
+
+
+def analyse_inputs(items: Sequence[StudyInput], predictor: Predictor,
+                   options: AnalyzeOptions) -> list[_Draft | BaseException]:
+    """The network part of an analysis for several read studies at once: predictions in
+    batches, then saliency in batches (where the method allows); a study whose batch fails
+    is retried alone, so one bad study fails only itself. Returns one draft (or the error
+    that failed the study) per item."""
+    pipeline = predictor.pipeline
+    out: list[_Draft | BaseException | None] = [
+        i.rejected if i.rejected is not None else i.error for i in items]
+    ready = [k for k, i in enumerate(items) if i.prepared is not None and out[k] is None]
+    t0 = time.perf_counter()
+    predictions: dict[int, Prediction] = {}
+    try:
+        found = predictor.predict_batch([items[k].prepared for k in ready])  # type: ignore[misc]
+        predictions = dict(zip(ready, found, strict=True))
+    except Exception:  # noqa: BLE001 - retried one by one below
+        for k in ready:
+            try:
+                predictions[k] = predictor.predict(items[k].prepared)  # type: ignore[arg-type]
+            except Exception as e:  # noqa: BLE001
+                out[k] = e
+    _shared([items[k].timings for k in ready], "predict_s", time.perf_counter() - t0)
+    drafts = {k: _judged(items[k], p, pipeline) for k, p in predictions.items()}
+    explained = [k for k, d in drafts.items() if d.prediction is not None]
+    t0 = time.perf_counter()
+    maps: dict[int, SaliencyMap] = {}
+    try:
+        found_maps = explain_batch(predictor, [items[k].prepared for k in explained],
+                                   [predictions[k] for k in explained],
+                                   method=options.explain_method, layer=options.explain_layer)
+        maps = dict(zip(explained, found_maps, strict=True))
+    except Exception:  # noqa: BLE001 - retried one by one below
+        for k in explained:
+            try:
+                maps[k] = explain(predictor, items[k].prepared, predictions[k],
+                                  method=options.explain_method, layer=options.explain_layer)
+            except Exception as e:  # noqa: BLE001
+                out[k] = e
+    for k, saliency in maps.items():
+        drafts[k].saliency = saliency
+        if options.faithfulness:
+            model, target, _ = explained_model(predictor, predictions[k],
+                                               network=ensemble_network(predictor))
+            drafts[k].faithfulness = deletion_curve(
+                model, items[k].prepared.image, saliency.model_space,  # type: ignore[union-attr]
+                target=target)
+    _shared([items[k].timings for k in explained], "explain_s", time.perf_counter() - t0)
+    for k, draft in drafts.items():
+        if out[k] is None:
+            out[k] = draft
+    return [o if o is not None else RuntimeError("not analysed") for o in out]
+
+
+def _process(study: Study, predictor: Predictor, options: AnalyzeOptions,
+             timings: dict[str, float]) -> _Draft:
+    """Analyze one study into a draft report (no files written): the batched path with a
+    batch of one."""
+    item = read_study(study, predictor.pipeline, options)
+    result = analyse_inputs([item], predictor, options)[0]
+    timings.update(item.timings)
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 def _phi(ds: Any) -> dict[str, str]:
@@ -467,7 +564,8 @@ def _failed(study: Study, draft: _Draft | None, base: dict[str, Any],
 def run_study(study: Study, predictor: Predictor, out: Path, options: AnalyzeOptions,
               pseudonymizer: Pseudonymizer, *,
               previous: dict[str, Any] | None = None,
-              predecessors: Sequence[Any] = ()) -> StudyOutcome:
+              predecessors: Sequence[Any] = (),
+              analysed: tuple[Any, dict[str, float]] | None = None) -> StudyOutcome:
     """Process one study into ``out/.<key>.partial``; never raises for a bad study.
 
     A study that cannot be read is ``rejected``; an error while processing makes it
@@ -475,7 +573,8 @@ def run_study(study: Study, predictor: Predictor, out: Path, options: AnalyzeOpt
     study's fault: that ``OSError`` propagates (nothing is staged), so the caller can retry.
     ``previous`` is the report this one replaces (summarised in its ``replaces`` section);
     ``predecessors`` are earlier DICOM SRs of the study that a new SR supersedes
-    (``options.dicom``).
+    (``options.dicom``). ``analysed``: the study's draft (or the error that failed it) and
+    its timings, when it was read and predicted in a batch; else that is done here.
     """
     staging = out / f".{study.key}.partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -489,7 +588,13 @@ def run_study(study: Study, predictor: Predictor, out: Path, options: AnalyzeOpt
         "replaces": replaced_summary(previous, run) if previous is not None else None}
     draft: _Draft | None = None
     try:
-        draft = _process(study, predictor, options, timings)
+        if analysed is None:
+            draft = _process(study, predictor, options, timings)
+        else:  # read and predicted in a batch (analyze_batched)
+            timings.update(analysed[1])
+            if isinstance(analysed[0], BaseException):
+                raise analysed[0]
+            draft = analysed[0]
         report = StudyReport(status=draft.status, reason=draft.reason, input=draft.input,
                              prediction=draft.prediction, saliency=draft.saliency,
                              faithfulness=draft.faithfulness, qc=draft.qc, volume=draft.volume,

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from medvision.cli.audit_options import add_audit_arguments, auditor_from_args
+from medvision.cli.conventions import add_device_argument
 from medvision.vocabulary import EXPLANATION_METHODS
 
 __all__ = ["add_parser", "run"]
@@ -67,6 +68,13 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--include-phi", action="store_true",
                         help="write patient name, ID and birth date into report.json (off: "
                              "reports, logs and audit records carry pseudonyms only)")
+    add_device_argument(parser)
+    parser.add_argument("--batch-size", type=int, default=8, metavar="N",
+                        help="studies per forward pass (and per batched saliency pass); "
+                             "default 8")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="processes reading and preprocessing studies ahead of the model "
+                             "(default: up to 4, one per core; 0 reads in this process)")
     add_audit_arguments(parser)
     parser.set_defaults(run=run)
 
@@ -76,17 +84,22 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from medvision.analyze import AnalyzeOptions, analyze
-    from medvision.infer import Predictor
+    from medvision.infer import LazyPredictor
 
     auditor = auditor_from_args(args)
-    predictor = Predictor.from_pipeline(args.pipeline, weights=args.weights,
-                                        search=args.pipelines_dir,
-                                        backend=args.backend)
-    results = analyze(args.inputs, predictor, args.output, auditor=auditor, options=AnalyzeOptions(
+    options = AnalyzeOptions(
         explain_method=args.explain, explain_layer=args.explain_layer,
         faithfulness=args.faithfulness, force=args.force,
         overwrite=not args.no_overwrite, include_phi=args.include_phi,
-        dicom=args.dicom is not None, fhir=args.fhir), scheduler=args.scheduler)
+        dicom=args.dicom is not None, fhir=args.fhir, batch_size=max(1, args.batch_size),
+        workers=args.workers)
+
+    # the networks are built only when a study needs them
+    predictor = LazyPredictor.from_pipeline(args.pipeline, weights=args.weights,
+                                            search=args.pipelines_dir, backend=args.backend,
+                                            device=args.device)
+    results = analyze(args.inputs, predictor, args.output, auditor=auditor, options=options,
+                      scheduler=args.scheduler)
     if args.dicom:
         import shutil
 

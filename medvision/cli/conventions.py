@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_pipeline_argument", "examples", "pipeline_of"]
+__all__ = ["add_device_argument", "add_pipeline_argument", "examples", "pipeline_of"]
 
 
 def examples(parser: argparse.ArgumentParser, *lines: str) -> None:
@@ -37,3 +37,11 @@ def pipeline_of(args: argparse.Namespace) -> str:
         raise ConfigError("no pipeline given: use --pipeline NAME (see 'medvision pipelines "
                           "list')")
     return str(named or bare)
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device auto|cpu|cuda|cuda:N|mps``, as every command that runs a network takes it."""
+    parser.add_argument("--device", default="auto", metavar="DEVICE",
+                        help="where networks run: auto (a GPU when PyTorch sees one, else the "
+                             "CPU), cpu, cuda, cuda:N or mps; one that is not there is an "
+                             "error (exit 2) naming what was found")

@@ -8,7 +8,12 @@ from typing import Any
 
 from medvision.audit.records import items_digest
 from medvision.cli.audit_options import add_audit_arguments, auditor_from_args
-from medvision.cli.conventions import add_pipeline_argument, examples, pipeline_of
+from medvision.cli.conventions import (
+    add_device_argument,
+    add_pipeline_argument,
+    examples,
+    pipeline_of,
+)
 from medvision.vocabulary import EXPLANATION_METHODS
 
 __all__ = ["add_parser", "run"]
@@ -47,6 +52,7 @@ def add_parser(subparsers: Any) -> None:
                              "per-fold metrics and their spread")
     parser.add_argument("--force", action="store_true", help="overwrite an evaluation")
     parser.add_argument("--json", action="store_true", help="the metrics as JSON on stdout")
+    add_device_argument(parser)
     add_audit_arguments(parser)
     examples(parser, 'medvision evaluate --pipeline hippocampus-seg --data ../shared/data/hippocampus --split val -o eval', 'medvision evaluate --pipeline chest-xray-pneumonia --data DATA -o eval --json')
     parser.set_defaults(run=run)
@@ -59,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from medvision.train import discover_items, pipeline_split
 
     predictor = Predictor.from_pipeline(pipeline_of(args), weights=args.weights,
-                                        search=args.pipelines_dir)
+                                        search=args.pipelines_dir, device=args.device)
     pipeline = predictor.pipeline
     if args.out_of_fold:
         from medvision.errors import ConfigError

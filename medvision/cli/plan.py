@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from medvision.cli.conventions import examples
+from medvision.cli.conventions import add_device_argument, examples
 
 __all__ = ["add_parser", "run"]
 
@@ -32,6 +32,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--sample", type=int, default=64,
                         help="images read for the fingerprint (default 64)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing file")
+    add_device_argument(parser)
     examples(parser, "medvision plan ../shared/data/chest_xray/train --task classification "
                      "--budget-minutes 60 -o pipelines/my-chest")
     parser.set_defaults(run=run)
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         target.parent.name if target.name == "pipeline.yaml" else target.stem).lower()
     ).strip("-") or "planned"
     plan = plan_pipeline(args.data, budget_minutes=args.budget_minutes, task=args.task,
-                         name=name, sample=args.sample)
+                         name=name, sample=args.sample, device=args.device)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(plan.yaml())
     training = plan.settings["training"]

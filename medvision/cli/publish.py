@@ -7,7 +7,7 @@ import argparse
 import json
 from typing import Any
 
-from medvision.cli.conventions import examples
+from medvision.cli.conventions import add_device_argument, examples
 
 __all__ = ["add_parser", "run"]
 
@@ -29,6 +29,7 @@ def add_parser(subparsers: Any) -> None:
                                                    "member runs of an architecture ensemble)")
     parser.add_argument("--pipeline", required=True, help="pipeline name or folder to ship into")
     parser.add_argument("--data", help="the training data (to fit the OOD guard)")
+    add_device_argument(parser)
     examples(parser, 'medvision publish runs/chest --pipeline chest-xray-pneumonia --data DATA',
              'medvision publish runs/chest-fold0 runs/chest-fold1 runs/chest-fold2 --pipeline '
              'chest-xray-pneumonia --data DATA')
@@ -52,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
             split = pipeline_split(pipeline, args.data,
                                    fold=0 if ensemble and pipeline.training.folds else None)
     if ensemble:
-        summary = publish_ensemble(args.run_dir, folder, split=split)
+        summary = publish_ensemble(args.run_dir, folder, split=split, device=args.device)
     else:
-        summary = publish(args.run_dir[0], folder, split=split)
+        summary = publish(args.run_dir[0], folder, split=split, device=args.device)
     print(json.dumps(summary, indent=2))
     return 0

@@ -7,7 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from medvision.cli.audit_options import add_audit_arguments, auditor_from_args
-from medvision.cli.conventions import add_pipeline_argument, examples, pipeline_of
+from medvision.cli.conventions import (
+    add_device_argument,
+    add_pipeline_argument,
+    examples,
+    pipeline_of,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -31,6 +36,7 @@ def add_parser(subparsers: Any) -> None:
                        help="stop after the epoch that passes this many minutes")
     train.add_argument("--max-steps", type=int, help="stop after this many steps (smoke runs)")
     train.add_argument("--classes", nargs="+", help="train on these classes only")
+    add_device_argument(train)
     sample = actions.add_parser("sample", help="sample N images per class with provenance")
     add_pipeline_argument(sample, what="the pipeline the generator was trained for")
     sample.add_argument("--generator", required=True, type=Path, help="generator run folder")
@@ -39,6 +45,7 @@ def add_parser(subparsers: Any) -> None:
     sample.add_argument("--per-class", type=int, required=True)
     sample.add_argument("--classes", nargs="+", help="only these classes")
     sample.add_argument("--seed", type=int, default=0)
+    add_device_argument(sample)
     metrics = actions.add_parser(
         "metrics", help="quality and memorisation of synthetic images (quality.json, "
                         "memorisation.html)",
@@ -160,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
             wanted = {pipeline.classes.index(c) for c in args.classes}
             items = [i for i in items if int(i["label"]) in wanted]
         result = train_generator(pipeline, items, args.output, resume=args.resume,
-                                 max_minutes=args.max_minutes, max_steps=args.max_steps)
+                                 max_minutes=args.max_minutes, max_steps=args.max_steps,
+                                 device=args.device)
         print(f"generator: {result.epochs_run} epoch(s), {result.steps} step(s) in "
               f"{result.seconds:.0f} s; loss {result.loss:.4f}; in {result.run_dir}")
         return 0
@@ -182,6 +190,6 @@ def run(args: argparse.Namespace) -> int:
         print(comparison_markdown(comparison), end="")
         return 0
     files = sample(pipeline, args.generator, args.output, per_class=args.per_class,
-                   seed=args.seed, classes=args.classes)
+                   seed=args.seed, classes=args.classes, device=args.device)
     print(f"wrote {len(files)} synthetic image(s) under {args.output}")
     return 0

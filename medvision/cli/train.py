@@ -8,7 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from medvision.cli.audit_options import add_audit_arguments, auditor_from_args
-from medvision.cli.conventions import add_pipeline_argument, examples, pipeline_of
+from medvision.cli.conventions import (
+    add_device_argument,
+    add_pipeline_argument,
+    examples,
+    pipeline_of,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -40,6 +45,11 @@ def add_parser(subparsers: Any) -> None:
                              "pipeline's own model), its network and training settings from "
                              "the pipeline's members list, on the same split")
     parser.add_argument("--epochs", type=int, help="override training.epochs")
+    parser.add_argument("--max-minutes", type=float,
+                        help="stop after the epoch that passes this many minutes of training")
+    parser.add_argument("--precision", choices=["float32", "bfloat16", "float16"],
+                        help="override training.precision (float16: GPUs only)")
+    add_device_argument(parser)
     parser.add_argument("--limit", type=int,
                         help="use at most this many training and validation items (smoke runs)")
     add_audit_arguments(parser)
@@ -62,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
         swa = min(pipeline.training.swa_epochs, args.epochs - 1)
         pipeline = pipeline.model_copy(update={"training": pipeline.training.model_copy(
             update={"epochs": args.epochs, "swa_epochs": swa})})
+    if args.precision:
+        pipeline = pipeline.model_copy(update={"training": pipeline.training.model_copy(
+            update={"precision": args.precision})})
     if pipeline.task == "detection":
         return _run_detection(args, pipeline)
     split = pipeline_split(pipeline, args.data, fold=args.fold)
@@ -70,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
                           val=_spread(split.val, args.limit), fold=split.fold)
     result = train(pipeline, split, args.output, resume=args.resume,
                    init_from=args.init_from, freeze=tuple(args.freeze),
-                   auditor=auditor_from_args(args), rgb_to_grey=args.rgb_to_grey)
+                   auditor=auditor_from_args(args), rgb_to_grey=args.rgb_to_grey,
+                   device=args.device, max_minutes=args.max_minutes)
     if result.averaged_epochs:  # best.safetensors is the weight average, not one epoch
         chosen = (f"weights averaged over the last {result.averaged_epochs} epoch(s): "
                   f"{pipeline.validation_metric} {result.best_metric:.4f} (best single epoch "
@@ -81,8 +95,12 @@ def run(args: argparse.Namespace) -> int:
     fold = "" if args.fold is None else f"fold {args.fold} of {pipeline.training.folds}: "
     if args.member:
         fold = f"member {args.member} ({pipeline.model.name}): "
-    print(f"{fold}trained {result.epochs_run} epoch(s) in {result.seconds:.0f} s; {chosen}; "
-          f"weights in {result.run_dir / 'best.safetensors'}")
+    if result.device and int(result.device.get("processes", 1)) > 1 and \
+            int(__import__("os").environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun rank 0 alone reports
+    where = f" on {result.device['device']} ({result.device['name']})" if result.device else ""
+    print(f"{fold}trained {result.epochs_run} epoch(s) in {result.seconds:.0f} s{where}; "
+          f"{chosen}; weights in {result.run_dir / 'best.safetensors'}")
     if result.skipped:
         print(f"{len(result.skipped)} unreadable item(s) skipped (see "
               f"{result.run_dir / 'skipped.json'}):")
@@ -135,7 +153,8 @@ def _run_detection(args: argparse.Namespace, pipeline: Any) -> int:
     inputs = {"train": {"images": len(train_items)}, "val": {"images": len(val_items)}}
     try:
         result = train_detection(pipeline, train_items, val_items, args.output,
-                                 resume=args.resume)
+                                 resume=args.resume, device=args.device,
+                                 max_minutes=args.max_minutes)
     except MedvisionError as e:
         record_run(auditor, action="train", status="failed", pipeline=pipeline, inputs=inputs,
                    outputs=[], result={}, seconds=time.perf_counter() - started, reason=str(e))

@@ -277,12 +277,16 @@ def _volume_error(volumes: np.ndarray, references: np.ndarray,
 
 def _detection(predictor: Predictor, items: Sequence[dict[str, Any]],
                out: Path) -> tuple[dict[str, Any], list[Path]]:
+    from medvision.io import read_volume
     from medvision.metrics import detection_metrics
+    from medvision.models.detection import detect
     from medvision.report.figures import box_examples, detection_pr_curves
-    from medvision.train.detection import predict_boxes
 
     pipeline = predictor.pipeline
-    predictions = predict_boxes(predictor.model, pipeline, items)
+    predictions = []
+    for item in items:  # the analysis's own reading, preprocessing and mapping back
+        prepared = predictor.prepare(read_volume(item["image"]))
+        predictions.append(detect(predictor.model, prepared.image[0], prepared.data["zoom"]))
     metrics = detection_metrics(predictions, items, pipeline.classes)
     with (out / "predictions.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)

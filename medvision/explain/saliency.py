@@ -8,7 +8,7 @@ classes' logits summed inside their predicted masks.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +56,7 @@ class RegionScore(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, 1)``: the masked logit sum of each input."""
-        return (self.model(x) * self.mask).flatten(1).sum(dim=1, keepdim=True)
+        return (self.model(x) * self.mask.to(x.device)).flatten(1).sum(dim=1, keepdim=True)
 
 
 class DetectionScore(torch.nn.Module):
@@ -83,7 +83,7 @@ class DetectionScore(torch.nn.Module):
             centres = [(torch.arange(m, device=x.device) + 0.5) * (s / m)
                        for m, s in zip(strongest.shape[1:], size, strict=True)]
             inside = torch.zeros(strongest.shape[1:], dtype=torch.bool, device=x.device)
-            for x1, y1, x2, y2 in self.boxes:  # type: ignore[union-attr]
+            for x1, y1, x2, y2 in self.boxes.to(x.device):  # type: ignore[union-attr]
                 inside |= (((centres[0] >= x1) & (centres[0] <= x2))[:, None]
                            & ((centres[1] >= y1) & (centres[1] <= y2))[None, :])
             total = total + (strongest * inside).flatten(1).sum(dim=1, keepdim=True)
@@ -139,13 +139,14 @@ def _module(model: Any, name: str | None) -> Any:
     return modules[name]
 
 
-def attribute(model: Any, image: Any, target: int, cfg: ExplanationConfig,
+def attribute(model: Any, image: Any, target: int | Sequence[int], cfg: ExplanationConfig,
               method: str) -> tuple[Any, dict[str, Any]]:
-    """Raw Captum attribution ``(1, ...)`` in model space, and the parameters used."""
+    """Raw Captum attribution ``(N, ...)`` in model space (on the CPU), and the parameters
+    used; ``target``: one output index, or one per item of the batch."""
     from captum import attr
 
     image = image.as_tensor() if hasattr(image, "as_tensor") else image
-    image = image.detach().clone().requires_grad_(True)
+    image = image.detach().clone().to(model_device(model)).requires_grad_(True)
     spatial = image.shape[2:]
     params: dict[str, Any]
     if method == "gradcam":
@@ -190,7 +191,14 @@ def attribute(model: Any, image: Any, target: int, cfg: ExplanationConfig,
         result = maps.clamp(min=0).sum(dim=1)
     else:
         raise ExplainError(f"unknown explanation method '{method}'; use one of {METHODS}")
-    return result.detach(), params
+    return result.detach().float().cpu(), params
+
+
+def model_device(model: Any) -> Any:
+    """The device a network's parameters are on (the CPU for one without parameters)."""
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
 
 
 def _normalise(values: np.ndarray) -> np.ndarray:
@@ -242,3 +250,61 @@ def explain(predictor: Predictor, prepared: Prepared, prediction: Prediction, *,
                     source=volume.source)
     return SaliencyMap(volume=volume, method=method, params=params, target=described,
                        model_space=model_space)
+
+
+#: Methods whose attribution of a batch equals, item by item, that of each item alone (each
+#: item's score depends on its own input only, and the networks run in eval mode).
+BATCHED_METHODS = ("gradcam", "layercam", "saliency", "integrated_gradients")
+
+
+def explain_batch(predictor: Predictor, prepared: Sequence[Prepared],
+                  predictions: Sequence[Prediction], *, method: str | None = None,
+                  layer: str | None = None) -> list[SaliencyMap]:
+    """:func:`explain` for several inputs at once: one attribution pass per network over the
+    stacked batch for classification with a batchable method (each item its own target);
+    otherwise item by item. The maps equal those of :func:`explain` on each input alone.
+
+    Raises:
+        ExplainError: misconfiguration, or Captum failing on this network.
+    """
+    cfg = predictor.pipeline.explanation
+    if layer:
+        cfg = cfg.model_copy(update={"layer": layer})
+    method = method or cfg.method
+    shapes = {tuple(p.image.shape) for p in prepared}
+    if (len(prepared) < 2 or predictor.pipeline.task != "classification"
+            or method not in BATCHED_METHODS or len(shapes) != 1):
+        return [explain(predictor, p, pred, method=method, layer=layer)
+                for p, pred in zip(prepared, predictions, strict=True)]
+    images = torch.cat([p.image.as_tensor() if hasattr(p.image, "as_tensor") else p.image
+                        for p in prepared])
+    targets = [pred.target_index for pred in predictions]
+    networks = predictor.networks if cfg.members == "all" else predictor.networks[:1]
+    per_network = []
+    params: dict[str, Any] = {}
+    for network in networks:
+        try:
+            raw, params = attribute(network, images, targets, cfg, method)
+        except ExplainError:
+            raise
+        except (RuntimeError, ValueError, AssertionError, IndexError) as e:
+            raise ExplainError(f"{method} failed on {predictor.pipeline.model.name}: {e}") from e
+        per_network.append([_normalise(raw[k].numpy()) for k in range(len(prepared))])
+    out = []
+    for k, (item, prediction) in enumerate(zip(prepared, predictions, strict=True)):
+        maps = [network_maps[k] for network_maps in per_network]
+        model_space = maps[0] if len(maps) == 1 else _normalise(np.mean(maps, axis=0))
+        described = f"class {prediction.label}"
+        item_params = dict(params)
+        if len(predictor.networks) > 1:
+            item_params = {**item_params, "members": len(maps),
+                           "of_members": len(predictor.networks)}
+            described += (f"; mean of the {len(maps)} members' maps" if len(maps) > 1
+                          else "; first member only")
+        volume = predictor.to_input_space(item, model_space[np.newaxis], nearest=False)
+        volume = Volume(array=np.clip(np.asarray(volume.array), 0.0, 1.0),
+                        affine=volume.affine, modality=volume.modality,
+                        header={"saliency_method": method}, source=volume.source)
+        out.append(SaliencyMap(volume=volume, method=method, params=item_params,
+                               target=described, model_space=model_space))
+    return out

@@ -1,5 +1,5 @@
 """Running trained pipelines: the Predictor."""
 
-from medvision.infer.predictor import Predictor
+from medvision.infer.predictor import LazyPredictor, Predictor
 
-__all__ = ["Predictor"]
+__all__ = ["LazyPredictor", "Predictor"]

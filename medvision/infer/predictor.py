@@ -20,7 +20,7 @@ from medvision.models.registry import patch_forward
 from medvision.transforms import build_transforms
 from medvision.transforms.chain import preprocess_transforms, volume_to_tensor
 
-__all__ = ["Prediction", "Prepared", "Predictor"]
+__all__ = ["LazyPredictor", "Prediction", "Prepared", "Predictor", "prepare_volume"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,6 +74,28 @@ class Prediction:
         return self.classes.index(self.label) if self.label in self.classes else 1
 
 
+def prepare_volume(pipeline: Pipeline, volume: Volume) -> Prepared:
+    """Preprocess one volume as at inference (no augmentation), keeping the inverse; needs
+    the pipeline only, so reader processes prepare studies without loading a network.
+
+    Raises:
+        ModelError: a 3D volume for a 2D pipeline.
+    """
+    from monai import transforms as mt
+
+    if pipeline.spatial_dims == 2 and volume.spatial_dims == 3:
+        if volume.spatial_shape[2] != 1:
+            raise ModelError(f"{volume.source}: 3D input for a 2D pipeline")
+        volume = Volume(
+            array=volume.array[..., 0], affine=volume.affine, modality=volume.modality,
+            source_uids=volume.source_uids, header=volume.header, warnings=volume.warnings,
+            source=volume.source)
+    transform = mt.Compose(preprocess_transforms(pipeline, train=False, with_label=False))
+    out = transform({"image": volume_to_tensor(volume, channels=pipeline.in_channels)})
+    return Prepared(volume=volume, image=out["image"].unsqueeze(0), data=out,
+                    transform=transform)
+
+
 class Ensemble:
     """Members' calibrated probabilities averaged: ``log(mean_k softmax(z_k / T_k))``.
 
@@ -107,6 +129,19 @@ class Predictor:
     model: Any
     backend: Any = None
     kind: str = "torch"
+    device: Any = None
+    """Where the PyTorch networks run (``torch.device``; None: the CPU)."""
+
+    def load(self) -> Predictor:
+        """This predictor (as :meth:`LazyPredictor.load` gives one)."""
+        return self
+
+    @property
+    def device_info(self) -> Any:
+        """The device as reports name it (:class:`medvision.devices.DeviceInfo`)."""
+        from medvision.devices import describe
+
+        return describe(self.device or "cpu")
 
     @property
     def pipeline(self) -> Pipeline:
@@ -163,23 +198,48 @@ class Predictor:
     def from_pipeline(cls, name_or_path: str | os.PathLike[str], *,
                       weights: str | os.PathLike[str] | None = None,
                       backend: str = "torch",
-                      search: Sequence[str | os.PathLike[str]] = ()) -> Predictor:
+                      search: Sequence[str | os.PathLike[str]] = (),
+                      device: str | None = "cpu") -> Predictor:
         """Load a pipeline's :class:`~medvision.models.ModelBundle` and build its network.
 
         ``search``: extra folders of pipelines to look in, before installed packages. With
         ``backend="onnx"`` predictions run in onnxruntime from the ``.onnx`` file beside the
-        weights (``medvision export``); explanations still use PyTorch.
+        weights (``medvision export``); explanations still use PyTorch. ``device``: where
+        the networks run (``auto``, ``cpu``, ``cuda:N``, ``mps``).
 
         Raises:
             ConfigError: invalid pipeline.
+            DeviceError: the device is not there.
             CheckpointError: no weights, or weights that do not fit the network.
         """
         bundle = ModelBundle.load(name_or_path, weights=weights, search=tuple(search))
-        return cls.from_bundle(bundle, backend=backend)
+        return cls.from_bundle(bundle, backend=backend, device=device)
 
     @classmethod
-    def from_bundle(cls, bundle: ModelBundle, *, backend: str = "torch") -> Predictor:
-        """A predictor for an already loaded bundle (an ensemble: every member)."""
+    def from_bundle(cls, bundle: ModelBundle, *, backend: str = "torch",
+                    device: str | None = "cpu") -> Predictor:
+        """A predictor for an already loaded bundle (an ensemble: every member), its
+        networks on ``device``."""
+        from medvision.devices import prepare, resolve_device
+
+        target = resolve_device(device)
+        if target.type != "cpu" and backend == "onnx":
+            from medvision.errors import DeviceError
+
+            raise DeviceError("the onnx backend runs on the CPU here; use --backend torch "
+                              f"for {target}")
+        prepare(target)
+        made = cls._build(bundle, backend=backend)
+        made.model.to(target)
+        if isinstance(made.backend, Ensemble):
+            for member in made.backend.members:
+                if hasattr(member, "to"):
+                    member.to(target)
+        return cls(bundle=made.bundle, model=made.model, backend=made.backend, kind=made.kind,
+                   device=target)
+
+    @classmethod
+    def _build(cls, bundle: ModelBundle, *, backend: str) -> Predictor:
         runner = None
         model = bundle.build_network()
         if bundle.members:
@@ -225,6 +285,9 @@ class Predictor:
         import torch
 
         network = self.model if self.backend is None else self.backend
+        image = image.as_tensor() if hasattr(image, "as_tensor") else image
+        if self.kind == "torch":
+            image = image.to(self.device or "cpu", non_blocking=True)
 
         def forward(x: Any) -> Any:
             return patch_forward(self.pipeline, network, x)
@@ -238,38 +301,12 @@ class Predictor:
                     flipped = torch.flip(flipped, dims=(axis + 2,))
                 out = out + flipped
         out = out / (1 + len(flips))
-        return out.as_tensor() if hasattr(out, "as_tensor") else out
+        out = out.as_tensor() if hasattr(out, "as_tensor") else out
+        return out.float().cpu()
 
     def prepare(self, volume: Volume) -> Prepared:
         """Preprocess one volume as at inference (no augmentation), keeping the inverse."""
-        from monai import transforms as mt
-
-        if self.pipeline.spatial_dims == 2 and volume.spatial_dims == 3:
-            if volume.spatial_shape[2] != 1:
-                raise ModelError(f"{volume.source}: 3D input for a 2D pipeline")
-            volume = Volume(
-                array=volume.array[..., 0], affine=volume.affine, modality=volume.modality,
-                source_uids=volume.source_uids, header=volume.header, warnings=volume.warnings,
-                source=volume.source)
-        if self.pipeline.task == "detection":
-            size = self.pipeline.preprocess.size
-            shape = volume.spatial_shape
-            zoom = [t / s for t, s in zip(size, shape, strict=True)] if size else [1.0] * len(
-                shape)
-            transform = mt.Compose([
-                mt.ScaleIntensityRanged("image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0,
-                                        clip=True),
-                mt.Zoomd("image", zoom=zoom, keep_size=False, mode="area")])
-        else:
-            transform = mt.Compose(preprocess_transforms(self.pipeline, train=False,
-                                                         with_label=False))
-        out = transform({"image": volume_to_tensor(volume, channels=self.pipeline.in_channels)})
-        if self.pipeline.task == "detection":
-            out["zoom"] = np.array([a / b for a, b in zip(out["image"].shape[1:],
-                                                          volume.spatial_shape, strict=True)],
-                                   dtype=np.float32)
-        return Prepared(volume=volume, image=out["image"].unsqueeze(0), data=out,
-                        transform=transform)
+        return prepare_volume(self.pipeline, volume)
 
     def to_input_space(self, prepared: Prepared, array: Any, *, nearest: bool) -> Volume:
         """Map a model-space map ``(C, ...)`` back onto the input's grid, as a Volume."""
@@ -294,29 +331,58 @@ class Predictor:
                       source=source.source)
 
     def predict(self, prepared: Prepared) -> Prediction:
-        """Classify or segment a prepared volume."""
+        """Classify, segment or detect in a prepared volume."""
+        return self.predict_batch([prepared])[0]
+
+    def predict_batch(self, prepared: Sequence[Prepared]) -> list[Prediction]:
+        """:meth:`predict` for several volumes: classification inputs (all of one size
+        after preprocessing) go through the network, and the OOD guard's features, in one
+        forward pass; segmentation and detection run one by one. Equal to predicting each
+        alone (the networks are in eval mode)."""
+        if self.pipeline.task == "detection":
+            return [self._detect(p) for p in prepared]
+        if self.pipeline.task != "classification" or len(
+                {tuple(p.image.shape) for p in prepared}) != 1:
+            return [self._predict_one(p) for p in prepared]
+        import torch
+
+        images = torch.cat([p.image.as_tensor() if hasattr(p.image, "as_tensor") else p.image
+                            for p in prepared])
+        logits = self.logits(images)
+        distances: list[float | None] = [None] * len(prepared)
+        if self.guard is not None:
+            features = FeatureGuard.features(self.model, self.guard.layer, [images])
+            distances = [float(d) for d in self.guard.distance(features)]
+        return [self._classified(logits[k:k + 1], distances[k]) for k in range(len(prepared))]
+
+    def _classified(self, logits: Any, distance: float | None) -> Prediction:
         import torch
 
         classes = self.pipeline.classes
-        if self.pipeline.task == "detection":
-            return self._detect(prepared)
+        probs = torch.softmax(logits / self.temperature, dim=1)[0].numpy()
+        if len(classes) == 2:
+            index = int(probs[1] >= self.pipeline.inference.threshold)
+            threshold = self.pipeline.inference.threshold
+        else:
+            index, threshold = int(probs.argmax()), None
+        return Prediction(label=classes[index], probabilities=tuple(float(p) for p in probs),
+                          threshold=threshold, task=self.pipeline.task, classes=classes,
+                          ood_distance=distance,
+                          ood_threshold=self.guard.threshold if self.guard else None,
+                          model_output=logits)
+
+    def _predict_one(self, prepared: Prepared) -> Prediction:
+        classes = self.pipeline.classes
         logits = self.logits(prepared.image)
         distance = None
         if self.guard is not None:
             features = FeatureGuard.features(self.model, self.guard.layer, [prepared.image])
             distance = float(self.guard.distance(features)[0])
+        if self.pipeline.task == "classification":
+            return self._classified(logits, distance)
         common = {"task": self.pipeline.task, "classes": classes, "ood_distance": distance,
                   "ood_threshold": self.guard.threshold if self.guard else None,
                   "model_output": logits}
-        if self.pipeline.task == "classification":
-            probs = torch.softmax(logits / self.temperature, dim=1)[0].numpy()
-            if len(classes) == 2:
-                index = int(probs[1] >= self.pipeline.inference.threshold)
-                threshold = self.pipeline.inference.threshold
-            else:
-                index, threshold = int(probs.argmax()), None
-            return Prediction(label=classes[index], probabilities=tuple(float(p) for p in probs),
-                              threshold=threshold, **common)
         labels = logits.argmax(dim=1)[0].numpy().astype(np.float32)
         mask = self.to_input_space(prepared, labels[np.newaxis], nearest=True)
         voxel_ml = float(np.prod(mask.spacing)) / 1000.0
@@ -328,26 +394,20 @@ class Predictor:
 
     def _detect(self, prepared: Prepared) -> Prediction:
         """Boxes scoring at least ``inference.threshold``, in the input's pixels."""
-        import torch
+        from medvision.models.detection import detect
 
         classes = self.pipeline.classes
-        image = (prepared.image[0].as_tensor() if hasattr(prepared.image[0], "as_tensor")
-                 else prepared.image[0])
         detector = self.backend if self.backend is not None else self.model
-        with torch.no_grad():
-            found = detector([image])[0]
-        zoom = np.asarray(prepared.data["zoom"], dtype=np.float32)
-        scale = np.concatenate([zoom, zoom])
-        keep = found["labels_scores"].numpy() >= self.pipeline.inference.threshold
-        boxes = found["boxes"].numpy()[keep].astype(np.float32) / scale
-        labels = found["labels"].numpy()[keep].astype(np.int64)
-        scores = found["labels_scores"].numpy()[keep].astype(np.float32)
+        found = detect(detector, prepared.image[0], prepared.data["zoom"])
+        keep = found["scores"] >= self.pipeline.inference.threshold
+        boxes, labels, scores = (found[k][keep] for k in ("boxes", "labels", "scores"))
         counts = {name: int((labels == k).sum()) for k, name in enumerate(classes)}
         present = [name for name, n in counts.items() if n]
+        zoom = np.asarray(prepared.data["zoom"], dtype=np.float32)
         return Prediction(task=str(self.pipeline.task), classes=classes,
                           label="+".join(present) if present else "none", boxes=boxes,
                           box_labels=labels, box_scores=scores, counts=counts,
-                          model_output={"scale": scale})
+                          model_output={"scale": np.concatenate([zoom, zoom])})
 
     def run_items(self, items: Sequence[dict[str, Any]], *,
                   batch_size: int | None = None) -> Iterator[tuple[dict[str, Any], Any, Any]]:
@@ -364,3 +424,47 @@ class Predictor:
                             shuffle=False, num_workers=0)
         for batch in loader:
             yield batch, self.logits(batch["image"]), batch["label"]
+
+
+@dataclass(frozen=True, eq=False)
+class LazyPredictor:
+    """A pipeline's bundle whose networks are built only when first needed: a batch in
+    which every study is up to date decides that from the bundle alone (pipeline, weights
+    digest, backend) and never builds a network."""
+
+    bundle: ModelBundle
+    backend: str = "torch"
+    device: str | None = "cpu"
+
+    @classmethod
+    def from_pipeline(cls, name_or_path: str | os.PathLike[str], *,
+                      weights: str | os.PathLike[str] | None = None, backend: str = "torch",
+                      search: Sequence[str | os.PathLike[str]] = (),
+                      device: str | None = "cpu") -> LazyPredictor:
+        """Read the bundle (pipeline, weights digest, calibration, guard); build nothing."""
+        from medvision.devices import resolve_device
+
+        resolve_device(device)  # a device that is not there is an error now, not later
+        return cls(bundle=ModelBundle.load(name_or_path, weights=weights,
+                                           search=tuple(search)),
+                   backend=backend, device=device)
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return self.bundle.pipeline
+
+    @property
+    def weights_sha256(self) -> str:
+        return self.bundle.weights_sha256
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend
+
+    @cached_property
+    def loaded(self) -> Predictor:
+        return Predictor.from_bundle(self.bundle, backend=self.backend, device=self.device)
+
+    def load(self) -> Predictor:
+        """The predictor, its networks built on the first call."""
+        return self.loaded

@@ -165,8 +165,9 @@ def detect(detector: Any, image: Any, zoom: Any) -> dict[str, np.ndarray]:
     import torch
 
     image = image.as_tensor() if hasattr(image, "as_tensor") else image
+    device = next((p.device for p in detector.parameters()), torch.device("cpu"))
     with torch.no_grad():
-        found = detector([torch.as_tensor(image).float()])[0]
+        found = detector([torch.as_tensor(image).float().to(device)])[0]
     zoom = np.asarray(zoom, dtype=np.float32).reshape(-1)
     scale = np.concatenate([zoom, zoom]).astype(np.float32)
     return {"boxes": found["boxes"].detach().cpu().numpy().astype(np.float32) / scale,

@@ -41,12 +41,14 @@ def pooled_features(model: Any, layer: str, images: Iterable[Any], *,
     captured: list[Any] = []
     outputs: list[Any] = []
     handle = modules[layer].register_forward_hook(
-        lambda _m, _i, out: captured.append(_pooled(out).detach()))
+        lambda _m, _i, out: captured.append(_pooled(out).detach().float().cpu()))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     try:
         model.eval()
         with torch.no_grad():
             for image in images:
-                out = model(image)
+                out = model(image.to(device))
+                out = out.float().cpu()
                 if keep_outputs:
                     outputs.append(out)
     finally:

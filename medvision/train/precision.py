@@ -3,22 +3,18 @@
 ``bfloat16`` runs each training step's forward pass under ``torch.autocast`` on the CPU:
 convolutions and matrix products in bfloat16, weights, optimizer state and the loss in
 float32. bfloat16 keeps float32's exponent range, so no loss scaling is needed (unlike float16).
-On CPUs with AVX-512 BF16 or AMX the steps run about 1.4-2.4x faster (bench/bench_train.py
+Autocasting itself is :func:`medvision.devices.autocast` (float16 too, on GPUs). On CPUs with AVX-512 BF16 or AMX the steps run about 1.4-2.4x faster (bench/bench_train.py
 ``--precision``); on CPUs without them oneDNN emulates bfloat16 and the steps get slower, which
-:func:`step_precision` warns about once. Validation, calibration and inference stay float32, so
+:func:`warn_if_emulated` warns about once. Validation, calibration and inference stay float32, so
 the epoch a run keeps and what it publishes are judged at full precision.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-from typing import Any
 
-from medvision.config import Pipeline
-
-__all__ = ["bfloat16_native", "step_precision", "warn_if_emulated"]
+__all__ = ["bfloat16_native", "warn_if_emulated"]
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +37,3 @@ def warn_if_emulated() -> None:
         return
     log.warning("training.precision bfloat16: this CPU has no native bfloat16 (AVX-512 BF16 or "
                 "AMX); steps will be slower than float32")
-
-
-def step_precision(pipeline: Pipeline) -> contextlib.AbstractContextManager[Any]:
-    """The context a training step's forward pass runs in: autocast to bfloat16 when the
-    pipeline asks for it, else nothing."""
-    import torch
-
-    if pipeline.training.precision != "bfloat16":
-        return contextlib.nullcontext()
-    warn_if_emulated()
-    return torch.autocast("cpu", dtype=torch.bfloat16)

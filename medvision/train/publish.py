@@ -36,14 +36,18 @@ def _loader(pipeline: Pipeline, items: Any) -> Any:
                       batch_size=pipeline.training.batch_size, shuffle=False, num_workers=0)
 
 
-def fit_guard(pipeline: Pipeline, weights: str | os.PathLike[str], split: DataSplit) -> FeatureGuard:
+def fit_guard(pipeline: Pipeline, weights: str | os.PathLike[str], split: DataSplit, *,
+              device: str | None = "cpu") -> FeatureGuard:
     """Fit the OOD guard: feature statistics on the training items (no augmentation), and
     the threshold at ``qc.quantile`` of the validation items' distances."""
     layer = pipeline.qc.feature_layer
     if not layer:
         raise ConfigError(f"pipeline '{pipeline.name}' names no qc.feature_layer")
-    model = build_model(pipeline)
-    load_weights(model, weights)
+    from medvision.devices import resolve_device
+
+    target = resolve_device(device)
+    model = build_model(pipeline).to(target)
+    load_weights(model, weights, device=target)
     images = (batch["image"] for batch in _loader(pipeline, split.train))
     train_features = FeatureGuard.features(model, layer, images)
     guard = FeatureGuard.fit(train_features, layer=layer, quantile=pipeline.qc.quantile)
@@ -57,7 +61,7 @@ def fit_guard(pipeline: Pipeline, weights: str | os.PathLike[str], split: DataSp
 
 
 def publish(run_dir: str | os.PathLike[str], target: str | os.PathLike[str], *,
-            split: DataSplit | None) -> dict[str, Any]:
+            split: DataSplit | None, device: str | None = "cpu") -> dict[str, Any]:
     """Write a run's bundle (best weights, calibration, OOD guard fitted on ``split``) into
     the pipeline folder ``target``.
 
@@ -73,7 +77,7 @@ def publish(run_dir: str | os.PathLike[str], target: str | os.PathLike[str], *,
             raise ConfigError(f"{run}: trained with a different '{part}' than {folder}")
     guard = None
     if split is not None and pipeline.qc.feature_layer:
-        guard = fit_guard(pipeline, trained.weights, split)
+        guard = fit_guard(pipeline, trained.weights, split, device=device)
     bundle = replace(trained, pipeline=pipeline, guard=guard, card=None)
     weights = bundle.save(folder)
     stored = "float16" if trained.weights.stat().st_size > MAX_SHIPPED_BYTES else "float32"
@@ -87,7 +91,7 @@ def publish(run_dir: str | os.PathLike[str], target: str | os.PathLike[str], *,
 
 
 def publish_ensemble(run_dirs: list[str | os.PathLike[str]], target: str | os.PathLike[str], *,
-                     split: DataSplit | None) -> dict[str, Any]:
+                     split: DataSplit | None, device: str | None = "cpu") -> dict[str, Any]:
     """Ship several runs as one ensemble bundle: the fold runs of a cross-validation
     (``train --fold I`` for each I), or the members of an architecture ensemble (``train`` and
     ``train --member I``, all on the pipeline's split). Each keeps its best weights, its own
@@ -163,7 +167,7 @@ def publish_ensemble(run_dirs: list[str | os.PathLike[str]], target: str | os.Pa
     ordered = tuple(member for _, _, _, member in runs)
     guard = None
     if split is not None and pipeline.qc.feature_layer:
-        guard = fit_guard(pipeline, ordered[0].weights, split)
+        guard = fit_guard(pipeline, ordered[0].weights, split, device=device)
     bundle = ModelBundle(pipeline=pipeline, weights=ordered[0].weights,
                          weights_sha256=ensemble_digest(ordered), guard=guard,
                          members=ordered)

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import random
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,16 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from medvision.atomic import append_csv, write_text_atomic
+from medvision.atomic import write_text_atomic
 from medvision.config import Pipeline
 from medvision.errors import ConfigError, DataError
 from medvision.io.synthetic import EMBED_KEY
-from medvision.models import save_weights, weights_sha256
-from medvision.train.checkpoint_state import (
-    load_training_state,
-    open_run_dir,
-    save_training_state,
-)
+from medvision.models import weights_sha256
 from medvision.train.data import DataSplit
 from medvision.vocabulary import Task
 
@@ -156,105 +150,114 @@ def generator_transform(pipeline: Pipeline) -> Any:
 
 def train_generator(pipeline: Pipeline, items: Sequence[dict[str, Any]],
                     run_dir: str | os.PathLike[str], *, resume: bool = False,
-                    max_minutes: float | None = None, max_steps: int | None = None
+                    max_minutes: float | None = None, max_steps: int | None = None,
+                    device: str | None = "auto", progress: bool | None = None
                     ) -> SynthesisResult:
     """Train the pipeline's generative model on labelled ``items`` (``image``, ``label``).
 
     Raises:
         ConfigError: not a classification pipeline, or a non-empty run folder without
             ``resume``.
+        DeviceError: the device is not there.
         CheckpointError: nothing to resume from.
         DataError: no items.
     """
-    import torch
-    from monai.data import CacheDataset, DataLoader
-    from monai.networks.schedulers import DDPMScheduler
-    from monai.utils import set_determinism
+    from medvision.train.engine import Engine
 
     _check(pipeline)
     if not items:
         raise DataError("no training items for the generator")
+    engine = Engine(device=device, seed=pipeline.generative.seed,
+                    threads=pipeline.training.threads)
+    try:
+        return _train_generator(pipeline, items, run_dir, engine=engine, resume=resume,
+                                max_minutes=max_minutes, max_steps=max_steps,
+                                progress=progress)
+    finally:
+        engine.close()
+
+
+def _train_generator(pipeline: Pipeline, items: Sequence[dict[str, Any]],
+                     run_dir: str | os.PathLike[str], *, engine: Any, resume: bool,
+                     max_minutes: float | None, max_steps: int | None,
+                     progress: bool | None) -> SynthesisResult:
+    import torch
+    from monai.data import CacheDataset
+    from monai.networks.schedulers import DDPMScheduler
+    from monai.utils import set_determinism
+
+    from medvision.train.engine import RunFolder, StepOutput, TrainingState
+
     cfg = pipeline.generative
-    run = open_run_dir(run_dir, resume=resume)
-    if pipeline.training.threads:
-        torch.set_num_threads(pipeline.training.threads)
+    run = RunFolder(run_dir, resume=resume, writer=engine.is_main)
     set_determinism(seed=cfg.seed)
-    network = _network(pipeline)
+    network = _network(pipeline).to(engine.device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr)
     scheduler = DDPMScheduler(num_train_timesteps=cfg.timesteps, schedule="scaled_linear_beta",
                               beta_start=0.0015, beta_end=0.0195,
                               prediction_type=cfg.prediction)
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "seconds": 0.0, "loss": None}
-    if resume and (run / "state.json").is_file():
-        state = load_training_state(run, model=network, optimizer=optimizer, scheduler=None)
-        log.info("resuming generator training after epoch %d", state["epoch"])
+    state = TrainingState()
+    if resume and run.has_state:
+        state = run.restore(model=network, optimizer=optimizer, scheduler=None,
+                            device=engine.device)
+        log.info("resuming generator training after epoch %d", state.epoch)
     elif resume:
         from medvision.errors import CheckpointError
 
-        raise CheckpointError(f"{run}: nothing to resume (no state.json)")
+        raise CheckpointError(f"{run.path}: nothing to resume (no state.json)")
     else:
-        import yaml
-
-        (run / "pipeline.yaml").write_text(yaml.safe_dump(pipeline.model_dump(mode="json"),
-                                                          sort_keys=False))
+        run.write_pipeline(pipeline)
         counts = np.bincount([int(i["label"]) for i in items], minlength=len(pipeline.classes))
-        (run / "data.json").write_text(json.dumps(
-            {"items": len(items), "per_class": dict(zip(pipeline.classes,
-                                                        map(int, counts), strict=True))},
-            indent=1))
-        write_text_atomic(run / TRAINING_ITEMS, json.dumps(
+        run.write_json("data.json", {"items": len(items), "per_class": dict(zip(
+            pipeline.classes, map(int, counts), strict=True))})
+        run.write_text(TRAINING_ITEMS, json.dumps(
             [{"image": i["image"] if isinstance(i["image"], str) else None,
               "label": int(i["label"]), "group": str(i.get("group", ""))} for i in items]))
+    trained = engine.prepare_model(network)
     data = [{"image": i["image"], "label": int(i["label"])} for i in items]
-    dataset = CacheDataset(data, transform=generator_transform(pipeline), progress=False, num_workers=0)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
-                        drop_last=len(data) > cfg.batch_size, num_workers=0,
-                        generator=torch.Generator().manual_seed(cfg.seed + state["epoch"]))
-    started = time.perf_counter() - float(state["seconds"])
-    epoch, step = int(state["epoch"]), int(state["step"])
-    stop = False
-    while epoch < cfg.epochs and not stop:
+    dataset = CacheDataset(data, transform=generator_transform(pipeline), progress=False,
+                           num_workers=0)
+    loader = engine.loader(dataset, batch_size=cfg.batch_size, train=True,
+                           drop_last=len(data) > cfg.batch_size)
+
+    def step(part: dict[str, Any]) -> StepOutput:
+        image = part["image"]
+        labels = part["label"].long().view(-1)
+        noise = torch.randn_like(image)
+        t = torch.randint(0, cfg.timesteps, (image.shape[0],), device=image.device)
+        noisy = scheduler.add_noise(original_samples=image, noise=noise, timesteps=t)
+        target = noise if cfg.prediction == "epsilon" else scheduler.get_velocity(
+            image, noise, t)
+        loss = torch.nn.functional.mse_loss(trained(noisy, t, class_labels=labels), target)
+        return StepOutput(loss=loss, samples=int(image.shape[0]))
+
+    def epoch(number: int, state: TrainingState) -> TrainingState:
         network.train()
-        epoch += 1
-        t0 = time.perf_counter()
-        total, seen = 0.0, 0
-        for part in loader:
-            image = torch.as_tensor(part["image"])
-            labels = torch.as_tensor(part["label"]).long().view(-1)
-            noise = torch.randn_like(image)
-            t = torch.randint(0, cfg.timesteps, (image.shape[0],))
-            noisy = scheduler.add_noise(original_samples=image, noise=noise, timesteps=t)
-            target = noise if cfg.prediction == "epsilon" else scheduler.get_velocity(
-                image, noise, t)
-            loss = torch.nn.functional.mse_loss(network(noisy, t, class_labels=labels), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * image.shape[0]
-            seen += image.shape[0]
-            step += 1
-            if max_steps is not None and step >= max_steps:
-                stop = True
-                break
-        state.update(epoch=epoch, step=step, loss=total / max(seen, 1),
-                     seconds=time.perf_counter() - started)
-        append_csv(run / "metrics.csv", {"epoch": epoch, "step": step,
-                                         "loss": round(state["loss"], 6),
-                                         "seconds": round(time.perf_counter() - t0, 2)})
-        save_training_state(run, model=network, optimizer=optimizer, scheduler=None,
-                            state=state)
-        save_weights(network, run / GENERATOR_FILE)
-        log.info("generator epoch %d (step %d): loss %.4f", epoch, step, state["loss"])
-        if max_minutes is not None and state["seconds"] >= max_minutes * 60:
-            log.info("stopping after %.1f minutes (--max-minutes)", state["seconds"] / 60)
-            break
-    write_text_atomic(run / "generator.json", json.dumps(
-        {"epochs": epoch, "steps": step, "loss": state["loss"], "seconds": state["seconds"],
-         "weights": GENERATOR_FILE, "sha256": weights_sha256(run / GENERATOR_FILE)},
-        indent=2))
-    return SynthesisResult(run_dir=run, epochs_run=epoch, steps=step,
-                           loss=float(state["loss"] or float("nan")),
-                           seconds=float(state["seconds"]))
+        left = None if max_steps is None else max(0, max_steps - state.step)
+        stats = engine.run_epoch(loader, step, optimizer=optimizer, epoch=number,
+                                 description=f"generator {number}/{cfg.epochs}",
+                                 progress=progress, max_steps=left)
+        steps = state.step + stats.steps
+        state = state.replace(
+            epoch=number, step=steps, loss=stats.loss, seconds=state.seconds + stats.seconds,
+            extra={**state.extra, "stopped": max_steps is not None and steps >= max_steps},
+            history=(*state.history, {"epoch": number, "step": steps,
+                                      "loss": round(stats.loss, 6),
+                                      "seconds": round(stats.seconds, 2)}))
+        run.checkpoint(state, model=network, optimizer=optimizer, scheduler=None)
+        run.save_weights(network, GENERATOR_FILE)
+        log.info("generator epoch %d (step %d): loss %.4f", number, steps, stats.loss)
+        return state
+
+    state = engine.fit(state, epochs=cfg.epochs, epoch=epoch, max_minutes=max_minutes)
+    if run.writer:
+        run.write_json("generator.json", {
+            "epochs": state.epoch, "steps": state.step, "loss": state.loss,
+            "seconds": state.seconds, "weights": GENERATOR_FILE,
+            "sha256": weights_sha256(run / GENERATOR_FILE), "device": engine.describe()})
+    return SynthesisResult(run_dir=run.path, epochs_run=state.epoch, steps=state.step,
+                           loss=float(state.loss if state.loss is not None else float("nan")),
+                           seconds=state.seconds)
 
 
 def _write_sample(array: np.ndarray, stem: Path, provenance: dict[str, Any]) -> Path:
@@ -283,7 +286,7 @@ def _write_sample(array: np.ndarray, stem: Path, provenance: dict[str, Any]) -> 
 
 def sample(pipeline: Pipeline, run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
            *, per_class: int, seed: int = 0, classes: Sequence[str] | None = None,
-           batch_size: int = 16) -> list[Path]:
+           batch_size: int = 16, device: str | None = "auto") -> list[Path]:
     """Sample ``per_class`` images of each class (or of ``classes``) from a trained generator
     into ``out_dir/<class>/``, each with its provenance; returns the files.
 
@@ -309,8 +312,11 @@ def sample(pipeline: Pipeline, run_dir: str | os.PathLike[str], out_dir: str | o
     if unknown:
         raise ConfigError(f"unknown classes {sorted(unknown)}; the pipeline has "
                           f"{list(pipeline.classes)}")
-    network = _network(pipeline)
-    load_weights(network, weights)
+    from medvision.devices import resolve_device
+
+    target = resolve_device(device)
+    network = _network(pipeline).to(target)
+    load_weights(network, weights, device=target)
     network.eval()
     scheduler = DDIMScheduler(num_train_timesteps=cfg.timesteps, schedule="scaled_linear_beta",
                               beta_start=0.0015, beta_end=0.0195, clip_sample=True,
@@ -326,13 +332,16 @@ def sample(pipeline: Pipeline, run_dir: str | os.PathLike[str], out_dir: str | o
         index = pipeline.classes.index(name)
         for start in range(0, per_class, batch_size):
             count = min(batch_size, per_class - start)
-            x = torch.randn((count, pipeline.in_channels, *cfg.size), generator=generator)
-            labels = torch.full((count,), index, dtype=torch.long)
+            # the noise is drawn on the CPU, so a seed gives the same images on every device
+            x = torch.randn((count, pipeline.in_channels, *cfg.size),
+                            generator=generator).to(target)
+            labels = torch.full((count,), index, dtype=torch.long, device=target)
             with torch.no_grad():
                 for t in scheduler.timesteps:
-                    predicted = network(x, torch.full((count,), int(t)), class_labels=labels)
+                    predicted = network(x, torch.full((count,), int(t), device=target),
+                                        class_labels=labels)
                     x, _ = scheduler.step(predicted, int(t), x)
-            pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+            pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
             for k in range(count):
                 number = start + k
                 provenance = {"synthetic": True, "generator_sha256": digest,

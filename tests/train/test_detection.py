@@ -81,7 +81,7 @@ def test_box_transforms_keep_boxes_on_their_pixels(step: str) -> None:
     from monai.apps.detection.transforms import dictionary as bt
     from monai.data import MetaTensor
 
-    from medvision.train.detection import BOX_KEYS, ResizeWithBoxesd
+    from medvision.transforms.chain import BOX_KEYS, ResizeWithBoxesd
 
     image = np.zeros((1, 80, 60), dtype=np.float32)  # (C, I=x, J=y)
     image[0, 20:36, 10:30] = 1.0

@@ -32,16 +32,14 @@ def _hippocampus(folder: Path, size: list[int] | None = None, *, shipped: str = 
 
 
 def _gradients(pipeline: Pipeline, batch: dict, precision: str) -> tuple[float, torch.Tensor]:
+    from medvision.devices import autocast
     from medvision.models import build_model, load_weights
     from medvision.train.loop import _loss, supervised_loss
-    from medvision.train.precision import step_precision
 
     model = build_model(pipeline)
     load_weights(model, REPO / "pipelines" / "hippocampus-seg" / "model.safetensors")
     model.train()
-    mixed = pipeline.model_copy(update={"training": pipeline.training.model_copy(
-        update={"precision": precision})})
-    with step_precision(mixed):
+    with autocast("cpu", precision):
         output = model(batch["image"])
     assert output.dtype == (torch.bfloat16 if precision == "bfloat16" else torch.float32)
     loss = supervised_loss(_loss(pipeline), output.float(), batch["label"])
