@@ -169,7 +169,8 @@ def pipeline_info(predictor: Predictor) -> PipelineInfo:
     return PipelineInfo(name=pipeline.name, version=pipeline.version, task=str(pipeline.task),
                         weights_sha256=predictor.weights_sha256,
                         config_hash=config_hash(pipeline), temperature=predictor.temperature,
-                        backend=predictor.backend_name, members=tuple(
+                        backend=predictor.backend_name,
+                        device=predictor.device_info.as_dict(), members=tuple(
                             {"weights": m.weights.name, "weights_sha256": m.weights_sha256,
                              "network": (m.model or pipeline.model).name,
                              "temperature": m.temperature,

@@ -147,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``medvision`` command; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as given (train --nproc)
     env = os.environ.get("MEDVISION_PIPELINES")
     if env:
         args.pipelines_dir = [*args.pipelines_dir, *(Path(p) for p in env.split(os.pathsep) if p)]

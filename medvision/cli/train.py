@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,10 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--precision", choices=["float32", "bfloat16", "float16"],
                         help="override training.precision (float16: GPUs only)")
     add_device_argument(parser)
+    parser.add_argument("--nproc", type=int, metavar="N",
+                        help="train with DistributedDataParallel in N processes on this "
+                             "machine (through torchrun; one GPU each with --device cuda, "
+                             "gloo on CPUs); training.batch_size is the global batch")
     parser.add_argument("--limit", type=int,
                         help="use at most this many training and validation items (smoke runs)")
     add_audit_arguments(parser)
@@ -59,6 +65,8 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train; prints the best epoch and metric."""
+    if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return _launch(args.nproc, args.argv)
     from medvision.config import load_pipeline
     from medvision.train import DataSplit, pipeline_split, train
 
@@ -95,8 +103,7 @@ def run(args: argparse.Namespace) -> int:
     fold = "" if args.fold is None else f"fold {args.fold} of {pipeline.training.folds}: "
     if args.member:
         fold = f"member {args.member} ({pipeline.model.name}): "
-    if result.device and int(result.device.get("processes", 1)) > 1 and \
-            int(__import__("os").environ.get("RANK", "0")) != 0:
+    if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun rank 0 alone reports
     where = f" on {result.device['device']} ({result.device['name']})" if result.device else ""
     print(f"{fold}trained {result.epochs_run} epoch(s) in {result.seconds:.0f} s{where}; "
@@ -107,6 +114,28 @@ def run(args: argparse.Namespace) -> int:
         for path, reason in result.skipped[:10]:
             print(f"  {path}: {reason}")
     return 0
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """Run this same command in ``nproc`` processes under torchrun (PyTorch's launcher: it
+    sets the ranks and the rendezvous; medvision spawns nothing itself)."""
+    import subprocess
+
+    cleaned: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        cleaned.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+               "--nproc-per-node", str(nproc), "-m", "medvision", *cleaned]
+    return subprocess.call(command)
 
 
 def _same_member(pipeline: Any, run: Path, member: int) -> None:

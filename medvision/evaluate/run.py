@@ -150,11 +150,13 @@ def _evaluate(parts: Sequence[Part], out_dir: str | os.PathLike[str], *, force: 
         if pipeline.task == "detection" else
         "Proportions have Wilson score intervals; AUC, F1, ECE, Dice and distances have BCa "
         "bootstrap intervals over cases (resampled within each class for classification).")
+    metrics["device"] = predictor.device_info.as_dict()
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "summary.html").write_text(render_evaluation(metrics, [p.name for p in images]))
     if auditor is not None:
         headline: dict[str, Any] = {k: metrics[k]["value"] for k in ("accuracy", "auc", "dice",
                                                                       "map_50") if k in metrics}
+        headline["device"] = metrics["device"]
         inputs = audit_inputs or {"data": items_digest(items)}
         if synthetic:
             inputs = {**inputs, "synthetic_items": synthetic}

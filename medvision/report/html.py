@@ -139,7 +139,7 @@ def render_evaluation(metrics: Mapping[str, Any], images: Sequence[str]) -> str:
                    split=metrics.get("split"), skipped=metrics.get("skipped_items") or [],
                    method=metrics.get("interval_note", ""), rows=metric_rows(metrics),
                    synthetic=metrics.get("synthetic_items", 0),
-                   images=list(images))
+                   device=metrics.get("device"), images=list(images))
 
 
 def render_synthetic(quality: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:

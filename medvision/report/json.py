@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SCHEMA_VERSION", "load_schema", "render_json", "to_document", "validate_report"]
 
-SCHEMA_VERSION = "1.5.0"
+SCHEMA_VERSION = "1.6.0"
 
 
 @lru_cache(maxsize=1)
@@ -71,6 +71,8 @@ def to_document(report: StudyReport) -> dict[str, Any]:
                 "temperature": p.temperature, "backend": p.backend}
     if p.members:
         pipeline["members"] = [dict(m) for m in p.members]
+    if p.device:
+        pipeline["device"] = dict(p.device)
     files = report.files
     prediction: dict[str, Any] | None = None
     if report.prediction is not None:

@@ -79,6 +79,8 @@ class PipelineInfo:
     backend: str
     members: tuple[Mapping[str, Any], ...] = ()
     """An ensemble's members: weights file, its SHA-256, network, temperature, fold or member."""
+    device: Mapping[str, str] | None = None
+    """Where the networks ran: ``device`` (cpu, cuda:0, mps) and ``name`` (the GPU's or CPU's)."""
 
 
 @dataclass(frozen=True)

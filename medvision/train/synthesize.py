@@ -298,6 +298,9 @@ def sample(pipeline: Pipeline, run_dir: str | os.PathLike[str], out_dir: str | o
 
     from medvision.models import load_weights
 
+    from medvision.devices import resolve_device
+
+    target = resolve_device(device)  # before anything else: a missing device is a usage error
     _check(pipeline)
     cfg = pipeline.generative
     run = Path(run_dir)
@@ -312,9 +315,6 @@ def sample(pipeline: Pipeline, run_dir: str | os.PathLike[str], out_dir: str | o
     if unknown:
         raise ConfigError(f"unknown classes {sorted(unknown)}; the pipeline has "
                           f"{list(pipeline.classes)}")
-    from medvision.devices import resolve_device
-
-    target = resolve_device(device)
     network = _network(pipeline).to(target)
     load_weights(network, weights, device=target)
     network.eval()
