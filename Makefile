@@ -40,10 +40,12 @@ bench: setup
 # Reproduce a shipped model from its pipeline file (tools/reproduce.sh): train, resuming an
 # interrupted run in $(RUNS)/<name> (the fold runs of a cross-validation pipeline, then the
 # ensemble), publish into pipelines/<name>/, evaluate on the validation split.
+# DEVICES=cuda:0,cuda:1 trains the folds or members in parallel, one per device.
 DATA ?= ../shared/data
 RUNS ?= runs
+DEVICES ?=
 define reproduce
-	BIN=$(BIN) bash tools/reproduce.sh $(1) $(2) $(RUNS)
+	BIN=$(BIN) DEVICES=$(DEVICES) bash tools/reproduce.sh $(1) $(2) $(RUNS)
 endef
 
 model-chest: setup

@@ -4,8 +4,12 @@
 # A pipeline with `training.folds: k` trains RUNS/NAME/fold0 .. fold<k-1> (each resumable;
 # finished folds are kept) and ships them as one ensemble; one with `members` (an architecture
 # ensemble) trains RUNS/NAME/member0 .. member<n> the same way and ships them together.
+# DEVICES=cuda:0,cuda:1 trains the folds (or members) in parallel, one per device, in waves
+# of as many as there are devices (nnU-Net's advice for folds: one GPU each, no DDP);
+# unset, they train one after another on --device auto.
 #   usage: tools/reproduce.sh PIPELINE DATA [RUNS]      (BIN: the venv's bin, default .venv/bin)
 set -euo pipefail
+IFS=, read -r -a devices <<< "${DEVICES:-}"
 bin=${BIN:-.venv/bin}
 pipeline=$1
 data=$2
@@ -30,13 +34,33 @@ sys.exit(0 if json.load(open(sys.argv[1])).get("finished") else 1)' "$run/state.
   "$bin/medvision" train --pipeline "$pipeline" --data "$data" -o "$run" "$@" "${resume[@]}"
 }
 
+running=()
+train_on() {  # SLOT RUN [ARGS]: on device SLOT of DEVICES in the background, else here
+  local slot=$1
+  shift
+  if [ "${#devices[@]}" -eq 0 ]; then train "$@"; return; fi
+  local device=${devices[$((slot % ${#devices[@]}))]}
+  train "$@" --device "$device" > "$1.log" 2>&1 &
+  running+=($!)
+  echo "$1: training on $device (log $1.log)"
+  if [ "${#running[@]}" -ge "${#devices[@]}" ]; then wait_all; fi
+}
+wait_all() {
+  local pid failed=0
+  for pid in "${running[@]}"; do wait "$pid" || failed=1; done
+  running=()
+  [ "$failed" -eq 0 ] || { echo "a parallel training run failed (see its .log)" >&2; exit 1; }
+}
+
 if [ "$extra" -gt 0 ]; then
   members=()
   for ((i = 0; i <= extra; i++)); do
-    if [ "$i" -eq 0 ]; then train "$runs/$name/member0"; else
-      train "$runs/$name/member$i" --member "$i"; fi
+    mkdir -p "$runs/$name"
+    if [ "$i" -eq 0 ]; then train_on "$i" "$runs/$name/member0"; else
+      train_on "$i" "$runs/$name/member$i" --member "$i"; fi
     members+=("$runs/$name/member$i")
   done
+  wait_all
   "$bin/medvision" publish "${members[@]}" --pipeline "$pipeline" --data "$data"
   "$bin/medvision" evaluate --pipeline "$pipeline" --data "$data" --split val \
     -o "$runs/$name-eval-val" --force
@@ -48,9 +72,11 @@ elif [ "$folds" -eq 0 ]; then
 else
   members=()
   for ((i = 0; i < folds; i++)); do
-    train "$runs/$name/fold$i" --fold "$i"
+    mkdir -p "$runs/$name"
+    train_on "$i" "$runs/$name/fold$i" --fold "$i"
     members+=("$runs/$name/fold$i")
   done
+  wait_all
   # publish prints every fold's validation metric, their mean and SD
   "$bin/medvision" publish "${members[@]}" --pipeline "$pipeline" --data "$data"
   # every case once, by the member that did not train on it: the ensemble's validation numbers

@@ -122,14 +122,45 @@ class _StudyReader:
     """The studies of a batch as a map-style dataset: item k is study k read, checked and
     preprocessed (in a DataLoader worker process; no network there)."""
 
-    def __init__(self, studies: Sequence[Study], pipeline: Any, options: AnalyzeOptions) -> None:
+    def __init__(self, studies: Sequence[Study], pipeline: Any, options: AnalyzeOptions,
+                 threads: int = 1) -> None:
         self.studies, self.pipeline, self.options = list(studies), pipeline, options
+        self.threads = threads
 
     def __len__(self) -> int:
         return len(self.studies)
 
     def __getitem__(self, index: int) -> StudyInput:
-        return read_study(self.studies[index], self.pipeline, self.options)
+        import pickle
+
+        from torch.utils.data import get_worker_info
+
+        if get_worker_info() is not None:
+            import torch
+
+            # the analysing process's thread count: PyTorch's parallel reductions in the
+            # preprocessing round differently with another count (inputs by ~1e-7, which
+            # gradient saliency can carry to ~1e-3), and a study must come out the same
+            # whether read here or there
+            torch.set_num_threads(self.threads)
+        item = read_study(self.studies[index], self.pipeline, self.options)
+        if get_worker_info() is None:
+            return item
+        if item.prepared is not None:
+            from monai.utils import TraceKeys
+
+            # the transforms are rebuilt on the way back (new objects): inverting them must
+            # not ask for the objects that were applied, only for their order and kind
+            for operation in item.prepared.data["image"].applied_operations:
+                operation[TraceKeys.ID] = TraceKeys.NONE
+        try:  # what cannot travel back would hang the loader: fail the study instead
+            pickle.dumps(item)
+        except Exception as e:  # noqa: BLE001 - one study must not end the batch
+            return StudyInput(study=item.study, timings=item.timings,
+                              error=RuntimeError(f"the study's data cannot be passed between "
+                                                 f"processes ({type(e).__name__}); analyse "
+                                                 "it with --workers 0"))
+        return item
 
 
 def _as_list(batch: list[StudyInput]) -> list[StudyInput]:
@@ -160,13 +191,18 @@ def analyze_batched(studies: Sequence[Study], predictor: Predictor, out: Path,
     from collections import deque
     from concurrent.futures import Future, ThreadPoolExecutor
 
+    import torch
     from torch.utils.data import DataLoader
 
     workers = reader_processes(options, len(studies))
-    loader = DataLoader(_StudyReader(studies, predictor.pipeline, options),
+    loader = DataLoader(_StudyReader(studies, predictor.pipeline, options,
+                                     threads=torch.get_num_threads()),
                         batch_size=options.batch_size, shuffle=False, num_workers=workers,
                         collate_fn=_as_list, prefetch_factor=2 if workers else None,
-                        persistent_workers=False)
+                        persistent_workers=False,
+                        # spawned, not forked: a fork of a process whose OpenMP threads
+                        # have run (PyTorch's CPU kernels) can deadlock in the child
+                        multiprocessing_context="spawn" if workers else None)
     pending: deque[Future[StudyOutcome]] = deque()
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="medvision-writer") as pool:
         for items in loader:
@@ -286,8 +322,9 @@ def analyze(inputs: Iterable[str | os.PathLike[str]], predictor: Predictor | Laz
     elif todo:
         from medvision.analyze.distributed import run_on_cluster
 
-        outcomes = run_on_cluster(todo, predictor.load(), out, options, auditor.pseudonymizer,
-                                  scheduler=scheduler, previous=previous)
+        outcomes = run_on_cluster(todo, predictor, out, options, auditor.pseudonymizer,
+                                  scheduler=scheduler, previous=previous,
+                                  device=options.device)
     for outcome in outcomes:
         commit(outcome, auditor, out)
         reports[outcome.study] = (outcome.document, False)

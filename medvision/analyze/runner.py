@@ -83,6 +83,8 @@ class AnalyzeOptions:
         batch_size: studies per forward (and saliency) pass.
         workers: reader processes preparing studies ahead of the network (None: up to 4,
             one per core; 0: read in this process).
+        device: where Dask workers run the networks (``--scheduler``); a local run uses
+            the predictor's own device.
     """
 
     explain_method: str | None = None
@@ -96,6 +98,7 @@ class AnalyzeOptions:
     fhir: bool = False
     batch_size: int = 8
     workers: int | None = None
+    device: str = "cpu"
 
 
 class _Rejected(Exception):

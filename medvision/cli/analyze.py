@@ -92,12 +92,13 @@ def run(args: argparse.Namespace) -> int:
         faithfulness=args.faithfulness, force=args.force,
         overwrite=not args.no_overwrite, include_phi=args.include_phi,
         dicom=args.dicom is not None, fhir=args.fhir, batch_size=max(1, args.batch_size),
-        workers=args.workers)
+        workers=args.workers, device=args.device)
 
     # the networks are built only when a study needs them
     predictor = LazyPredictor.from_pipeline(args.pipeline, weights=args.weights,
                                             search=args.pipelines_dir, backend=args.backend,
-                                            device=args.device)
+                                            # with --scheduler the workers' device counts
+                                            device="cpu" if args.scheduler else args.device)
     results = analyze(args.inputs, predictor, args.output, auditor=auditor, options=options,
                       scheduler=args.scheduler)
     if args.dicom:

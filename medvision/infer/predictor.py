@@ -461,6 +461,18 @@ class LazyPredictor:
     def backend_name(self) -> str:
         return self.backend
 
+    @property
+    def folder(self) -> Path | None:
+        return self.bundle.folder
+
+    @property
+    def weights(self) -> Path:
+        return self.bundle.weights
+
+    @property
+    def ensemble_size(self) -> int:
+        return max(1, len(self.bundle.members))
+
     @cached_property
     def loaded(self) -> Predictor:
         return Predictor.from_bundle(self.bundle, backend=self.backend, device=self.device)

@@ -135,6 +135,13 @@ class Volume:
         object.__setattr__(self, "warnings", tuple(self.warnings))
         object.__setattr__(self, "skipped_files", tuple(self.skipped_files))
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickled through the constructor (the header's read-only view cannot be pickled;
+        reader processes send volumes back to the analysing one)."""
+        return (type(self), (np.array(self.array), np.array(self.affine), self.modality,
+                             self.source_uids, dict(self.header), self.warnings, self.source,
+                             self.skipped_files, self.fourth_axis))
+
     @property
     def spatial_dims(self) -> int:
         """2 for an image, 3 for a volume."""

@@ -208,6 +208,9 @@ class Bridge:
         Raises:
             PacsError: a listener could not start.
         """
+        from medvision.devices import resolve_device
+
+        resolve_device(self.config.device)  # a missing GPU stops the start (exit 2)
         for route in self.config.routes:  # a typo in a route fails here, not at a study
             try:
                 load_pipeline(route.pipeline)
@@ -326,7 +329,7 @@ class Bridge:
         cache: dict[str, Predictor] = self._local.__dict__.setdefault("predictors", {})
         if pipeline not in cache:
             with _LOAD_LOCK:
-                cache[pipeline] = Predictor.from_pipeline(pipeline)
+                cache[pipeline] = Predictor.from_pipeline(pipeline, device=self.config.device)
         return cache[pipeline]
 
     @staticmethod

@@ -236,6 +236,9 @@ class BridgeConfig(_Strict):
     workers: int = Field(default=2, ge=1, le=16,
                          description="studies analysed at once (each worker loads its own "
                                      "models)")
+    device: str = Field(default="auto", description="where the models run: auto (a GPU when "
+                        "PyTorch sees one), cpu, cuda, cuda:N or mps; checked at start (exit 2 "
+                        "when it is not there)")
     audit_log: Path | None = Field(default=None, description="default: WORKDIR/audit.sqlite")
 
     @model_validator(mode="after")

@@ -296,9 +296,8 @@ def sample(pipeline: Pipeline, run_dir: str | os.PathLike[str], out_dir: str | o
     import torch
     from monai.networks.schedulers import DDIMScheduler
 
-    from medvision.models import load_weights
-
     from medvision.devices import resolve_device
+    from medvision.models import load_weights
 
     target = resolve_device(device)  # before anything else: a missing device is a usage error
     _check(pipeline)

@@ -20,12 +20,15 @@ def _shipped_settings(name: str) -> dict[str, Any]:
     return yaml.safe_load((REPO / "pipelines" / name / "pipeline.yaml").read_text())
 
 
-def _reproduce(folder: Path, data: Path, runs: Path) -> subprocess.CompletedProcess[str]:
-    """`tools/reproduce.sh` as the make targets call it (checked to succeed)."""
+def _reproduce(folder: Path, data: Path, runs: Path, devices: str = ""
+               ) -> subprocess.CompletedProcess[str]:
+    """`tools/reproduce.sh` as the make targets call it (checked to succeed); ``devices``:
+    train folds or members in parallel, one per device (DEVICES)."""
     done = subprocess.run(
         ["bash", str(REPO / "tools" / "reproduce.sh"), str(folder), str(data), str(runs)],
         capture_output=True, text=True, timeout=900,
-        env={"BIN": str(Path(sys.executable).parent), "PATH": "/usr/bin:/bin"})
+        env={"BIN": str(Path(sys.executable).parent), "PATH": "/usr/bin:/bin",
+             "DEVICES": devices})
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -40,11 +43,14 @@ def test_reproduce_trains_each_fold_once_and_ships_the_ensemble(shared_data: Pat
     settings["training"].update(epochs=1, batch_size=4, folds=2, swa_epochs=0)
     (folder / "pipeline.yaml").write_text(yaml.safe_dump(settings))
     data = chest_subset(shared_data, tmp_path / "data", per_class=6)
-    _reproduce(folder, data, tmp_path / "runs")
+    # the folds in parallel, one per "device" (two CPU slots here, two GPUs on a server)
+    first = _reproduce(folder, data, tmp_path / "runs", devices="cpu,cpu")
+    assert first.stdout.count("training on cpu") == 2
     ensemble = json.loads((folder / "ensemble.json").read_text())
     assert len(ensemble["members"]) == 2
     for i in (0, 1):
         assert (tmp_path / "runs" / "chest-folds" / f"fold{i}" / "calibration.json").is_file()
+        assert "on cpu" in (tmp_path / "runs" / "chest-folds" / f"fold{i}.log").read_text()
     oof = json.loads((tmp_path / "runs" / "chest-folds-eval-oof" / "metrics.json").read_text())
     assert set(oof["per_fold"]) >= {"fold 0", "fold 1"}
     assert oof["n"] == sum(oof["per_fold"][f"fold {i}"]["n"] for i in (0, 1))
