@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch.utils.data import Dataset
+
 from medvision.analyze.runner import (
     AnalyzeOptions,
     StudyInput,
@@ -118,7 +120,7 @@ def commit(outcome: StudyOutcome, auditor: Auditor, out: Path) -> None:
     _publish(outcome.staging, out / outcome.study)
 
 
-class _StudyReader:
+class _StudyReader(Dataset[StudyInput]):
     """The studies of a batch as a map-style dataset: item k is study k read, checked and
     preprocessed (in a DataLoader worker process; no network there)."""
 
@@ -195,7 +197,7 @@ def analyze_batched(studies: Sequence[Study], predictor: Predictor, out: Path,
     from torch.utils.data import DataLoader
 
     workers = reader_processes(options, len(studies))
-    loader = DataLoader(_StudyReader(studies, predictor.pipeline, options,
+    loader: DataLoader[StudyInput] = DataLoader(_StudyReader(studies, predictor.pipeline, options,
                                      threads=torch.get_num_threads()),
                         batch_size=options.batch_size, shuffle=False, num_workers=workers,
                         collate_fn=_as_list, prefetch_factor=2 if workers else None,
@@ -319,7 +321,7 @@ def analyze(inputs: Iterable[str | os.PathLike[str]], predictor: Predictor | Laz
     if todo and scheduler is None:  # the networks are built only now, when a study needs them
         outcomes = analyze_batched(todo, predictor.load(), out, options,
                                    auditor.pseudonymizer, previous=previous)
-    elif todo:
+    elif todo and scheduler is not None:
         from medvision.analyze.distributed import run_on_cluster
 
         outcomes = run_on_cluster(todo, predictor, out, options, auditor.pseudonymizer,

@@ -36,7 +36,7 @@ from medvision.explain.saliency import (
     explained_model,
 )
 from medvision.hashing import file_sha256
-from medvision.infer import Predictor
+from medvision.infer import LazyPredictor, Predictor
 from medvision.infer.predictor import Prediction, Prepared, prepare_volume
 from medvision.infer.qc import QCFlag, check_input
 from medvision.io import SourceEntry, Volume, write_volume
@@ -127,7 +127,7 @@ def input_signature(paths: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def run_fingerprint(predictor: Predictor, options: AnalyzeOptions,
+def run_fingerprint(predictor: Predictor | LazyPredictor, options: AnalyzeOptions,
                     study: Study) -> dict[str, Any]:
     """What decides a study's outputs; a study is skipped only when its report has the same.
 
@@ -334,17 +334,18 @@ def analyse_inputs(items: Sequence[StudyInput], predictor: Predictor,
     _shared([items[k].timings for k in ready], "predict_s", time.perf_counter() - t0)
     drafts = {k: _judged(items[k], p, pipeline) for k, p in predictions.items()}
     explained = [k for k, d in drafts.items() if d.prediction is not None]
+    prepared = {k: p for k in explained if (p := items[k].prepared) is not None}
     t0 = time.perf_counter()
     maps: dict[int, SaliencyMap] = {}
     try:
-        found_maps = explain_batch(predictor, [items[k].prepared for k in explained],
+        found_maps = explain_batch(predictor, [prepared[k] for k in explained],
                                    [predictions[k] for k in explained],
                                    method=options.explain_method, layer=options.explain_layer)
         maps = dict(zip(explained, found_maps, strict=True))
     except Exception:  # noqa: BLE001 - retried one by one below
         for k in explained:
             try:
-                maps[k] = explain(predictor, items[k].prepared, predictions[k],
+                maps[k] = explain(predictor, prepared[k], predictions[k],
                                   method=options.explain_method, layer=options.explain_layer)
             except Exception as e:  # noqa: BLE001
                 out[k] = e
@@ -354,7 +355,7 @@ def analyse_inputs(items: Sequence[StudyInput], predictor: Predictor,
             model, target, _ = explained_model(predictor, predictions[k],
                                                network=ensemble_network(predictor))
             drafts[k].faithfulness = deletion_curve(
-                model, items[k].prepared.image, saliency.model_space,  # type: ignore[union-attr]
+                model, prepared[k].image, saliency.model_space,
                 target=target)
     _shared([items[k].timings for k in explained], "explain_s", time.perf_counter() - t0)
     for k, draft in drafts.items():
