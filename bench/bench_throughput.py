@@ -66,7 +66,7 @@ def plain(pipeline_name: str, files: list[str], device: str, batch: int) -> dict
     started = time.perf_counter()
     count = 0
     for part in loader:
-        image = part["image"].as_tensor().to(target_device)
+        image = torch.as_tensor(part["image"]).to(target_device)
         with torch.no_grad():
             probs = 0
             for network, t in zip(networks, temps, strict=True):
