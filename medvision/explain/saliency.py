@@ -209,6 +209,15 @@ def _normalise(values: np.ndarray) -> np.ndarray:
     return np.clip(values / top, 0.0, 1.0)
 
 
+def _settings(predictor: Predictor, method: str | None, layer: str | None
+              ) -> tuple[ExplanationConfig, str]:
+    """The pipeline's explanation settings with the call's overrides, and the method."""
+    cfg = predictor.pipeline.explanation
+    if layer:
+        cfg = cfg.model_copy(update={"layer": layer})
+    return cfg, str(method or cfg.method)
+
+
 def explain(predictor: Predictor, prepared: Prepared, prediction: Prediction, *,
             method: str | None = None, layer: str | None = None) -> SaliencyMap:
     """Attribute ``prediction`` to the input and map the result onto the input's grid.
@@ -223,10 +232,7 @@ def explain(predictor: Predictor, prepared: Prepared, prediction: Prediction, *,
     Raises:
         ExplainError: misconfiguration, or Captum failing on this network.
     """
-    cfg = predictor.pipeline.explanation
-    if layer:
-        cfg = cfg.model_copy(update={"layer": layer})
-    method = method or cfg.method
+    cfg, method = _settings(predictor, method, layer)
     networks = predictor.networks if cfg.members == "all" else predictor.networks[:1]
     maps = []
     for network in networks:
@@ -267,10 +273,7 @@ def explain_batch(predictor: Predictor, prepared: Sequence[Prepared],
     Raises:
         ExplainError: misconfiguration, or Captum failing on this network.
     """
-    cfg = predictor.pipeline.explanation
-    if layer:
-        cfg = cfg.model_copy(update={"layer": layer})
-    method = method or cfg.method
+    cfg, method = _settings(predictor, method, layer)
     shapes = {tuple(p.image.shape) for p in prepared}
     if (len(prepared) < 2 or predictor.pipeline.task != "classification"
             or method not in BATCHED_METHODS or len(shapes) != 1):
