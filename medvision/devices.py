@@ -18,7 +18,7 @@ import functools
 import logging
 import platform
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,22 +111,6 @@ def resolve_device(spec: str | None = "auto") -> Any:
     return torch.device("cuda", index)
 
 
-def parse_device_list(text: str) -> list[str]:
-    """``0,1`` or ``cuda:0,cuda:1`` or ``cpu,cpu`` as device names (each checked).
-
-    Raises:
-        DeviceError: an empty list, or a device that is not there.
-    """
-    names = [p.strip() for p in text.split(",") if p.strip()]
-    if not names:
-        raise DeviceError(f"no devices in '{text}'")
-    out = []
-    for name in names:
-        spec = f"cuda:{name}" if name.isdigit() else name
-        out.append(str(resolve_device(spec)))
-    return out
-
-
 @functools.cache
 def _cpu_name() -> str:
     try:
@@ -209,8 +193,3 @@ def synchronize(device: Any) -> None:
 
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(torch.device(device))
-
-
-def devices_for_ranks(devices: Sequence[str], count: int) -> list[str]:
-    """``count`` devices dealt round-robin from ``devices`` (a list of names)."""
-    return [devices[i % len(devices)] for i in range(count)]

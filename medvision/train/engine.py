@@ -287,8 +287,10 @@ class StepOutput:
 
 
 def _unwrapped(model: Any) -> Any:
-    return getattr(model, "module", model) if type(model).__name__ == \
-        "DistributedDataParallel" else model
+    """The network inside a ``DistributedDataParallel`` wrapper (or the network itself)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 class Engine:

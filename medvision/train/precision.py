@@ -3,8 +3,9 @@
 ``bfloat16`` runs each training step's forward pass under ``torch.autocast`` on the CPU:
 convolutions and matrix products in bfloat16, weights, optimizer state and the loss in
 float32. bfloat16 keeps float32's exponent range, so no loss scaling is needed (unlike float16).
-Autocasting itself is :func:`medvision.devices.autocast` (float16 too, on GPUs). On CPUs with AVX-512 BF16 or AMX the steps run about 1.4-2.4x faster (bench/bench_train.py
-``--precision``); on CPUs without them oneDNN emulates bfloat16 and the steps get slower, which
+Autocasting itself is :func:`medvision.devices.autocast` (float16 too, on GPUs). On CPUs with
+AVX-512 BF16 or AMX the steps run about 1.4-2.4x faster (bench/bench_train.py ``--precision``);
+on CPUs without them oneDNN emulates bfloat16 and the steps get slower, which
 :func:`warn_if_emulated` warns about once. Validation, calibration and inference stay float32, so
 the epoch a run keeps and what it publishes are judged at full precision.
 """
