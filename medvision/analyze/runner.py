@@ -34,6 +34,7 @@ from medvision.explain.saliency import (
     ensemble_network,
     explain_batch,
     explained_model,
+    gradcam_layer,
 )
 from medvision.hashing import file_sha256
 from medvision.infer import LazyPredictor, Predictor
@@ -323,7 +324,9 @@ def analyse_inputs(items: Sequence[StudyInput], predictor: Predictor,
     t0 = time.perf_counter()
     predictions: dict[int, Prediction] = {}
     try:
-        found = predictor.predict_batch([items[k].prepared for k in ready])  # type: ignore[misc]
+        found = predictor.predict_batch([items[k].prepared for k in ready],  # type: ignore[misc]
+                                        capture=gradcam_layer(predictor, options.explain_method,
+                                                              options.explain_layer))
         predictions = dict(zip(ready, found, strict=True))
     except Exception:  # noqa: BLE001 - retried one by one below
         for k in ready:
@@ -452,7 +455,7 @@ def _box_image(report: StudyReport, pipeline: Any,
     """``overlay_boxes.png``: the detected boxes with class and score."""
     import numpy as np
 
-    from medvision.report.figures import box_figure, png_bytes, rgb_array
+    from medvision.report.figures import box_figure, png_bytes
 
     prediction = report.prediction
     assert prediction is not None and report.volume is not None
@@ -461,7 +464,7 @@ def _box_image(report: StudyReport, pipeline: Any,
                      pipeline.classes, colours, scores=prediction.box_scores,
                      title=f"detections: {counts}")
     return KeyImage(name="overlay_boxes.png", kind="overlay", plane="image",
-                    png=png_bytes(fig), rgb=rgb_array(fig))
+                    png=png_bytes(fig))
 
 
 def replaced_summary(previous: dict[str, Any], run: Mapping[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from medvision.io import Volume
 from medvision.vocabulary import EXPLANATION_METHODS
 
 __all__ = ["METHODS", "RegionScore", "SaliencyMap", "attribute", "ensemble_network", "explain",
-           "explained_model"]
+           "explain_batch", "explained_model", "gradcam_layer", "network_head"]
 
 METHODS = EXPLANATION_METHODS
 
@@ -194,6 +194,72 @@ def attribute(model: Any, image: Any, target: int | Sequence[int], cfg: Explanat
     return result.detach().float().cpu(), params
 
 
+_HEADS: Any = None  # weakref.WeakKeyDictionary: network -> {layer: head or None}
+
+
+def network_head(network: Any, layer: str) -> Any:
+    """The part of ``network`` after ``layer`` as a module of that layer's output alone
+    (torch.fx, ``layer`` kept whole), or ``None`` when the rest of the network also reads
+    something computed before ``layer`` (a skip connection) or cannot be traced. Built once
+    per network and layer."""
+    import weakref
+
+    global _HEADS
+    if _HEADS is None:
+        _HEADS = weakref.WeakKeyDictionary()
+    known = _HEADS.setdefault(network, {})
+    if layer not in known:
+        known[layer] = _traced_head(network, layer)
+    return known[layer]
+
+
+def _traced_head(network: Any, layer: str) -> Any:
+    import logging
+
+    from torch import fx
+
+    class _Tracer(fx.Tracer):
+        def is_leaf_module(self, module: Any, name: str) -> bool:
+            return name == layer or super().is_leaf_module(module, name)
+
+    try:
+        graph = _Tracer().trace(network)
+    except Exception as e:  # noqa: BLE001 - not traceable: GradCAM runs the whole network
+        logging.getLogger(__name__).debug("no head after %s: %s", layer, e)
+        return None
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == layer]
+    if len(calls) != 1:
+        return None
+    nodes = list(graph.nodes)
+    after = nodes[nodes.index(calls[0]) + 1:]
+    head = fx.Graph()
+    activation = head.placeholder("activation")
+    made = {calls[0]: activation}
+    for node in after:
+        used = [a for a in node.all_input_nodes if a not in made]
+        if used:  # reads a value from before the layer
+            return None
+        made[node] = head.node_copy(node, lambda n: made[n])
+    return fx.GraphModule(network, head)
+
+
+def _gradcam_from_activations(head: Any, activations: Any, target: Sequence[int],
+                              spatial: Sequence[int]) -> Any:
+    """Captum's Grad-CAM of ``head`` at its input, for activations already computed (the
+    prediction's forward pass): the same map as Grad-CAM of the whole network at the layer
+    that made them, without running the layers before it again."""
+    from captum import attr
+
+    entry = torch.nn.Identity()
+    model = torch.nn.Sequential(entry, head)
+    maps = attr.LayerGradCam(model, entry).attribute(
+        activations.detach().clone().requires_grad_(True), target=list(target),
+        relu_attributions=True)
+    maps = attr.LayerAttribution.interpolate(
+        maps, tuple(spatial), interpolate_mode="bilinear" if len(spatial) == 2 else "trilinear")
+    return maps.sum(dim=1).detach().float().cpu()
+
+
 def model_device(model: Any) -> Any:
     """The device a network's parameters are on (the CPU for one without parameters)."""
     for parameter in model.parameters():
@@ -216,6 +282,15 @@ def _settings(predictor: Predictor, method: str | None, layer: str | None
     if layer:
         cfg = cfg.model_copy(update={"layer": layer})
     return cfg, str(method or cfg.method)
+
+
+def gradcam_layer(predictor: Predictor, method: str | None, layer: str | None) -> str | None:
+    """The layer whose activations a batch's predictions should keep for Grad-CAM (see
+    :func:`explain_batch`), or ``None`` when another method or task explains them."""
+    cfg, method = _settings(predictor, method, layer)
+    if method != "gradcam" or predictor.pipeline.task != "classification":
+        return None
+    return cfg.layer or None
 
 
 def explain(predictor: Predictor, prepared: Prepared, prediction: Prediction, *,
@@ -269,6 +344,8 @@ def explain_batch(predictor: Predictor, prepared: Sequence[Prepared],
     """:func:`explain` for several inputs at once: one attribution pass per network over the
     stacked batch for classification with a batchable method (each item its own target);
     otherwise item by item. The maps equal those of :func:`explain` on each input alone.
+    Grad-CAM of predictions that carry their layer's activations (``predict_batch(capture=
+    layer)``) runs only the part of each network after that layer.
 
     Raises:
         ExplainError: misconfiguration, or Captum failing on this network.
@@ -285,9 +362,18 @@ def explain_batch(predictor: Predictor, prepared: Sequence[Prepared],
     networks = predictor.networks if cfg.members == "all" else predictor.networks[:1]
     per_network = []
     params: dict[str, Any] = {}
-    for network in networks:
+    found = [pred.activations for pred in predictions]
+    for n, network in enumerate(networks):
+        head = (network_head(network, cfg.layer) if method == "gradcam" and cfg.layer
+                and all(a is not None and len(a) > n for a in found) else None)
         try:
-            raw, params = attribute(network, images, targets, cfg, method)
+            if head is not None:
+                raw = _gradcam_from_activations(
+                    head, torch.cat([a[n] for a in found]), targets, images.shape[2:])  # type: ignore[index]
+                params = {"layer": cfg.layer, "upsampled": "bilinear" if images.dim() == 4
+                          else "trilinear"}
+            else:
+                raw, params = attribute(network, images, targets, cfg, method)
         except ExplainError:
             raise
         except (RuntimeError, ValueError, AssertionError, IndexError) as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ from medvision.config import Pipeline
 from medvision.errors import ModelError
 from medvision.io import Volume
 from medvision.models.bundle import ModelBundle
-from medvision.models.ood import FeatureGuard
+from medvision.models.ood import FeatureGuard, capture_features
 from medvision.models.registry import patch_forward
 from medvision.transforms import build_transforms
 from medvision.transforms.chain import preprocess_transforms, volume_to_tensor
@@ -51,6 +51,9 @@ class Prediction:
         counts: detected objects per class (detection).
         ood_distance: Mahalanobis distance of the input's features, when a guard exists.
         ood_threshold: the guard's threshold.
+        activations: each network's output of one layer for this input, taken from the
+            prediction's own forward pass (``predict_batch(capture=LAYER)``), so GradCAM
+            needs no forward pass of its own; in memory only.
     """
 
     task: str
@@ -67,6 +70,7 @@ class Prediction:
     box_labels: Any = None
     box_scores: Any = None
     counts: Mapping[str, int] = field(default_factory=dict)
+    activations: tuple[Any, ...] | None = None
 
     @property
     def target_index(self) -> int:
@@ -334,11 +338,13 @@ class Predictor:
         """Classify, segment or detect in a prepared volume."""
         return self.predict_batch([prepared])[0]
 
-    def predict_batch(self, prepared: Sequence[Prepared]) -> list[Prediction]:
+    def predict_batch(self, prepared: Sequence[Prepared], *,
+                      capture: str | None = None) -> list[Prediction]:
         """:meth:`predict` for several volumes: classification inputs (all of one size
         after preprocessing) go through the network, and the OOD guard's features, in one
         forward pass; segmentation and detection run one by one. Equal to predicting each
-        alone (the networks are in eval mode)."""
+        alone (the networks are in eval mode). ``capture``: a layer whose output each
+        network's first (unflipped) pass keeps in :attr:`Prediction.activations`."""
         if self.pipeline.task == "detection":
             return [self._detect(p) for p in prepared]
         if self.pipeline.task != "classification" or len(
@@ -348,12 +354,35 @@ class Predictor:
 
         images = torch.cat([p.image.as_tensor() if hasattr(p.image, "as_tensor") else p.image
                             for p in prepared])
-        logits = self.logits(images)
-        distances: list[float | None] = [None] * len(prepared)
-        if self.guard is not None:
+        from contextlib import ExitStack
+
+        with ExitStack() as stack:
+            captured = ([stack.enter_context(capture_features(network, capture, pooled=False))
+                         for network in self.networks]
+                        if capture and self.kind == "torch" else [])
+            logits, distances = self._guarded_logits(images)
+        activations: list[Any] = [c.features for c in captured]
+        kept = bool(activations) and all(a is not None for a in activations)
+        return [replace(self._classified(logits[k:k + 1], distances[k]),
+                        activations=tuple(a[k:k + 1] for a in activations) if kept else None)
+                for k in range(len(prepared))]
+
+    def _guarded_logits(self, images: Any) -> tuple[Any, list[float | None]]:
+        """:meth:`logits` and each image's OOD distance. Where the guard's network makes the
+        prediction (PyTorch, not through a sliding window) its features are taken from
+        that same forward pass; else they need one of their own."""
+        if self.guard is None:
+            return self.logits(images), [None] * len(images)
+        if self.kind == "torch" and self.pipeline.task == "classification":
+            with capture_features(self.model, self.guard.layer) as found:
+                logits = self.logits(images)
+            features = found.features
+        else:
+            logits = self.logits(images)
+            features = None
+        if features is None:
             features = FeatureGuard.features(self.model, self.guard.layer, [images])
-            distances = [float(d) for d in self.guard.distance(features)]
-        return [self._classified(logits[k:k + 1], distances[k]) for k in range(len(prepared))]
+        return logits, [float(d) for d in self.guard.distance(features)]
 
     def _classified(self, logits: Any, distance: float | None) -> Prediction:
         import torch
@@ -373,11 +402,8 @@ class Predictor:
 
     def _predict_one(self, prepared: Prepared) -> Prediction:
         classes = self.pipeline.classes
-        logits = self.logits(prepared.image)
-        distance = None
-        if self.guard is not None:
-            features = FeatureGuard.features(self.model, self.guard.layer, [prepared.image])
-            distance = float(self.guard.distance(features)[0])
+        found, distances = self._guarded_logits(prepared.image)
+        logits, distance = found, distances[0]
         if self.pipeline.task == "classification":
             return self._classified(logits, distance)
         common = {"task": self.pipeline.task, "classes": classes, "ood_distance": distance,

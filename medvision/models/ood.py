@@ -18,7 +18,7 @@ import numpy as np
 
 from medvision.errors import CheckpointError, ConfigError
 
-__all__ = ["OOD_FILE", "FeatureGuard", "pooled_features"]
+__all__ = ["OOD_FILE", "FeatureGuard", "capture_features", "pooled_features"]
 
 OOD_FILE = "ood.safetensors"
 
@@ -27,6 +27,37 @@ def _pooled(output: Any) -> Any:
     if isinstance(output, tuple | list):
         output = output[0]
     return output.flatten(2).mean(dim=2) if output.dim() > 2 else output
+
+
+class capture_features:  # noqa: N801 - a context manager, named as it reads
+    """``layer``'s activations in the first forward pass through ``model`` inside the block,
+    without a pass of their own: ``with capture_features(model, layer) as found: model(x)``,
+    then ``found.features`` is ``(N, F)`` pooled (a float64 array), or with ``pooled=False``
+    the layer's output as it was (a detached tensor on its device); ``None`` when ``layer``
+    did not run.
+    """
+
+    def __init__(self, model: Any, layer: str, *, pooled: bool = True) -> None:
+        modules = dict(model.named_modules())
+        if layer not in modules:
+            raise ConfigError(f"'{layer}' is not a module of the network")
+        self.module, self.pooled, self.features = modules[layer], pooled, None
+        self._handle: Any = None
+
+    def _hook(self, _module: Any, _inputs: Any, output: Any) -> None:
+        if self.features is not None:  # the first pass only (later ones are flipped copies)
+            return
+        if self.pooled:
+            self.features = _pooled(output).detach().float().cpu().double().numpy()
+        else:
+            self.features = (output[0] if isinstance(output, tuple | list) else output).detach()
+
+    def __enter__(self) -> capture_features:
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._handle.remove()
 
 
 def pooled_features(model: Any, layer: str, images: Iterable[Any], *,

@@ -17,6 +17,7 @@ import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -49,21 +50,23 @@ def png_bytes(fig: Any) -> bytes:
     return buffer.getvalue()
 
 
-def rgb_array(fig: Any) -> np.ndarray:
-    """The figure as an ``(rows, columns, 3)`` uint8 array."""
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-
-
 @dataclass(frozen=True, eq=False)
 class KeyImage:
-    """One rendered panel: file name, what it shows, and its pixels (for DICOM overlays)."""
+    """One rendered panel: file name, what it shows, and its PNG; :attr:`rgb` decodes its
+    pixels (for DICOM overlays) only when asked, so a figure is drawn once."""
 
     name: str
     kind: str
     plane: str
     png: bytes
-    rgb: np.ndarray
+
+    @property
+    def rgb(self) -> np.ndarray:
+        """The panel as an ``(rows, columns, 3)`` uint8 array."""
+        from PIL import Image
+
+        with Image.open(io.BytesIO(self.png)) as image:
+            return np.asarray(image.convert("RGB")).copy()
 
     def save(self, folder: Path) -> Path:
         """Write the PNG into ``folder``."""
@@ -158,18 +161,126 @@ def _annotate(ax: Any, view: _View, letters: bool) -> None:
     ax.text(0.5, 0.99, _letter(-view.down), ha="center", va="top", **style)
 
 
+_PANEL = 480  # px: the longest side of every key image's picture
+_MARGIN, _TITLE, _BAND = 12, 30, 64  # px: side margins, title bar, caption band
+_HIDDEN = 0.2  # saliency below this is not drawn over the image (docs/report.md)
+
+
+@lru_cache(maxsize=4)
+def _font(size: int) -> Any:
+    """DejaVu Sans (shipped with matplotlib) at ``size`` px; PIL's own font without it."""
+    from PIL import ImageFont
+
+    try:
+        import matplotlib
+
+        return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" /
+                                      "DejaVuSans.ttf"), size)
+    except (ImportError, OSError):
+        return ImageFont.load_default(size)
+
+
+@lru_cache(maxsize=1)
+def _jet() -> np.ndarray:
+    """The saliency colour map as a ``(256, 3)`` uint8 table."""
+    from matplotlib import colormaps
+
+    return (colormaps["jet"](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
+
+
+def _resized(plane: np.ndarray, size: tuple[int, int], *, nearest: bool = False) -> np.ndarray:
+    """``plane`` resampled to ``size`` (width, height): smooth (bilinear up, box-averaged
+    down) for intensities and maps, nearest for labels."""
+    from PIL import Image
+
+    if nearest:
+        return np.asarray(Image.fromarray(plane.astype(np.uint8)).resize(
+            size, Image.Resampling.NEAREST))
+    image = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32), mode="F")
+    shrinking = size[0] < plane.shape[1] or size[1] < plane.shape[0]
+    return np.asarray(image.resize(size, Image.Resampling.BOX if shrinking
+                                   else Image.Resampling.BILINEAR))
+
+
+def _outline(labels: np.ndarray, k: int) -> np.ndarray:
+    """The pixels of label ``k`` that touch another label, grown to a two-pixel line."""
+    inside = labels == k
+    edge = np.zeros_like(inside)
+    edge[1:, :] |= inside[1:, :] & ~inside[:-1, :]
+    edge[:-1, :] |= inside[:-1, :] & ~inside[1:, :]
+    edge[:, 1:] |= inside[:, 1:] & ~inside[:, :-1]
+    edge[:, :-1] |= inside[:, :-1] & ~inside[:, 1:]
+    edge[1:, :] |= edge[:-1, :].copy()
+    edge[:, 1:] |= edge[:, :-1].copy()
+    return edge
+
+
+def _panel(picture: np.ndarray, title: str, view: _View, letters: bool,
+           caption: Sequence[tuple[str, tuple[int, int, int] | None]],
+           colour_bar: str | None) -> bytes:
+    """One key image: ``picture`` (rows, columns, 3) centred in a square of ``_PANEL`` px
+    under a title, orientation letters at its edges (3D), and a caption band below (a colour
+    bar with its scale, and coloured legend entries); every panel has the same size."""
+    import io as _io
+
+    from PIL import Image, ImageDraw
+
+    width, height = _PANEL + 2 * _MARGIN, _TITLE + _PANEL + _BAND
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    box = Image.new("RGB", (_PANEL, _PANEL), (0, 0, 0))
+    left, top = (_PANEL - picture.shape[1]) // 2, (_PANEL - picture.shape[0]) // 2
+    box.paste(Image.fromarray(picture), (left, top))
+    canvas.paste(box, (_MARGIN, _TITLE))
+    draw.text((width // 2, _TITLE // 2), title, fill=(20, 20, 20), font=_font(16), anchor="mm")
+    if letters:
+        x0, y0 = _MARGIN + left, _TITLE + top
+        x1, y1 = x0 + picture.shape[1], y0 + picture.shape[0]
+        style = {"fill": (255, 230, 0), "font": _font(16), "stroke_width": 2,
+                 "stroke_fill": (0, 0, 0)}
+        draw.text((x1 - 4, (y0 + y1) // 2), _letter(view.right), anchor="rm", **style)
+        draw.text((x0 + 4, (y0 + y1) // 2), _letter(-view.right), anchor="lm", **style)
+        draw.text(((x0 + x1) // 2, y1 - 4), _letter(view.down), anchor="mb", **style)
+        draw.text(((x0 + x1) // 2, y0 + 4), _letter(-view.down), anchor="mt", **style)
+    y = _TITLE + _PANEL + 8
+    x = _MARGIN
+    if colour_bar is not None:
+        bar_width = 200
+        ramp = np.repeat(_jet()[np.linspace(0, 255, bar_width).astype(int)][np.newaxis], 12, 0)
+        canvas.paste(Image.fromarray(ramp), (x, y))
+        draw.rectangle((x, y, x + bar_width - 1, y + 11), outline=(80, 80, 80))
+        for value in (0.0, _HIDDEN, 0.5, 1.0):
+            tick = x + round(value * (bar_width - 1))
+            draw.line((tick, y + 12, tick, y + 16), fill=(80, 80, 80))
+            draw.text((tick, y + 17), f"{value:g}", fill=(20, 20, 20), font=_font(12),
+                      anchor="mt")
+        for line, text in enumerate(colour_bar.split("\n")):
+            draw.text((x + bar_width + 10, y + 6 + 16 * line), text, fill=(20, 20, 20),
+                      font=_font(13), anchor="lm")
+        y += 36
+    for text, colour in caption:
+        if colour is not None:
+            draw.rectangle((x, y + 2, x + 12, y + 14), fill=colour, outline=(40, 40, 40))
+            x += 18
+        draw.text((x, y + 8), text, fill=(20, 20, 20), font=_font(13), anchor="lm")
+        x += int(draw.textlength(text, font=_font(13))) + 16
+    buffer = _io.BytesIO()
+    canvas.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
 def key_images(volume: Volume, *, saliency: Volume | None = None, mask: Volume | None = None,
                classes: Sequence[str] = (),
                colours: Mapping[str, tuple[int, int, int]] | None = None,
                saliency_label: str = "saliency") -> list[KeyImage]:
-    """``key_<plane>.png`` (the image) and ``overlay_<plane>.png`` (with the saliency heat map
-    and the mask filled per class) through the mask's, else the saliency's, centre of mass.
+    """``key_<plane>.png`` (the image) and ``overlay_<plane>.png`` (the saliency heat map,
+    then the mask filled per class with its outline on top) through the mask's, else the
+    saliency's, centre of mass; every panel the same size, in millimetre proportions.
 
+    Drawn with Pillow, not matplotlib: a study's figures are written while the next batch is
+    analysed, and matplotlib's drawing cost more than the networks' share of a study.
     ``colours`` gives each class its RGB colour (the same as the label sidecar's).
     """
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
-
     spatial = volume.spatial_dims
     if spatial == 3:
         grey_all, affine = _canonical(volume)
@@ -187,50 +298,49 @@ def key_images(volume: Volume, *, saliency: Volume | None = None, mask: Volume |
     # Orientation (0020,0020), which the volume does not carry, so 2D panels get none
     letters = spatial == 3
     lo, hi = _window(grey)
-    palette = _palette(classes, colours)
+    palette: list[tuple[int, int, int]] = [
+        (round(rgb[0] * 255), round(rgb[1] * 255), round(rgb[2] * 255))
+        for rgb in _palette(classes, colours)]
     images = []
     for view in _views(grey.shape, affine, focus, spatial):
-        image = _display(grey, view)
-        for kind in ("key", "overlay"):
-            if kind == "overlay" and sal is None and labels is None:
-                continue
-            height_mm, width_mm = image.shape[0] * view.aspect, image.shape[1]
-            scale = 4.2 / max(height_mm, width_mm)
-            extra = 1.1 if kind == "overlay" and sal is not None else 0.0
-            fig = figure(max(width_mm * scale, 1.6) + extra, max(height_mm * scale, 1.6) + 0.5)
-            ax = fig.add_subplot()
-            ax.imshow(image, cmap="gray", vmin=lo, vmax=hi, aspect=view.aspect,
-                      interpolation="nearest")
-            handles = []
-            if kind == "overlay" and labels is not None:
-                plane = _display(labels, view)
-                present = [k for k in range(1, len(palette)) if np.any(plane == k)]
-                if present:
-                    cmap = ListedColormap([(0, 0, 0, 0)] + [(*c, 0.45) for c in palette[1:]])
-                    ax.imshow(plane, cmap=cmap, vmin=0, vmax=len(palette) - 1,
-                              aspect=view.aspect, interpolation="nearest")
-                    for k in present:
-                        ax.contour(plane == k, levels=[0.5], colors=[palette[k]],
-                                   linewidths=0.8)
-                        colour = tuple(palette[k])[:3]
-                        handles.append(Patch(color=colour,  # type: ignore[arg-type]
-                                             label=_name(classes, k)))
-            if kind == "overlay" and sal is not None:
-                heat = _display(sal, view)
-                shown = ax.imshow(np.ma.masked_less(heat, 0.2), cmap="jet", alpha=0.45, vmin=0,
-                                  vmax=1, aspect=view.aspect, interpolation="bilinear")
-                bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03)
-                bar.set_label(f"{saliency_label} (0-1; <0.2 hidden)", fontsize=7)
-                bar.ax.tick_params(labelsize=6)
-            if handles:
-                ax.legend(handles=handles, loc="lower right", fontsize=6, framealpha=0.7)
-            _annotate(ax, view, letters)
-            title = view.name if view.axis < 0 else f"{view.name}, slice {view.index}"
-            ax.set_title(title, fontsize=8)
-            fig.tight_layout()
-            name = f"{kind}_{view.name}.png"
-            images.append(KeyImage(name=name, kind=kind, plane=view.name, png=png_bytes(fig),
-                                   rgb=rgb_array(fig)))
+        plane = _display(grey, view)
+        rows_mm, columns_mm = plane.shape[0] * view.aspect, plane.shape[1]
+        scale = _PANEL / max(rows_mm, columns_mm)
+        size = (max(1, round(columns_mm * scale)), max(1, round(rows_mm * scale)))
+        shown = np.clip((_resized(plane, size) - lo) / (hi - lo), 0, 1)
+        base = np.repeat((shown * 255).round().astype(np.uint8)[..., np.newaxis], 3, axis=2)
+        where = "" if view.axis < 0 else f"{view.name}, slice {view.index}: "
+        images.append(KeyImage(name=f"key_{view.name}.png", kind="key", plane=view.name,
+                               png=_panel(base, f"{where}image", view, letters,
+                                          [(f"grey window {lo:.4g} to {hi:.4g}", None)],
+                                          None)))
+        if sal is None and labels is None:
+            continue
+        picture = base.astype(np.float32)
+        shows, caption, bar = [], [], None
+        if sal is not None:
+            heat = np.clip(_resized(_display(sal, view), size), 0, 1)
+            alpha = np.where(heat >= _HIDDEN, 0.45, 0.0)[..., np.newaxis]
+            colour = _jet()[(heat * 255).round().astype(int)].astype(np.float32)
+            picture = picture * (1 - alpha) + colour * alpha
+            shows.append(saliency_label)
+            bar = f"{saliency_label}\n0 to 1; below {_HIDDEN:g} not drawn"
+        if labels is not None:
+            plane_labels = _resized(_display(labels, view), size, nearest=True)
+            present = [k for k in range(1, int(plane_labels.max()) + 1)
+                       if np.any(plane_labels == k)]
+            for k in present:
+                rgb = np.asarray(palette[k % len(palette)], dtype=np.float32)
+                inside = (plane_labels == k)[..., np.newaxis]
+                picture = np.where(inside, picture * 0.7 + rgb * 0.3, picture)
+            for k in present:
+                picture[_outline(plane_labels, k)] = palette[k % len(palette)]
+                caption.append((_name(classes, k), palette[k % len(palette)]))
+            shows.append("mask" if present else "mask (empty here)")
+        images.append(KeyImage(
+            name=f"overlay_{view.name}.png", kind="overlay", plane=view.name,
+            png=_panel(picture.round().clip(0, 255).astype(np.uint8),
+                       f"{where}{' + '.join(shows)}", view, letters, caption, bar)))
     return images
 
 

@@ -30,16 +30,27 @@ def load_schema() -> dict[str, Any]:
     return dict(json.loads(text))
 
 
-def validate_report(report: dict[str, Any]) -> None:
-    """Raise :class:`ReportError` naming the first problem if ``report`` breaks the schema."""
+@lru_cache(maxsize=1)
+def _validator() -> Any:
+    """The schema's validator, the schema itself checked once (checking it on every report
+    cost more than writing the report's figures)."""
     import jsonschema
 
-    try:
-        jsonschema.validate(report, load_schema())
-    except jsonschema.ValidationError as e:
-        where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+    schema = load_schema()
+    kind = jsonschema.validators.validator_for(schema)
+    kind.check_schema(schema)
+    return kind(schema)
+
+
+def validate_report(report: dict[str, Any]) -> None:
+    """Raise :class:`ReportError` naming the first problem if ``report`` breaks the schema."""
+    from jsonschema.exceptions import best_match
+
+    error = best_match(_validator().iter_errors(report))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
         raise ReportError(f"report does not match schema {SCHEMA_VERSION} at {where}: "
-                          f"{e.message}") from e
+                          f"{error.message}")
 
 
 def _flag(flag: Any) -> dict[str, str]:

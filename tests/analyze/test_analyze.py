@@ -120,7 +120,8 @@ def test_done_studies_are_skipped_unless_forced(shared_data: Path, tmp_path: Pat
                                   "pipeline": f"chest-xray-pneumonia {version}", "changed": []}
 
 
-@pytest.mark.parametrize("method", ["integrated_gradients", "saliency", "occlusion"])
+@pytest.mark.parametrize("method", ["integrated_gradients", "saliency",
+                                    pytest.param("occlusion", marks=pytest.mark.slow)])
 def test_other_saliency_methods(shared_data: Path, tmp_path: Path, method: str) -> None:
     source = sorted((shared_data / "chest_xray" / "train" / "PNEUMONIA").glob("*.jpeg"))[0]
     out = tmp_path / "out"

@@ -81,3 +81,51 @@ def test_an_up_to_date_batch_builds_no_network(shared_data: Path, tmp_path: Path
                       options=AnalyzeOptions(progress=False))
     assert all(r.skipped for r in results) and len(results) == 2
     assert "loaded" not in again.__dict__  # every study was up to date: nothing built
+
+
+def test_gradcam_reuses_the_predictions_forward_pass(shared_data: Path, tmp_path: Path) -> None:
+    """Grad-CAM from the activations the prediction kept equals Captum's Grad-CAM of each
+    whole network, and runs none of the layers before the explained one again."""
+    import torch
+
+    from medvision.explain.saliency import explain_batch, network_head
+    from medvision.infer.predictor import prepare_volume
+    from medvision.io import read_volume
+
+    data = chest_subset(shared_data, tmp_path / "data", per_class=2)
+    predictor = Predictor.from_pipeline("chest-xray-pneumonia", device="cpu")
+    prepared = [prepare_volume(predictor.pipeline, read_volume(f))
+                for f in sorted(data.rglob("*.jpeg"))]
+    kept = predictor.predict_batch(prepared, capture="layer4")
+    plain = predictor.predict_batch(prepared)
+    assert all(p.activations is not None and len(p.activations) == len(predictor.networks)
+               for p in kept)
+    assert all(p.activations is None for p in plain)
+    assert [p.probabilities for p in kept] == [p.probabilities for p in plain]
+    stems = []
+    handles = [n.conv1.register_forward_hook(lambda *_: stems.append(1))
+               for n in predictor.networks]
+    try:
+        reused = explain_batch(predictor, prepared, kept)
+        assert stems == []  # no pass through the network's first layers
+        whole = explain_batch(predictor, prepared, plain)
+        assert len(stems) == len(predictor.networks)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for a, b in zip(reused, whole, strict=True):
+        np.testing.assert_allclose(a.model_space, b.model_space, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(a.volume.array), np.asarray(b.volume.array),
+                                   atol=1e-5)
+    # a network whose layers after the explained one read an earlier value has no head
+
+    class Skip(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x) + x)
+
+    assert network_head(Skip(), "a") is None
+    assert network_head(Skip(), "b") is not None

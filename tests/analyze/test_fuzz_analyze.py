@@ -60,7 +60,7 @@ def _check(damage: Damage, predictor: Predictor) -> None:
         assert auditor.log.verify().ok and auditor.log.verify().records == 2
 
 
-@settings(max_examples=60, derandomize=True, **_COMMON)
+@settings(max_examples=30, derandomize=True, **_COMMON)
 @given(damage=damaged())
 def test_damaged_file_never_stops_a_batch(damage: Damage, open_predictor: Predictor) -> None:
     _check(damage, open_predictor)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from conftest import chest_subset, hippocampus_subset
@@ -61,6 +62,7 @@ def test_reproduce_trains_each_fold_once_and_ships_the_ensemble(shared_data: Pat
     ).st_mtime_ns == stamp
 
 
+@pytest.mark.slow  # the fold test runs the same script path in the default run
 def test_reproduce_trains_each_member_once_and_ships_the_ensemble(shared_data: Path,
                                                                   tmp_path: Path) -> None:
     from medvision.models import ModelBundle

@@ -268,7 +268,8 @@ def test_tls_listener_requires_a_client_certificate(tmp_path: Path) -> None:
         log.close()
 
 
-@pytest.mark.parametrize("orthanc_drops_sr", [False, True])
+# the first case (all kept) is in the slow run; the default run keeps the harder one
+@pytest.mark.parametrize("orthanc_drops_sr", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_storage_commitment_against_orthanc(tmp_path: Path, orthanc_drops_sr: bool) -> None:
     """With storage_commitment on, a result counts only once Orthanc's N-EVENT-REPORT says it
     keeps it. An Orthanc whose filter drops SRs still answers the C-STORE with Success; only

@@ -224,7 +224,7 @@ def test_same_instance_on_four_associations_at_once_always_succeeds(
     assert not [p for p in (bridge.workdir / "spool").rglob("*.tmp")]
 
 
-@pytest.mark.parametrize("syntax", ["jpeg-ls", "jpeg2000"])
+@pytest.mark.parametrize("syntax", ["jpeg-ls", pytest.param("jpeg2000", marks=pytest.mark.slow)])
 def test_compressed_studies_are_stored_and_analysed(peer: ScriptedPeer, bridge_for,
                                                     shared_data: Path, tmp_path: Path,
                                                     syntax: str) -> None:

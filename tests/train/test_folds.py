@@ -69,6 +69,7 @@ def _probabilities(evaluation: Path) -> dict[str, list[float]]:
                 for row in csv.DictReader(handle)}
 
 
+@pytest.mark.slow  # tests/cli/test_reproduce.py trains folds into an ensemble in the default run
 def test_fold_runs_become_an_ensemble(shared_data: Path, tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     from medvision.infer import Predictor

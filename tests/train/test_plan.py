@@ -37,7 +37,9 @@ def _bccd(shared_data: Path, root: Path, images: int = 6) -> Path:
     return root
 
 
-@pytest.mark.parametrize("layout", ["class_folders", "image_label_folders", "voc"])
+# the detection layout trains for a minute: in the slow run (detection trains in test_detection)
+@pytest.mark.parametrize("layout", ["class_folders", "image_label_folders",
+                                    pytest.param("voc", marks=pytest.mark.slow)])
 def test_plan_then_train(layout: str, shared_data: Path, tmp_path: Path,
                          capsys: pytest.CaptureFixture[str]) -> None:
     data = {"class_folders": chest_subset, "image_label_folders": _hippocampus,

@@ -93,7 +93,8 @@ def test_bfloat16_training_run_keeps_float32_weights(shared_data: Path, tmp_path
     assert all(0 <= row["val_dice"] <= 1 for row in state["history"])
 
 
-@pytest.mark.parametrize("shipped", ["hippocampus-seg", "chest-xray-pneumonia"])
+@pytest.mark.parametrize("shipped", [pytest.param("hippocampus-seg", marks=pytest.mark.slow),
+                                     "chest-xray-pneumonia"])
 def test_bfloat16_pretraining(shipped: str, shared_data: Path, tmp_path: Path) -> None:
     """Masked (segmentation) and contrastive (classification) pretraining with bfloat16 steps:
     finite losses, float32 weights."""
