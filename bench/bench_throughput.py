@@ -122,6 +122,8 @@ def child(mode: str, pipeline: str, n: int, device: str, batch: int) -> None:
     files = inputs(pipeline, n)
     result = (plain if mode == "plain" else analyze_mode)(pipeline, files, device, batch)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # the largest reader process (DataLoader workers; ended by now)
+    result["child_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps(result))
 
 
@@ -161,7 +163,10 @@ def main() -> None:
             more = run("analyze", name, args.memory_check, args.device, args.batch_size)
             print(f"\nanalyze peak RSS: {n} images {ours['peak_rss_mb']:.0f} MB, "
                   f"{args.memory_check} images {more['peak_rss_mb']:.0f} MB "
-                  f"(ratio {more['peak_rss_mb'] / ours['peak_rss_mb']:.2f})")
+                  f"(ratio {more['peak_rss_mb'] / ours['peak_rss_mb']:.2f}; goal within 10%); "
+                  f"largest reader process {ours['child_peak_rss_mb']:.0f} and "
+                  f"{more['child_peak_rss_mb']:.0f} MB; {args.memory_check} images at "
+                  f"{more['images'] / more['seconds']:.2f} images/s")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ Rows:
   same, probabilities within 1e-3, masks with Dice >= 0.99 between the two.
 * ``throughput: <pipeline>``: images/s of ``analyze`` on the device, on the CPU, and of the
   plain batched MONAI loop on the device (bench_throughput.py's), with the ratios.
+* ``inference <precision>: <pipeline>``: ``analyze`` on the device in bfloat16 (and float16
+  on a GPU) against float32 there: labels kept, the largest probability change, the smallest
+  mask Dice, and the speed ratio (whether inference may run in the lower precision).
 * ``train <precision>``: one epoch of the chest pipeline at 224 px: seconds, samples/s, the
   ratio to float32 and the epoch's training loss.
 """
@@ -32,14 +35,14 @@ sys.path.insert(0, str(REPO / "bench"))
 from bench_throughput import inputs, plain  # noqa: E402
 
 
-def _analyze(pipeline: str, files: list[str], device: str, out: Path, batch: int
-             ) -> tuple[dict[str, dict], float]:
+def _analyze(pipeline: str, files: list[str], device: str, out: Path, batch: int,
+             precision: str = "float32") -> tuple[dict[str, dict], float]:
     from medvision.analyze import AnalyzeOptions, analyze
     from medvision.audit.log import AuditLog
     from medvision.audit.records import Auditor, Pseudonymizer
     from medvision.infer import Predictor
 
-    predictor = Predictor.from_pipeline(pipeline, device=device)
+    predictor = Predictor.from_pipeline(pipeline, device=device, precision=precision)
     auditor = Auditor(AuditLog(out.parent / f"{out.name}.sqlite"),
                       Pseudonymizer.from_file(out.parent / "audit.key"))
     started = time.perf_counter()
@@ -56,24 +59,31 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
 
 
-def equal_and_throughput(pipeline: str, n: int, device: str, batch: int, tmp: Path
-                         ) -> list[str]:
+def _compare(a: dict[str, dict], b: dict[str, dict], folder_a: Path, folder_b: Path
+             ) -> tuple[int, float, float]:
+    """Labels that agree, the largest probability difference, the smallest mask Dice."""
     import nibabel as nib
 
+    labels = sum(a[k]["prediction"]["label"] == b[k]["prediction"]["label"] for k in a)
+    worst_p, worst_dice = 0.0, 1.0
+    for key, report in a.items():
+        for name, p in (report["prediction"].get("probabilities") or {}).items():
+            worst_p = max(worst_p, abs(p - b[key]["prediction"]["probabilities"][name]))
+        mask = folder_a / key / "mask.nii.gz"
+        if mask.is_file():
+            worst_dice = min(worst_dice, _dice(nib.load(mask).get_fdata(),
+                                               nib.load(folder_b / key / "mask.nii.gz"
+                                                        ).get_fdata()))
+    return labels, worst_p, worst_dice
+
+
+def equal_and_throughput(pipeline: str, n: int, device: str, batch: int, tmp: Path,
+                         precisions: list[str]) -> list[str]:
     files = inputs(pipeline, n)
     on_cpu, cpu_s = _analyze(pipeline, files, "cpu", tmp / f"{pipeline}-cpu", batch)
     on_dev, dev_s = _analyze(pipeline, files, device, tmp / f"{pipeline}-dev", batch)
-    labels = sum(on_cpu[k]["prediction"]["label"] == on_dev[k]["prediction"]["label"]
-                 for k in on_cpu)
-    worst_p, worst_dice = 0.0, 1.0
-    for key, report in on_cpu.items():
-        for name, p in (report["prediction"].get("probabilities") or {}).items():
-            worst_p = max(worst_p, abs(p - on_dev[key]["prediction"]["probabilities"][name]))
-        mask = tmp / f"{pipeline}-cpu" / key / "mask.nii.gz"
-        if mask.is_file():
-            other = tmp / f"{pipeline}-dev" / key / "mask.nii.gz"
-            worst_dice = min(worst_dice, _dice(nib.load(mask).get_fdata(),
-                                               nib.load(other).get_fdata()))
+    labels, worst_p, worst_dice = _compare(on_cpu, on_dev, tmp / f"{pipeline}-cpu",
+                                           tmp / f"{pipeline}-dev")
     ok = labels == len(on_cpu) and worst_p <= 1e-3 and worst_dice >= 0.99
     base = plain(pipeline, files, device, batch)
     plain_rate = base["images"] / base["seconds"]
@@ -83,7 +93,20 @@ def equal_and_throughput(pipeline: str, n: int, device: str, batch: int, tmp: Pa
             f"max |dp| {worst_p:.2e}, min mask Dice {worst_dice:.4f} | {device} ({name}) |",
             f"| throughput: {pipeline} | analyze {dev_rate:.1f} img/s on {device}, "
             f"{cpu_rate:.1f} on cpu (x{dev_rate / cpu_rate:.1f}); plain loop {plain_rate:.1f} "
-            f"on {device} | analyze/plain {dev_rate / plain_rate:.2f} |"]
+            f"on {device} | analyze/plain {dev_rate / plain_rate:.2f} |"] + [
+        _precision_row(pipeline, files, device, batch, tmp, precision, on_dev, dev_s)
+        for precision in precisions if precision != "float32"]
+
+
+def _precision_row(pipeline: str, files: list[str], device: str, batch: int, tmp: Path,
+                   precision: str, reference: dict[str, dict], seconds: float) -> str:
+    found, took = _analyze(pipeline, files, device, tmp / f"{pipeline}-{precision}", batch,
+                           precision)
+    labels, worst_p, worst_dice = _compare(reference, found, tmp / f"{pipeline}-dev",
+                                           tmp / f"{pipeline}-{precision}")
+    return (f"| inference {precision}: {pipeline} | labels {labels}/{len(reference)} as "
+            f"float32, max |dp| {worst_p:.2e}, min mask Dice {worst_dice:.4f} | "
+            f"x{seconds / took:.2f} the float32 speed |")
 
 
 def train_epochs(device: str, items: int, precisions: list[str], tmp: Path) -> list[str]:
@@ -128,7 +151,7 @@ def main() -> None:
         tmp = Path(folder)
         for pipeline, n in (("chest-xray-pneumonia", n_chest), ("hippocampus-seg", n_hippo)):
             for row in equal_and_throughput(pipeline, n, device, 4 if args.smoke else 32,
-                                            tmp):
+                                            tmp, precisions):
                 print(row, flush=True)
         for row in train_epochs(device, n_train, precisions, tmp):
             print(row, flush=True)

@@ -144,6 +144,8 @@ def run_fingerprint(predictor: Predictor | LazyPredictor, options: AnalyzeOption
            "schema_version": SCHEMA_VERSION, "input_sha256": input_signature(study.paths)}
     if options.explain_layer:
         run["explain_layer"] = options.explain_layer
+    if predictor.precision != "float32":  # float32 runs keep the reports made before it
+        run["precision"] = predictor.precision
     if options.dicom:
         run["dicom"] = True
     if options.fhir:
@@ -174,7 +176,8 @@ def pipeline_info(predictor: Predictor) -> PipelineInfo:
                         weights_sha256=predictor.weights_sha256,
                         config_hash=config_hash(pipeline), temperature=predictor.temperature,
                         backend=predictor.backend_name,
-                        device=predictor.device_info.as_dict(), members=tuple(
+                        device={**predictor.device_info.as_dict(),
+                                "precision": predictor.precision}, members=tuple(
                             {"weights": m.weights.name, "weights_sha256": m.weights_sha256,
                              "network": (m.model or pipeline.model).name,
                              "temperature": m.temperature,

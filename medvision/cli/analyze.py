@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from medvision.cli.audit_options import add_audit_arguments, auditor_from_args
-from medvision.cli.conventions import add_device_argument
+from medvision.cli.conventions import add_device_argument, add_precision_argument
 from medvision.vocabulary import EXPLANATION_METHODS
 
 __all__ = ["add_parser", "run"]
@@ -69,6 +69,7 @@ def add_parser(subparsers: Any) -> None:
                         help="write patient name, ID and birth date into report.json (off: "
                              "reports, logs and audit records carry pseudonyms only)")
     add_device_argument(parser)
+    add_precision_argument(parser)
     parser.add_argument("--batch-size", type=int, default=8, metavar="N",
                         help="studies per forward pass (and per batched saliency pass); "
                              "default 8")
@@ -98,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     predictor = LazyPredictor.from_pipeline(args.pipeline, weights=args.weights,
                                             search=args.pipelines_dir, backend=args.backend,
                                             # with --scheduler the workers' device counts
-                                            device="cpu" if args.scheduler else args.device)
+                                            device="cpu" if args.scheduler else args.device,
+                                            precision=args.precision)
     results = analyze(args.inputs, predictor, args.output, auditor=auditor, options=options,
                       scheduler=args.scheduler)
     if args.dicom:

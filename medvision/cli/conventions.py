@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_device_argument", "add_pipeline_argument", "examples", "pipeline_of"]
+__all__ = ["add_device_argument", "add_pipeline_argument", "add_precision_argument", "examples",
+           "pipeline_of"]
 
 
 def examples(parser: argparse.ArgumentParser, *lines: str) -> None:
@@ -37,6 +38,15 @@ def pipeline_of(args: argparse.Namespace) -> str:
         raise ConfigError("no pipeline given: use --pipeline NAME (see 'medvision pipelines "
                           "list')")
     return str(named or bare)
+
+
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    """``--precision float32|bfloat16|float16`` for the forward passes of inference."""
+    parser.add_argument("--precision", choices=["float32", "bfloat16", "float16"],
+                        default="float32",
+                        help="arithmetic of the networks' forward passes (autocast): float32 "
+                             "(default), bfloat16, or float16 on a GPU only (exit 2 "
+                             "elsewhere); saliency gradients are taken in float32")
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ from medvision.cli.audit_options import add_audit_arguments, auditor_from_args
 from medvision.cli.conventions import (
     add_device_argument,
     add_pipeline_argument,
+    add_precision_argument,
     examples,
     pipeline_of,
 )
@@ -53,6 +54,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite an evaluation")
     parser.add_argument("--json", action="store_true", help="the metrics as JSON on stdout")
     add_device_argument(parser)
+    add_precision_argument(parser)
     add_audit_arguments(parser)
     examples(parser, 'medvision evaluate --pipeline hippocampus-seg --data ../shared/data/hippocampus --split val -o eval', 'medvision evaluate --pipeline chest-xray-pneumonia --data DATA -o eval --json')
     parser.set_defaults(run=run)
@@ -65,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     from medvision.train import discover_items, pipeline_split
 
     predictor = Predictor.from_pipeline(pipeline_of(args), weights=args.weights,
-                                        search=args.pipelines_dir, device=args.device)
+                                        search=args.pipelines_dir, device=args.device,
+                                        precision=args.precision)
     pipeline = predictor.pipeline
     if args.out_of_fold:
         from medvision.errors import ConfigError

@@ -150,7 +150,7 @@ def _evaluate(parts: Sequence[Part], out_dir: str | os.PathLike[str], *, force: 
         if pipeline.task == "detection" else
         "Proportions have Wilson score intervals; AUC, F1, ECE, Dice and distances have BCa "
         "bootstrap intervals over cases (resampled within each class for classification).")
-    metrics["device"] = predictor.device_info.as_dict()
+    metrics["device"] = {**predictor.device_info.as_dict(), "precision": predictor.precision}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "summary.html").write_text(render_evaluation(metrics, [p.name for p in images]))
     if auditor is not None:

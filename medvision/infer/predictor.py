@@ -134,6 +134,7 @@ class Predictor:
     backend: Any = None
     kind: str = "torch"
     device: Any = None
+    precision: str = "float32"
     """Where the PyTorch networks run (``torch.device``; None: the CPU)."""
 
     def load(self) -> Predictor:
@@ -203,13 +204,15 @@ class Predictor:
                       weights: str | os.PathLike[str] | None = None,
                       backend: str = "torch",
                       search: Sequence[str | os.PathLike[str]] = (),
-                      device: str | None = "cpu") -> Predictor:
+                      device: str | None = "cpu", precision: str = "float32") -> Predictor:
         """Load a pipeline's :class:`~medvision.models.ModelBundle` and build its network.
 
         ``search``: extra folders of pipelines to look in, before installed packages. With
         ``backend="onnx"`` predictions run in onnxruntime from the ``.onnx`` file beside the
         weights (``medvision export``); explanations still use PyTorch. ``device``: where
-        the networks run (``auto``, ``cpu``, ``cuda:N``, ``mps``).
+        the networks run (``auto``, ``cpu``, ``cuda:N``, ``mps``); ``precision``: the
+        forward passes' arithmetic (``float32``; ``bfloat16``, or ``float16`` on a GPU, by
+        autocast), explanations stay float32.
 
         Raises:
             ConfigError: invalid pipeline.
@@ -217,21 +220,24 @@ class Predictor:
             CheckpointError: no weights, or weights that do not fit the network.
         """
         bundle = ModelBundle.load(name_or_path, weights=weights, search=tuple(search))
-        return cls.from_bundle(bundle, backend=backend, device=device)
+        return cls.from_bundle(bundle, backend=backend, device=device, precision=precision)
 
     @classmethod
     def from_bundle(cls, bundle: ModelBundle, *, backend: str = "torch",
-                    device: str | None = "cpu") -> Predictor:
+                    device: str | None = "cpu", precision: str = "float32") -> Predictor:
         """A predictor for an already loaded bundle (an ensemble: every member), its
         networks on ``device``."""
-        from medvision.devices import prepare, resolve_device
+        from medvision.devices import check_precision, prepare, resolve_device
+        from medvision.errors import DeviceError
 
         target = resolve_device(device)
         if target.type != "cpu" and backend == "onnx":
-            from medvision.errors import DeviceError
-
             raise DeviceError("the onnx backend runs on the CPU here; use --backend torch "
                               f"for {target}")
+        if precision != "float32" and backend == "onnx":
+            raise DeviceError(f"the onnx backend runs in float32; use --backend torch for "
+                              f"{precision}")
+        check_precision(target, precision)
         prepare(target)
         made = cls._build(bundle, backend=backend)
         made.model.to(target)
@@ -240,7 +246,7 @@ class Predictor:
                 if hasattr(member, "to"):
                     member.to(target)
         return cls(bundle=made.bundle, model=made.model, backend=made.backend, kind=made.kind,
-                   device=target)
+                   device=target, precision=precision)
 
     @classmethod
     def _build(cls, bundle: ModelBundle, *, backend: str) -> Predictor:
@@ -296,7 +302,9 @@ class Predictor:
         def forward(x: Any) -> Any:
             return patch_forward(self.pipeline, network, x)
 
-        with torch.no_grad():
+        from medvision.devices import autocast
+
+        with torch.no_grad(), autocast(self.device or "cpu", self.precision):
             out = forward(image)
             flips = self.pipeline.inference.tta_flips
             for axis in flips:
@@ -461,19 +469,21 @@ class LazyPredictor:
     bundle: ModelBundle
     backend: str = "torch"
     device: str | None = "cpu"
+    precision: str = "float32"
 
     @classmethod
     def from_pipeline(cls, name_or_path: str | os.PathLike[str], *,
                       weights: str | os.PathLike[str] | None = None, backend: str = "torch",
                       search: Sequence[str | os.PathLike[str]] = (),
-                      device: str | None = "cpu") -> LazyPredictor:
+                      device: str | None = "cpu", precision: str = "float32") -> LazyPredictor:
         """Read the bundle (pipeline, weights digest, calibration, guard); build nothing."""
-        from medvision.devices import resolve_device
+        from medvision.devices import check_precision, resolve_device
 
-        resolve_device(device)  # a device that is not there is an error now, not later
+        # a device or precision that cannot run is an error now, not later
+        check_precision(resolve_device(device), precision)
         return cls(bundle=ModelBundle.load(name_or_path, weights=weights,
                                            search=tuple(search)),
-                   backend=backend, device=device)
+                   backend=backend, device=device, precision=precision)
 
     @property
     def pipeline(self) -> Pipeline:
@@ -501,7 +511,8 @@ class LazyPredictor:
 
     @cached_property
     def loaded(self) -> Predictor:
-        return Predictor.from_bundle(self.bundle, backend=self.backend, device=self.device)
+        return Predictor.from_bundle(self.bundle, backend=self.backend, device=self.device,
+                                     precision=self.precision)
 
     def load(self) -> Predictor:
         """The predictor, its networks built on the first call."""

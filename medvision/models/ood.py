@@ -50,7 +50,8 @@ class capture_features:  # noqa: N801 - a context manager, named as it reads
         if self.pooled:
             self.features = _pooled(output).detach().float().cpu().double().numpy()
         else:
-            self.features = (output[0] if isinstance(output, tuple | list) else output).detach()
+            found = output[0] if isinstance(output, tuple | list) else output
+            self.features = found.detach().float()  # float32 even under autocast
 
     def __enter__(self) -> capture_features:
         self._handle = self.module.register_forward_hook(self._hook)

@@ -1,8 +1,10 @@
 """Every figure medvision draws: study key images, evaluation plots, the audit drift plot.
 
-Figures are matplotlib ``Figure`` objects on the Agg canvas, created in :func:`figure` and
+Plots are matplotlib ``Figure`` objects on the Agg canvas, created in :func:`figure` and
 nowhere else: no pyplot state and no global backend switch, so library users keep their own
-backend and threads can draw at the same time.
+backend and threads can draw at the same time. A study's key images are drawn with Pillow
+(every panel the same size, fonts from matplotlib's DejaVu Sans): they are written for every
+study of a batch while the networks run, and matplotlib's drawing cost more than the networks.
 
 Key images follow the radiological convention: 3D volumes are shown in the RAS frame
 (reoriented, never resampled) with the patient's right on the viewer's left; every panel

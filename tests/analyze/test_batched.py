@@ -129,3 +129,26 @@ def test_gradcam_reuses_the_predictions_forward_pass(shared_data: Path, tmp_path
 
     assert network_head(Skip(), "a") is None
     assert network_head(Skip(), "b") is not None
+
+
+def test_bfloat16_inference_keeps_the_labels_and_says_so(shared_data: Path,
+                                                         tmp_path: Path) -> None:
+    """Inference under bfloat16 autocast (the CPU has it; float16 is GPU-only): the same
+    labels as float32 on these cases, probabilities within 0.05, and the reports say which
+    precision made them (a float32 report is not reused for a bfloat16 run)."""
+    data = chest_subset(shared_data, tmp_path / "data", per_class=2)
+    runs = {}
+    for precision in ("float32", "bfloat16"):
+        predictor = Predictor.from_pipeline("chest-xray-pneumonia", device="cpu",
+                                            precision=precision)
+        results = analyze([data], predictor, tmp_path / "out", auditor=_auditor(tmp_path),
+                          options=AnalyzeOptions(batch_size=4, workers=0, progress=False))
+        assert not any(r.skipped for r in results)  # the precision is part of the run
+        runs[precision] = _reports(tmp_path / "out")
+        for report in runs[precision].values():
+            assert report["pipeline"]["device"]["precision"] == precision
+    for study, wide in runs["float32"].items():
+        narrow = runs["bfloat16"][study]
+        assert narrow["prediction"]["label"] == wide["prediction"]["label"]
+        for name, p in wide["prediction"]["probabilities"].items():
+            assert abs(narrow["prediction"]["probabilities"][name] - p) < 0.05

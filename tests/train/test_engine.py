@@ -80,6 +80,10 @@ def test_float16_is_refused_on_the_cpu(shared_data: Path, tmp_path: Path, capsys
     assert main(["train", "--pipeline", "chest-xray-pneumonia", "--data", str(data), "-o",
                  str(tmp_path / "run"), "--precision", "float16", "--device", "cpu"]) == 2
     assert "float16 runs on a GPU only" in capsys.readouterr().err
+    for command in (["analyze", str(data)], ["evaluate", "--data", str(data)]):
+        assert main([*command, "--pipeline", "chest-xray-pneumonia", "-o",
+                     str(tmp_path / "out"), "--precision", "float16", "--device", "cpu"]) == 2
+        assert "float16 runs on a GPU only" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("weights", [None, [1.0, 1.0, 1.0, 4.0, 4.0, 0.5, 0.5, 2.0, 1.0]])
@@ -195,3 +199,21 @@ def test_ddp_on_two_cpu_processes_equals_one_process(shared_data: Path, tmp_path
     one_rows = list(csv.DictReader((tmp_path / "one" / METRICS_FILE).open()))
     assert float(rows[0]["train_loss"]) == pytest.approx(float(one_rows[0]["train_loss"]),
                                                          rel=1e-4)
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_its_code_paths_on_the_cpu() -> None:
+    """bench/device_check.py --device cpu --smoke: every row of the GPU check, on tiny inputs
+    (the CPU against itself must be equal)."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, str(repo / "bench" / "device_check.py"), "--device",
+                          "cpu", "--smoke"], capture_output=True, text=True, check=False,
+                         timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
+    assert sum("equal:" in r and "PASS" in r for r in rows) == 2
+    assert any(r.startswith("| inference bfloat16: chest") for r in rows)
+    assert sum(r.startswith("| train ") for r in rows) == 2
