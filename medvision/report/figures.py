@@ -163,7 +163,7 @@ def _annotate(ax: Any, view: _View, letters: bool) -> None:
     ax.text(0.5, 0.99, _letter(-view.down), ha="center", va="top", **style)
 
 
-_PANEL = 480  # px: the longest side of every key image's picture
+_PANEL = 400  # px: the longest side of every key image's picture
 _MARGIN, _TITLE, _BAND = 12, 30, 64  # px: side margins, title bar, caption band
 _HIDDEN = 0.2  # saliency below this is not drawn over the image (docs/report.md)
 
@@ -267,7 +267,7 @@ def _panel(picture: np.ndarray, title: str, view: _View, letters: bool,
         draw.text((x, y + 8), text, fill=(20, 20, 20), font=_font(13), anchor="lm")
         x += int(draw.textlength(text, font=_font(13))) + 16
     buffer = _io.BytesIO()
-    canvas.save(buffer, format="PNG", compress_level=1)
+    canvas.save(buffer, format="PNG", compress_level=3)
     return buffer.getvalue()
 
 
