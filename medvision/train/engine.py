@@ -22,6 +22,7 @@ of an epoch (validation, best-epoch choice, weight averaging).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -163,13 +164,25 @@ class RunFolder:
     def checkpoint(self, state: TrainingState, *, model: Any, optimizer: Any, scheduler: Any,
                    scaler: Any = None) -> None:
         """Write the resumable state (weights, optimiser, scheduler, RNG, state) and then
-        ``metrics.csv`` from the state's history."""
+        ``metrics.csv`` from the state's history, in two phases: the weights and optimiser go
+        to ``*.next`` files (each naming its epoch), then ``state.json`` is replaced (the
+        commit), then the ``*.next`` files take their places. A process killed anywhere in
+        between leaves either the old checkpoint or the new one: :meth:`restore` rolls the
+        ``*.next`` files forward when ``state.json`` has their epoch, else drops them.
+        SIGINT and SIGTERM wait until the checkpoint is whole (SIGKILL cannot)."""
         if not self.writer:
             return
+        with _signals_held():
+            self._checkpoint(state, model=model, optimizer=optimizer, scheduler=scheduler,
+                             scaler=scaler)
+
+    def _checkpoint(self, state: TrainingState, *, model: Any, optimizer: Any, scheduler: Any,
+                    scaler: Any) -> None:
         import torch
         from safetensors.torch import save_file
 
-        save_weights(_unwrapped(model), self.path / LAST_FILE)
+        stamp = {"epoch": str(state.epoch)}
+        save_weights(_unwrapped(model), self.path / (LAST_FILE + _NEXT), metadata=stamp)
         opt = optimizer.state_dict()
         tensors: dict[str, Any] = {}
         scalars: dict[str, dict[str, float]] = {}
@@ -181,8 +194,8 @@ class RunFolder:
                     scalars.setdefault(str(index), {})[name] = value
         tensors["rng.torch"] = torch.get_rng_state()
         tmp = self.path / (OPTIMIZER_FILE + ".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, self.path / OPTIMIZER_FILE)
+        save_file(tensors, str(tmp), metadata=stamp)
+        os.replace(tmp, self.path / (OPTIMIZER_FILE + _NEXT))
         write_text_atomic(self.path / STATE_FILE, json.dumps({
             **state.as_json(),
             "optimizer_param_groups": opt["param_groups"],
@@ -190,7 +203,28 @@ class RunFolder:
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
         }, indent=2))
+        self._settle(state.epoch)
         self.write_metrics(state.history)
+
+    def _settle(self, epoch: int) -> None:
+        """Finish or undo a checkpoint's second phase: ``*.next`` files of ``epoch`` (the
+        one ``state.json`` holds) replace the current ones; others are left-overs of a
+        checkpoint that never committed."""
+        from safetensors import safe_open
+
+        for name in (LAST_FILE, OPTIMIZER_FILE):
+            pending = self.path / (name + _NEXT)
+            if not pending.is_file():
+                continue
+            try:
+                with safe_open(str(pending), "pt") as handle:
+                    stamped = (handle.metadata() or {}).get("epoch")
+            except Exception:  # noqa: BLE001 - a torn file is a left-over too
+                stamped = None
+            if stamped == str(epoch):
+                os.replace(pending, self.path / name)
+            else:
+                pending.unlink()
 
     def update_state(self, state: TrainingState) -> None:
         """Rewrite ``state.json``'s own keys (optimiser and scheduler parts kept)."""
@@ -225,6 +259,11 @@ class RunFolder:
         from safetensors.torch import load_file
 
         state_file = self.path / STATE_FILE
+        if state_file.is_file():
+            try:
+                self._settle(int(json.loads(state_file.read_text()).get("epoch", -1)))
+            except (OSError, ValueError, TypeError) as e:
+                raise CheckpointError(f"{self.path}: unreadable {STATE_FILE} ({e})") from e
         if not state_file.is_file() or not (self.path / LAST_FILE).is_file():
             raise CheckpointError(f"{self.path}: no checkpoint to resume from ({STATE_FILE} "
                                   f"and {LAST_FILE})")
@@ -508,6 +547,28 @@ class Engine:
 
         if self.distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+_NEXT = ".next"  # a checkpoint file written but not yet committed by state.json
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait (are delivered after the block) in the main thread; elsewhere,
+    or where signals cannot be masked, nothing changes."""
+    import signal
+    import threading
+
+    held = {signal.SIGINT, signal.SIGTERM}
+    if (threading.current_thread() is not threading.main_thread()
+            or not hasattr(signal, "pthread_sigmask")):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class ShardedSampler:

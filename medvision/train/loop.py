@@ -338,6 +338,11 @@ def _train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str]
     scheduler = _scheduler(pipeline, optimizer)
     metric = pipeline.validation_metric
     state = TrainingState()
+    if resume and not run.has_state and (run.path / PIPELINE_FILE).is_file():
+        # a run stopped before its first checkpoint: nothing to continue, start it again
+        log.warning("%s: no checkpoint yet (stopped during epoch 1); starting from the "
+                    "beginning", run.path)
+        resume = False
     if resume:
         _check_resumable(run, pipeline, split)
         if not run.has_state:

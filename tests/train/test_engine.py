@@ -131,6 +131,44 @@ def test_run_folder_keeps_metrics_and_state_together(tmp_path: Path) -> None:
     assert [r["epoch"] for r in rows] == ["1", "2"]
 
 
+def test_a_checkpoint_is_whole_or_absent_after_a_kill(tmp_path: Path) -> None:
+    """The weights of an epoch whose state.json never got written are dropped on resume;
+    those of an epoch whose state.json did are put in place: never the weights of one epoch
+    with the state of another."""
+    from medvision.models.checkpoint import save_weights
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    folder = tmp_path / "run"
+    run = RunFolder(folder, resume=False)
+    first = TrainingState().replace(epoch=1, history=({"epoch": 1, "loss": 1.0},))
+    run.checkpoint(first, model=model, optimizer=optimizer, scheduler=None)
+    kept = model.weight.detach().clone()
+    assert not list(folder.glob("*.next"))
+    # killed in epoch 2's checkpoint before its commit: new weights written, state not
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    save_weights(model, folder / "last.safetensors.next", metadata={"epoch": "2"})
+    back = RunFolder(folder, resume=True).restore(model=model, optimizer=optimizer,
+                                                  scheduler=None)
+    assert back.epoch == 1 and torch.equal(model.weight, kept)
+    assert not list(folder.glob("*.next"))
+    # killed after the commit, before the new files took their places
+    second = first.replace(epoch=2, history=(*first.history, {"epoch": 2, "loss": 0.5}))
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    moved = model.weight.detach().clone()
+    run.checkpoint(second, model=model, optimizer=optimizer, scheduler=None)
+    (folder / "last.safetensors").rename(folder / "last.safetensors.next")
+    (folder / "optimizer.safetensors").rename(folder / "optimizer.safetensors.next")
+    with torch.no_grad():
+        model.weight.zero_()
+    again = RunFolder(folder, resume=True).restore(model=model, optimizer=optimizer,
+                                                   scheduler=None)
+    assert again.epoch == 2 and torch.equal(model.weight, moved)
+    assert not list(folder.glob("*.next"))
+
+
 def test_states_written_before_the_engine_still_resume() -> None:
     old = {"epoch": 4, "best": 0.61, "best_epoch": 2, "optimizer_param_groups": [],
            "method": "masked"}
