@@ -338,7 +338,9 @@ def _train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str]
     scheduler = _scheduler(pipeline, optimizer)
     metric = pipeline.validation_metric
     state = TrainingState()
-    if resume and not run.has_state and (run.path / PIPELINE_FILE).is_file():
+    started = {PIPELINE_FILE, SPLIT_FILE, SKIPPED_FILE}
+    if resume and not run.has_state and all(
+            f.name in started or f.name.endswith(".tmp") for f in run.path.glob("*")):
         # a run stopped before its first checkpoint: nothing to continue, start it again
         log.warning("%s: no checkpoint yet (stopped during epoch 1); starting from the "
                     "beginning", run.path)
