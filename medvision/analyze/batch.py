@@ -249,21 +249,6 @@ def score_columns(classes: Sequence[str], task: str) -> list[str]:
     return [f"p_{c}" for c in classes]
 
 
-def _slim(report: dict[str, Any]) -> dict[str, Any]:
-    """What the batch summary needs of a report (every report is held until the summary is
-    written: the whole documents would make memory grow with the number of studies)."""
-    pred = report.get("prediction") or {}
-    qc = report.get("qc") or {}
-    return {"study": report.get("study"), "status": report.get("status"),
-            "reason": report.get("reason"), "replaces": bool(report.get("replaces")),
-            "prediction": {k: pred.get(k) for k in ("label", "probabilities", "volumes_ml",
-                                                    "counts")},
-            "qc": {"flags": [{"code": f["code"], "severity": f["severity"]}
-                             for f in qc.get("flags", [])],
-                   "out_of_distribution": qc.get("out_of_distribution"),
-                   "withheld": qc.get("withheld")}}
-
-
 def _summary_row(report: dict[str, Any], study: Study, columns: Sequence[str]) -> dict[str, Any]:
     pred = report.get("prediction") or {}
     qc = report.get("qc") or {}
@@ -321,7 +306,7 @@ def analyze(inputs: Iterable[str | os.PathLike[str]], predictor: Predictor | Laz
             continue
         run = run_fingerprint(predictor, options, study)
         if old.get("run") == run and old.get("status") != "failed" and not options.force:
-            reports[study.key] = (_slim(old), True)
+            reports[study.key] = (old, True)
         elif options.overwrite or options.force:
             previous[study.key] = old
             todo.append(study)
@@ -330,7 +315,7 @@ def analyze(inputs: Iterable[str | os.PathLike[str]], predictor: Predictor | Laz
             conflicts[study.key] = (f"an existing report ({old.get('created', '?')}) was made "
                                     f"differently ({', '.join(changed)} differ); kept, not "
                                     "overwritten (--no-overwrite)")
-            reports[study.key] = (_slim(old), True)
+            reports[study.key] = (old, True)
     bar = tqdm(total=len(todo), desc="studies", disable=not show, unit="study")
     outcomes: Iterable[StudyOutcome] = ()
     if todo and scheduler is None:  # the networks are built only now, when a study needs them
@@ -344,7 +329,7 @@ def analyze(inputs: Iterable[str | os.PathLike[str]], predictor: Predictor | Laz
                                   device=options.device)
     for outcome in outcomes:
         commit(outcome, auditor, out)
-        reports[outcome.study] = (_slim(outcome.document), False)
+        reports[outcome.study] = (outcome.document, False)
         log.info("%s: %s", outcome.study, outcome.document["status"])
         bar.update(1)
     bar.close()
