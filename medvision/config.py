@@ -16,7 +16,7 @@ from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medvision.errors import ConfigError
 from medvision.vocabulary import ExplanationMethod, Task
@@ -237,6 +237,18 @@ class TrainingConfig(_Strict):
         description="cross-validation: split the patients (groups) into this many folds, "
                     "stratified by class; `train --fold I` trains on all folds but I and "
                     "validates on I; `publish` of the fold runs ships their ensemble")
+    tracking: tuple[str, ...] = Field(
+        default=(),
+        description="where runs are recorded when the command gives no --tracking: 'mlflow' "
+                    "(a local store, or $MLFLOW_TRACKING_URI), an MLflow URI "
+                    "(http://host:5000, sqlite:///runs.db), 'tensorboard' or "
+                    "'tensorboard:DIR' (needs medvision[tracking]); not part of the config "
+                    "hash")
+
+    @field_validator("tracking", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
 
 
 class MemberConfig(_Strict):
@@ -676,9 +688,10 @@ def load_pipeline(name_or_path: str | os.PathLike[str], *,
 def config_hash(pipeline: Pipeline) -> str:
     """SHA-256 of the resolved pipeline (canonical JSON), to record what a run used. A
     ``generative`` section left at its defaults is not part of it (files written before it
-    existed keep their hash)."""
+    existed keep their hash), nor is ``training.tracking``."""
     resolved = pipeline.model_dump(mode="json")
     if pipeline.generative == GenerativeConfig():
         del resolved["generative"]
+    del resolved["training"]["tracking"]  # where a run is recorded, not what it trains
     text = json.dumps(resolved, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -77,7 +78,27 @@ def add_parser(subparsers: Any) -> None:
     report.add_argument("--force", action="store_true", help="overwrite the report file")
     examples(report, "medvision audit report --audit-log audit.sqlite -o audit.html",
              "medvision audit report --since 2026-11-01 --format json -o -")
+    report.add_argument("--tracking", metavar="URI",
+                        help="also look every weights digest up in this MLflow tracker "
+                             "(default $MLFLOW_TRACKING_URI when set): the registered model "
+                             "version and the training runs behind it")
     report.set_defaults(run=run)
+    trace = actions.add_parser(
+        "trace", help="from a weights digest to the runs that made it (MLflow)",
+        description="Looks the SHA-256 of a model's weights (as every report and audit "
+                    "record carries it) up in the MLflow Model Registry: the registered "
+                    "model versions tagged with it, and for each the training runs with "
+                    "their parameters, data fingerprint and metrics; and counts the audit "
+                    "records made with those weights.")
+    trace.add_argument("weights_sha256", metavar="SHA256",
+                       help="the weights digest (a report's pipeline.weights_sha256)")
+    trace.add_argument("--tracking", metavar="URI",
+                       help="the MLflow tracker (default $MLFLOW_TRACKING_URI)")
+    trace.add_argument("--audit-log", "--log", dest="log", type=Path, default=None,
+                       help="audit log (SQLite)")
+    trace.add_argument("--json", action="store_true", help="the result as JSON on stdout")
+    examples(trace, "medvision audit trace 3f2a...e9 --tracking http://mlflow.hospital:5000")
+    trace.set_defaults(run=run)
 
 
 def _verified_text(result: Any) -> str:
@@ -101,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
         private, public = keygen(args.directory)
         print(f"wrote {private} (private, mode 0600: keep it apart from the log) and {public}")
         return 0
+    if args.audit_action == "trace":
+        return _trace(args)
     log = AuditLog(args.log or default_log_path())
     verifier = Verifier.from_file(args.public_key) if args.public_key else None
     anchors = read_anchors(args.anchors) if getattr(args, "anchors", None) else []
@@ -141,6 +164,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         summary = audit_summary(records)
         summary["verification"] = verified
+        uri = args.tracking or os.environ.get("MLFLOW_TRACKING_URI")
+        if uri:
+            summary["tracking_uri"] = uri
+            summary["tracked"] = _tracked(uri, records)
         text = json.dumps(summary, indent=2) if args.format == "json" else \
             render_html(summary, verified=verified)
     if to_stdout:
@@ -150,3 +177,74 @@ def run(args: argparse.Namespace) -> int:
     args.output.write_text(text)
     print(f"wrote {args.output} ({len(records)} records; chain {verified})")
     return 0 if result.ok else 1
+
+
+def _tracking_uri(args: argparse.Namespace) -> str:
+    from medvision.errors import ConfigError
+
+    uri = args.tracking or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise ConfigError("no tracker configured: pass --tracking URI (the MLflow server "
+                          "the runs were tracked in) or set MLFLOW_TRACKING_URI")
+    return str(uri)
+
+
+def _digests(records: list[dict[str, Any]]) -> list[str]:
+    found = [str((r.get("pipeline") or {}).get("weights_sha256") or r.get("weights_sha256")
+                 or "") for r in records]
+    return [d for d in dict.fromkeys(found) if d and d != "None"]
+
+
+def _tracked(uri: str, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each weights digest of ``records`` and what the registry at ``uri`` holds for it."""
+    from medvision.tracking import registered_versions
+
+    out: dict[str, Any] = {}
+    for digest in _digests(records):
+        try:
+            out[digest] = registered_versions(uri, digest)
+        except Exception as e:  # noqa: BLE001 - the report is written without the link
+            out[digest] = [{"error": f"tracker not reached ({str(e).splitlines()[0][:120]})"}]
+    return out
+
+
+def _trace(args: argparse.Namespace) -> int:
+    """``audit trace SHA256``: the registered versions and runs of a weights digest."""
+    from medvision.audit.log import AuditLog
+    from medvision.tracking import registered_versions
+
+    uri = _tracking_uri(args)
+    digest = args.weights_sha256.strip().lower()
+    versions = registered_versions(uri, digest)
+    log_path = args.log or default_log_path()
+    records = 0
+    if Path(log_path).is_file():
+        records = sum(1 for r in AuditLog(log_path).records() if digest in _digests([r]))
+    if args.json:
+        print(json.dumps({"weights_sha256": digest, "tracking_uri": uri,
+                          "audit_records": records, "versions": versions}, indent=2))
+        return 0 if versions else 1
+    if not versions:
+        print(f"{digest}: no model version in {uri} is tagged with these weights "
+              f"({records} audit record(s) made with them)")
+        return 1
+    for version in versions:
+        print(f"{version['model']} version {version['version']} (weights {digest[:16]}...): "
+              f"{version['source']}")
+        for run in version["runs"]:
+            if "error" in run:
+                print(f"  run {run['run_id']}: {run['error']}")
+                continue
+            tags = run["tags"]
+            print(f"  run {run['run_id']} ({run['name']}, {run['status']})"
+                  + (f" {run['url']}" if run.get("url") else ""))
+            print(f"    pipeline {tags.get('medvision.pipeline')} "
+                  f"{tags.get('medvision.pipeline_version')}, config "
+                  f"{str(tags.get('medvision.config_hash'))[:16]}..., data "
+                  f"{str(tags.get('medvision.data_fingerprint'))[:16]}..., "
+                  f"{len(run['params'])} parameters")
+            best = {k: v for k, v in run["metrics"].items() if k.startswith(("best_", "eval_"))}
+            if best:
+                print("    " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(best.items())[:8]))
+    print(f"{records} audit record(s) in {log_path} were made with these weights")
+    return 0

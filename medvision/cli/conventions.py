@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_device_argument", "add_pipeline_argument", "add_precision_argument", "examples",
-           "pipeline_of"]
+__all__ = ["add_device_argument", "add_pipeline_argument", "add_precision_argument",
+           "add_tracking_argument", "examples", "options_of", "pipeline_of"]
 
 
 def examples(parser: argparse.ArgumentParser, *lines: str) -> None:
@@ -55,3 +55,26 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
                         help="where networks run: auto (a GPU when PyTorch sees one, else the "
                              "CPU), cpu, cuda, cuda:N or mps; one that is not there is an "
                              "error (exit 2) naming what was found")
+
+
+def add_tracking_argument(parser: argparse.ArgumentParser) -> None:
+    """``--tracking [URI|mlflow|tensorboard[:DIR]]``, repeatable (needs medvision[tracking])."""
+    parser.add_argument("--tracking", action="append", nargs="?", const="mlflow",
+                        metavar="URI",
+                        help="record the run in MLflow (alone: $MLFLOW_TRACKING_URI, else a "
+                             "local store ./mlflow.db; or a URI such as http://host:5000 or "
+                             "sqlite:///runs.db) and/or TensorBoard ('tensorboard', or "
+                             "'tensorboard:DIR'); repeatable; a tracker that is down never "
+                             "stops the work (needs medvision[tracking])")
+
+
+_NOT_OPTIONS = {"run", "argv", "verbose", "quiet", "log_level", "log_json", "debug",
+                "pipelines_dir", "command", "signing_key", "audit_log", "audit_key", "user"}
+
+
+def options_of(args: argparse.Namespace) -> dict[str, object]:
+    """The command-line options of a command as a tracker records them (what was given)."""
+    return {k: (str(v) if not isinstance(v, int | float | str | bool) else v)
+            for k, v in vars(args).items()
+            if k not in _NOT_OPTIONS and v is not None and v != [] and v is not False
+            and not callable(v)}

@@ -12,7 +12,9 @@ from medvision.cli.conventions import (
     add_device_argument,
     add_pipeline_argument,
     add_precision_argument,
+    add_tracking_argument,
     examples,
+    options_of,
     pipeline_of,
 )
 from medvision.vocabulary import EXPLANATION_METHODS
@@ -55,6 +57,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--json", action="store_true", help="the metrics as JSON on stdout")
     add_device_argument(parser)
     add_precision_argument(parser)
+    add_tracking_argument(parser)
     add_audit_arguments(parser)
     examples(parser, 'medvision evaluate --pipeline hippocampus-seg --data ../shared/data/hippocampus --split val -o eval', 'medvision evaluate --pipeline chest-xray-pneumonia --data DATA -o eval --json')
     parser.set_defaults(run=run)
@@ -70,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
                                         search=args.pipelines_dir, device=args.device,
                                         precision=args.precision)
     pipeline = predictor.pipeline
+    from medvision.train.progress import tracking_targets
+
+    targets = tracking_targets(pipeline, args.tracking)  # a missing extra fails first
     if args.out_of_fold:
         from medvision.errors import ConfigError
 
@@ -78,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
                               "--explain")
         metrics = evaluate_out_of_fold(predictor, args.data, args.output, force=args.force,
                                        auditor=auditor_from_args(args))
+        _track(args, targets, predictor, metrics, None)
         return _print(args, metrics, str(pipeline.task))
     if pipeline.task == "detection":
         from medvision.train.boxes import detection_items
@@ -103,7 +110,26 @@ def run(args: argparse.Namespace) -> int:
                        auditor=auditor_from_args(args),
                        audit_inputs={"data": items_digest(items), "split": args.split,
                                      "weights_sha256": predictor.weights_sha256})
+    _track(args, targets, predictor, metrics, items_digest(items))
     return _print(args, metrics, str(pipeline.task))
+
+
+def _track(args: argparse.Namespace, targets: Any, predictor: Any, metrics: dict[str, Any],
+           data: dict[str, Any] | None) -> None:
+    """The metrics with their CIs to the tracked run of the weights (or a linked one)."""
+    import sys
+
+    from medvision.evaluate.tracking import evaluation_label, track_evaluation
+
+    if not targets:
+        return
+    label = evaluation_label("out-of-fold" if args.out_of_fold else args.split, args.data)
+    links = track_evaluation(targets, pipeline=predictor.pipeline, weights=args.weights,
+                             weights_sha256=predictor.weights_sha256, label=label,
+                             output=args.output, metrics=metrics, data=data,
+                             options=options_of(args))
+    for key, value in links.items():  # stdout may be --json's
+        print(f"tracked ({label}): {key.replace('_', ' ')} {value}", file=sys.stderr)
 
 
 def _print(args: argparse.Namespace, metrics: dict[str, Any], task: str) -> int:

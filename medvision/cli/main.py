@@ -61,6 +61,15 @@ def _configure_logging(level: str, as_json: bool) -> None:
     root.handlers = [h for h in root.handlers if isinstance(h, logging.NullHandler)]
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # what a person follows at a terminal (one line per training epoch): shown unless -q
+    # (or a level above INFO) is asked for, as plain lines
+    progress = logging.getLogger("medvision.progress")
+    shown = logging.getLevelName(level.upper()) <= logging.WARNING
+    plain = logging.StreamHandler(sys.stderr)
+    plain.setFormatter(_JsonFormatter() if as_json else logging.Formatter("%(message)s"))
+    progress.handlers = [plain] if shown else []
+    progress.propagate = not shown
+    progress.setLevel(logging.INFO if shown else logging.WARNING)
     warnings.showwarning = _show_warning
 
 

@@ -8,7 +8,9 @@ from typing import Any
 from medvision.cli.conventions import (
     add_device_argument,
     add_pipeline_argument,
+    add_tracking_argument,
     examples,
+    options_of,
     pipeline_of,
 )
 
@@ -37,6 +39,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--limit", type=int, help="use at most this many images (smoke runs)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output")
     add_device_argument(parser)
+    add_tracking_argument(parser)
     examples(parser, "medvision pretrain chest-xray-pneumonia --data ../shared/data/chest_xray/"
                      "train -o runs/chest-ssl --max-minutes 30",
              "medvision train chest-xray-pneumonia --data DATA -o runs/chest --init-from "
@@ -56,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         images = images[::step][: args.limit]
     result = pretrain(pipeline, images, args.output, epochs=args.epochs, method=args.method,
                       max_minutes=args.max_minutes, resume=args.resume,
-                      batch_size=args.batch_size, device=args.device)
+                      batch_size=args.batch_size, device=args.device,
+                      tracking=args.tracking, options=options_of(args))
     print(f"pretrained ({result.method}) {result.epochs_run} epoch(s) on {result.images} "
           f"image(s) in {result.seconds:.0f} s; loss {result.loss:.4f}; weights in "
           f"{result.run_dir / PRETRAINED_FILE}")

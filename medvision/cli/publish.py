@@ -7,7 +7,7 @@ import argparse
 import json
 from typing import Any
 
-from medvision.cli.conventions import add_device_argument, examples
+from medvision.cli.conventions import add_device_argument, add_tracking_argument, examples
 
 __all__ = ["add_parser", "run"]
 
@@ -30,6 +30,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--pipeline", required=True, help="pipeline name or folder to ship into")
     parser.add_argument("--data", help="the training data (to fit the OOD guard)")
     add_device_argument(parser)
+    add_tracking_argument(parser)
     examples(parser, 'medvision publish runs/chest --pipeline chest-xray-pneumonia --data DATA',
              'medvision publish runs/chest-fold0 runs/chest-fold1 runs/chest-fold2 --pipeline '
              'chest-xray-pneumonia --data DATA')
@@ -39,10 +40,12 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Publish and print the summary as JSON."""
     from medvision.config import load_pipeline, pipeline_dir
+    from medvision.tracking import parse_targets
     from medvision.train import pipeline_split
-    from medvision.train.publish import publish, publish_ensemble
+    from medvision.train.publish import publish, publish_ensemble, register_model
 
     folder = pipeline_dir(args.pipeline, search=args.pipelines_dir)
+    targets = parse_targets(args.tracking or load_pipeline(folder).training.tracking)
     ensemble = len(args.run_dir) > 1
     split = None
     if args.data:
@@ -56,5 +59,7 @@ def run(args: argparse.Namespace) -> int:
         summary = publish_ensemble(args.run_dir, folder, split=split, device=args.device)
     else:
         summary = publish(args.run_dir[0], folder, split=split, device=args.device)
+    if targets:
+        summary["registered"] = register_model(targets, folder, args.run_dir, summary)
     print(json.dumps(summary, indent=2))
     return 0

@@ -10,7 +10,9 @@ from medvision.cli.audit_options import add_audit_arguments, auditor_from_args
 from medvision.cli.conventions import (
     add_device_argument,
     add_pipeline_argument,
+    add_tracking_argument,
     examples,
+    options_of,
     pipeline_of,
 )
 
@@ -37,6 +39,7 @@ def add_parser(subparsers: Any) -> None:
     train.add_argument("--max-steps", type=int, help="stop after this many steps (smoke runs)")
     train.add_argument("--classes", nargs="+", help="train on these classes only")
     add_device_argument(train)
+    add_tracking_argument(train)
     sample = actions.add_parser("sample", help="sample N images per class with provenance")
     add_pipeline_argument(sample, what="the pipeline the generator was trained for")
     sample.add_argument("--generator", required=True, type=Path, help="generator run folder")
@@ -168,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
             items = [i for i in items if int(i["label"]) in wanted]
         result = train_generator(pipeline, items, args.output, resume=args.resume,
                                  max_minutes=args.max_minutes, max_steps=args.max_steps,
-                                 device=args.device)
+                                 device=args.device, tracking=args.tracking,
+                                 options=options_of(args))
         print(f"generator: {result.epochs_run} epoch(s), {result.steps} step(s) in "
               f"{result.seconds:.0f} s; loss {result.loss:.4f}; in {result.run_dir}")
         return 0

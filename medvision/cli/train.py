@@ -13,7 +13,9 @@ from medvision.cli.audit_options import add_audit_arguments, auditor_from_args
 from medvision.cli.conventions import (
     add_device_argument,
     add_pipeline_argument,
+    add_tracking_argument,
     examples,
+    options_of,
     pipeline_of,
 )
 
@@ -58,8 +60,9 @@ def add_parser(subparsers: Any) -> None:
                              "gloo on CPUs); training.batch_size is the global batch")
     parser.add_argument("--limit", type=int,
                         help="use at most this many training and validation items (smoke runs)")
+    add_tracking_argument(parser)
     add_audit_arguments(parser)
-    examples(parser, 'medvision train --pipeline chest-xray-pneumonia --data ../shared/data/chest_xray/train -o runs/chest', 'medvision train --pipeline chest-xray-pneumonia --data DATA -o runs/chest --resume')
+    examples(parser, 'medvision train --pipeline chest-xray-pneumonia --data ../shared/data/chest_xray/train -o runs/chest', 'medvision train --pipeline chest-xray-pneumonia --data DATA -o runs/chest --resume', 'medvision train --pipeline hippocampus-seg --data DATA -o runs/hippo --tracking http://127.0.0.1:5000 --tracking tensorboard')
     parser.set_defaults(run=run)
 
 
@@ -92,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     result = train(pipeline, split, args.output, resume=args.resume,
                    init_from=args.init_from, freeze=tuple(args.freeze),
                    auditor=auditor_from_args(args), rgb_to_grey=args.rgb_to_grey,
-                   device=args.device, max_minutes=args.max_minutes)
+                   device=args.device, max_minutes=args.max_minutes,
+                   tracking=args.tracking, options=options_of(args))
     if result.averaged_epochs:  # best.safetensors is the weight average, not one epoch
         chosen = (f"weights averaged over the last {result.averaged_epochs} epoch(s): "
                   f"{pipeline.validation_metric} {result.best_metric:.4f} (best single epoch "
@@ -108,6 +112,9 @@ def run(args: argparse.Namespace) -> int:
     where = f" on {result.device['device']} ({result.device['name']})" if result.device else ""
     print(f"{fold}trained {result.epochs_run} epoch(s) in {result.seconds:.0f} s{where}; "
           f"{chosen}; weights in {result.run_dir / 'best.safetensors'}")
+    for key in ("mlflow_run_url", "mlflow_run_id", "tensorboard_dir"):
+        if result.tracking and key in result.tracking:
+            print(f"tracked: {key.replace('_', ' ')} {result.tracking[key]}")
     if result.skipped:
         print(f"{len(result.skipped)} unreadable item(s) skipped (see "
               f"{result.run_dir / 'skipped.json'}):")
@@ -183,7 +190,8 @@ def _run_detection(args: argparse.Namespace, pipeline: Any) -> int:
     try:
         result = train_detection(pipeline, train_items, val_items, args.output,
                                  resume=args.resume, device=args.device,
-                                 max_minutes=args.max_minutes)
+                                 max_minutes=args.max_minutes, tracking=args.tracking,
+                                 options=options_of(args))
     except MedvisionError as e:
         record_run(auditor, action="train", status="failed", pipeline=pipeline, inputs=inputs,
                    outputs=[], result={}, seconds=time.perf_counter() - started, reason=str(e))

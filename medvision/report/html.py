@@ -172,4 +172,9 @@ def render_audit(summary: Mapping[str, Any], *, verified: str, drift_png: str) -
                        for r in summary["rejected"]],
         failure_rows=[(r["seq"], r["time"], r["study_key"], r["reason"])
                       for r in summary["failures"]],
-        study_rows=studies)
+        study_rows=studies,
+        tracked_rows=[(sha[:16], v.get("model", ""), v.get("version", ""),
+                       ", ".join(r.get("url") or r.get("run_id", "") for r in v.get("runs", [])),
+                       v.get("error", ""))
+                      for sha, found in (summary.get("tracked") or {}).items()
+                      for v in (found or [{"error": "not registered"}])])

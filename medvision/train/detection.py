@@ -21,11 +21,14 @@ import numpy as np
 
 from medvision.config import Pipeline
 from medvision.errors import CheckpointError
-from medvision.models import load_weights
+from medvision.models import load_weights, weights_sha256
 from medvision.models.detection import build_detector
+from medvision.tracking import Tracker
 from medvision.train.engine import (
     BEST_FILE,
     LAST_FILE,
+    METRICS_FILE,
+    PIPELINE_FILE,
     SPLIT_FILE,
     Engine,
     RunFolder,
@@ -33,6 +36,7 @@ from medvision.train.engine import (
     TrainingState,
     engine_for,
 )
+from medvision.train.progress import EpochReport, tracked, tracking_targets
 from medvision.transforms.chain import detection_transforms
 
 __all__ = ["DetectionResult", "detection_transforms", "predict_boxes", "train_detection"]
@@ -91,8 +95,9 @@ def predict_boxes(detector: Any, pipeline: Pipeline, items: Sequence[Mapping[str
 def train_detection(pipeline: Pipeline, train_items: Sequence[dict[str, Any]],
                     val_items: Sequence[dict[str, Any]], run_dir: str | os.PathLike[str], *,
                     resume: bool = False, eval_every: int = 2, device: str | None = "auto",
-                    max_minutes: float | None = None, progress: bool | None = None
-                    ) -> DetectionResult:
+                    max_minutes: float | None = None, progress: bool | None = None,
+                    tracking: Sequence[str] | str | None = None,
+                    options: Mapping[str, Any] | None = None) -> DetectionResult:
     """Train ``pipeline``'s detector; the best epoch by validation mAP@0.5 is kept.
 
     Raises:
@@ -100,26 +105,33 @@ def train_detection(pipeline: Pipeline, train_items: Sequence[dict[str, Any]],
         DeviceError: the device is not there.
         CheckpointError: nothing to resume from.
     """
+    from medvision.audit.records import items_digest
+
+    targets = tracking_targets(pipeline, tracking)
     engine = engine_for(pipeline, device)
     try:
-        return _train_detection(pipeline, train_items, val_items, run_dir, engine=engine,
-                                resume=resume, eval_every=eval_every, max_minutes=max_minutes,
-                                progress=progress)
+        run = RunFolder(run_dir, resume=resume, writer=engine.is_main)
+        with tracked(targets, run, pipeline=pipeline, kind="train", engine=engine,
+                     options=options, data={"train": items_digest(train_items),
+                                            "val": items_digest(val_items)}) as tracker:
+            return _train_detection(pipeline, train_items, val_items, run, engine=engine,
+                                    resume=resume, eval_every=eval_every,
+                                    max_minutes=max_minutes, progress=progress,
+                                    tracker=tracker)
     finally:
         engine.close()
 
 
 def _train_detection(pipeline: Pipeline, train_items: Sequence[dict[str, Any]],
-                     val_items: Sequence[dict[str, Any]], run_dir: str | os.PathLike[str], *,
+                     val_items: Sequence[dict[str, Any]], run: RunFolder, *,
                      engine: Engine, resume: bool, eval_every: int, max_minutes: float | None,
-                     progress: bool | None) -> DetectionResult:
+                     progress: bool | None, tracker: Tracker) -> DetectionResult:
     import torch
     from monai.data import CacheDataset
     from monai.utils import set_determinism
 
     from medvision.metrics import detection_metrics
 
-    run = RunFolder(run_dir, resume=resume, writer=engine.is_main)
     cfg = pipeline.training
     set_determinism(seed=cfg.seed)
     detector = build_detector(pipeline).to(engine.device)
@@ -168,7 +180,7 @@ def _train_detection(pipeline: Pipeline, train_items: Sequence[dict[str, Any]],
                                  parameters=detector.parameters())
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        row: dict[str, Any] = {"epoch": number, "lr": lr,
+        row: dict[str, Any] = {"epoch": number, "lr": lr, "train_loss": stats.loss,
                                "train_cls_loss": stats.parts.get("classification", 0.0),
                                "train_box_loss": stats.parts.get("box_regression", 0.0),
                                "train_seconds": round(stats.seconds, 2),
@@ -195,12 +207,20 @@ def _train_detection(pipeline: Pipeline, train_items: Sequence[dict[str, Any]],
         return state
 
     before = state.epoch
-    state = engine.fit(state, epochs=cfg.epochs, epoch=epoch, max_minutes=max_minutes)
+    report = EpochReport(run, epochs=cfg.epochs, monitor="val_map_50", tracker=tracker)
+    state = engine.fit(state, epochs=cfg.epochs, epoch=epoch, max_minutes=max_minutes,
+                       report=report)
     engine.barrier()
     if run.writer and not (run / BEST_FILE).is_file():
         if not (run / LAST_FILE).is_file():
             raise CheckpointError(f"{run.path}: training produced no weights")
         shutil.copyfile(run / LAST_FILE, run / BEST_FILE)
+    if tracker:
+        tracker.log_metrics({"best_val_map_50": state.best_metric,
+                             "best_epoch": state.best_epoch}, step=state.epoch)
+        tracker.set_tags({"medvision.weights_sha256": weights_sha256(run / BEST_FILE)})
+        report.finish()
+        tracker.log_artifacts([run / n for n in (PIPELINE_FILE, SPLIT_FILE, METRICS_FILE)])
     return DetectionResult(run_dir=run.path, epochs_run=state.epoch - before,
                            best_epoch=state.best_epoch,
                            best_metric=float(state.best_metric if state.best_metric is not None

@@ -520,15 +520,22 @@ class Engine:
 
     def fit(self, state: TrainingState, *, epochs: int,
             epoch: Callable[[int, TrainingState], TrainingState],
-            max_minutes: float | None = None) -> TrainingState:
+            max_minutes: float | None = None, report: Any = None) -> TrainingState:
         """Run ``epoch(n, state)`` for the epochs after ``state.epoch`` up to ``epochs``;
         stops early when the state says so (early stopping), or once the run's training time
-        passes ``max_minutes`` (after the epoch that passed it)."""
+        passes ``max_minutes`` (after the epoch that passed it).
+
+        ``report`` (an :class:`~medvision.train.progress.EpochReport`) hears of each
+        finished (checkpointed) epoch: the epoch line, the curves, the tracker."""
+        if report is not None:
+            report.begin(state)
         if state.early_stopped:
             log.info("stopped early after epoch %d", state.epoch)
             return state
         for number in range(state.epoch + 1, epochs + 1):
             state = epoch(number, state)
+            if report is not None:
+                report.epoch_done(state)
             if state.early_stopped or state.extra.get("stopped"):
                 break
             if max_minutes is not None and state.seconds >= max_minutes * 60:

@@ -14,12 +14,13 @@ Outputs in the run folder:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from medvision.io.synthetic import count_synthetic
 from medvision.models import build_model, load_weights, patch_forward, weights_sha256
 from medvision.models.calibration import fit_temperature, write_temperature
 from medvision.models.checkpoint import tensor_aliases
+from medvision.tracking import TRACKING_FILE, Target, Tracker
 from medvision.train.data import DataSplit, readable_items
 from medvision.train.engine import (
     BEST_EPOCH_FILE,
@@ -50,6 +52,7 @@ from medvision.train.engine import (
     TrainingState,
     engine_for,
 )
+from medvision.train.progress import EpochReport, tracked, tracking_targets
 from medvision.transforms import build_transforms
 
 __all__ = ["SWA_FILE", "TrainResult", "train"]
@@ -72,6 +75,8 @@ class TrainResult:
     averaged_epochs: int = 0
     device: dict[str, Any] | None = None
     """Where it trained: the device, its name, the precision, the processes."""
+    tracking: dict[str, str] | None = None
+    """Where the run is tracked (MLflow URI and run ID, TensorBoard folder), if it is."""
 
 
 def _loss(pipeline: Pipeline) -> Any:
@@ -232,7 +237,9 @@ def train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str],
           resume: bool = False, init_from: str | os.PathLike[str] | None = None,
           freeze: Sequence[str] = (), progress: bool | None = None,
           auditor: Auditor | None = None, rgb_to_grey: bool = False,
-          device: str | None = "auto", max_minutes: float | None = None) -> TrainResult:
+          device: str | None = "auto", max_minutes: float | None = None,
+          tracking: Sequence[str] | str | None = None,
+          options: Mapping[str, Any] | None = None) -> TrainResult:
     """Train ``pipeline`` on ``split``, writing checkpoints into ``run_dir``.
 
     With an ``auditor`` the run is recorded (failed runs too): the data digests, the
@@ -254,6 +261,9 @@ def train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str],
         auditor: where the run's record goes (``None``: not recorded).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         max_minutes: stop after the epoch that passes this much training time.
+        tracking: ``--tracking`` values (MLflow, TensorBoard; default: the pipeline's
+            ``training.tracking``); see :mod:`medvision.tracking`.
+        options: the command-line options, recorded as the tracked run's parameters.
 
     Raises:
         ConfigError: a non-empty run folder without ``resume``.
@@ -262,6 +272,7 @@ def train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str],
         AuditError: the record could not be written.
     """
     started = time.perf_counter()
+    targets = tracking_targets(pipeline, tracking)
     engine = engine_for(pipeline, device)
     inputs: dict[str, Any] = {"train": items_digest(split.train),
                               "val": items_digest(split.val),
@@ -275,7 +286,8 @@ def train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str],
     try:
         result = _train(pipeline, split, run_dir, engine=engine, resume=resume,
                         init_from=init_from, freeze=freeze, progress=progress,
-                        rgb_to_grey=rgb_to_grey, max_minutes=max_minutes)
+                        rgb_to_grey=rgb_to_grey, max_minutes=max_minutes,
+                        tracking=targets, options=options, data=inputs)
     except MedvisionError as e:
         if auditor is not None:
             record_run(auditor, action="train", status="failed", pipeline=pipeline,
@@ -293,7 +305,8 @@ def train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str],
                    result={"epochs": result.epochs_run, "best_epoch": result.best_epoch,
                            pipeline.validation_metric: result.best_metric,
                            "skipped_items": len(result.skipped),
-                           "device": engine.describe()},
+                           "device": engine.describe(),
+                           **({"tracking": result.tracking} if result.tracking else {})},
                    seconds=time.perf_counter() - started,
                    weights_sha256=weights_sha256(weights) if weights.is_file() else None)
     return result
@@ -319,10 +332,25 @@ def _check_resumable(run: RunFolder, pipeline: Pipeline, split: DataSplit) -> No
 def _train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str], *,
            engine: Engine, resume: bool, init_from: str | os.PathLike[str] | None,
            freeze: Sequence[str], progress: bool | None, rgb_to_grey: bool = False,
-           max_minutes: float | None = None) -> TrainResult:
+           max_minutes: float | None = None, tracking: Sequence[Target] = (),
+           options: Mapping[str, Any] | None = None,
+           data: Mapping[str, Any] | None = None) -> TrainResult:
+    run = RunFolder(run_dir, resume=resume, writer=engine.is_main)
+    with tracked(tracking, run, pipeline=pipeline, kind="train", engine=engine,
+                 options=options, data=data) as tracker:
+        result = _train_tracked(pipeline, split, run, engine=engine, resume=resume,
+                                init_from=init_from, freeze=freeze, progress=progress,
+                                rgb_to_grey=rgb_to_grey, max_minutes=max_minutes,
+                                tracker=tracker)
+    return dataclasses.replace(result, tracking=tracker.links() or None)
+
+
+def _train_tracked(pipeline: Pipeline, split: DataSplit, run: RunFolder, *, engine: Engine,
+                   resume: bool, init_from: str | os.PathLike[str] | None,
+                   freeze: Sequence[str], progress: bool | None, rgb_to_grey: bool,
+                   max_minutes: float | None, tracker: Tracker) -> TrainResult:
     from monai.utils import set_determinism
 
-    run = RunFolder(run_dir, resume=resume, writer=engine.is_main)
     cfg = pipeline.training
     set_determinism(seed=cfg.seed)
 
@@ -338,7 +366,7 @@ def _train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str]
     scheduler = _scheduler(pipeline, optimizer)
     metric = pipeline.validation_metric
     state = TrainingState()
-    started = {PIPELINE_FILE, SPLIT_FILE, SKIPPED_FILE}
+    started = {PIPELINE_FILE, SPLIT_FILE, SKIPPED_FILE, TRACKING_FILE}
     if resume and not run.has_state and all(
             f.name in started or f.name.endswith(".tmp") for f in run.path.glob("*")):
         # a run stopped before its first checkpoint: nothing to continue, start it again
@@ -420,7 +448,10 @@ def _train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str]
         log.info("epoch %d: %s", number, {k: round(v, 4) for k, v in row.items()})
         return state
 
-    state = engine.fit(state, epochs=cfg.epochs, epoch=epoch, max_minutes=max_minutes)
+    report = EpochReport(run, epochs=cfg.epochs, monitor=f"val_{metric}", tracker=tracker,
+                         swa_from=cfg.epochs - cfg.swa_epochs + 1 if cfg.swa_epochs else None)
+    state = engine.fit(state, epochs=cfg.epochs, epoch=epoch, max_minutes=max_minutes,
+                       report=report)
     engine.barrier()
     if not (run / BEST_FILE).exists() and not (run / BEST_EPOCH_FILE).exists():
         run.save_weights(model, BEST_FILE)
@@ -438,6 +469,17 @@ def _train(pipeline: Pipeline, split: DataSplit, run_dir: str | os.PathLike[str]
         state = state.replace(finished=True)
         run.update_state(state)
     engine.barrier()
+    if tracker:
+        if state.swa is not None:
+            tracker.log_metrics({f"swa_val_{k}": v for k, v in state.swa.items()},
+                                step=state.epoch)
+        tracker.log_metrics({f"best_val_{metric}": state.best_metric,
+                             "best_epoch": state.best_epoch}, step=state.epoch)
+        if (run / BEST_FILE).is_file():
+            tracker.set_tags({"medvision.weights_sha256": weights_sha256(run / BEST_FILE)})
+        report.finish()
+        tracker.log_artifacts([run / n for n in (PIPELINE_FILE, SPLIT_FILE, METRICS_FILE,
+                                                 "calibration.json", SKIPPED_FILE, INIT_FILE)])
     return TrainResult(run_dir=run.path, epochs_run=state.epoch, best_epoch=state.best_epoch,
                        best_metric=float(state.best_metric if state.best_metric is not None
                                          else float("nan")),

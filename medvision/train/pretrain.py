@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medvision.audit.records import items_digest
 from medvision.config import Pipeline
 from medvision.errors import CheckpointError, ConfigError, DataError
-from medvision.models import build_model
+from medvision.models import build_model, weights_sha256
+from medvision.tracking import Tracker
 from medvision.train.engine import Engine, RunFolder, StepOutput, TrainingState, engine_for
+from medvision.train.progress import EpochReport, tracked, tracking_targets
 from medvision.vocabulary import Task
 
 __all__ = ["PretrainResult", "pretrain", "unlabelled_images"]
@@ -139,7 +142,8 @@ def pretrain(pipeline: Pipeline, images: Sequence[str], run_dir: str | os.PathLi
              epochs: int, method: str | None = None, max_minutes: float | None = None,
              resume: bool = False, batch_size: int | None = None,
              temperature: float = 0.1, device: str | None = "auto",
-             progress: bool | None = None) -> PretrainResult:
+             progress: bool | None = None, tracking: Sequence[str] | str | None = None,
+             options: Mapping[str, Any] | None = None) -> PretrainResult:
     """Pretrain the pipeline's network on ``images`` without labels (see the module notes).
 
     Raises:
@@ -158,19 +162,25 @@ def pretrain(pipeline: Pipeline, images: Sequence[str], run_dir: str | os.PathLi
                           "pipeline (contrastive: classification; masked: segmentation)")
     if len(images) < 2:
         raise DataError("pretraining needs at least two images")
+    targets = tracking_targets(pipeline, tracking)
     engine = engine_for(pipeline, device)
     try:
-        return _pretrain(pipeline, images, run_dir, engine=engine, epochs=epochs,
-                         method=method, max_minutes=max_minutes, resume=resume,
-                         batch_size=batch_size, temperature=temperature, progress=progress)
+        run = RunFolder(run_dir, resume=resume, writer=engine.is_main)
+        with tracked(targets, run, pipeline=pipeline, kind="pretrain", engine=engine,
+                     options={**(options or {}), "method": method},
+                     data={"images": items_digest({"image": i} for i in images)}) as tracker:
+            return _pretrain(pipeline, images, run, engine=engine, epochs=epochs,
+                             method=method, max_minutes=max_minutes, resume=resume,
+                             batch_size=batch_size, temperature=temperature,
+                             progress=progress, tracker=tracker)
     finally:
         engine.close()
 
 
-def _pretrain(pipeline: Pipeline, images: Sequence[str], run_dir: str | os.PathLike[str], *,
+def _pretrain(pipeline: Pipeline, images: Sequence[str], run: RunFolder, *,
               engine: Engine, epochs: int, method: str, max_minutes: float | None,
               resume: bool, batch_size: int | None, temperature: float,
-              progress: bool | None) -> PretrainResult:
+              progress: bool | None, tracker: Tracker) -> PretrainResult:
     import torch
     from monai import transforms as mt
     from monai.data import CacheDataset
@@ -179,7 +189,6 @@ def _pretrain(pipeline: Pipeline, images: Sequence[str], run_dir: str | os.PathL
 
     from medvision.transforms.chain import LoadVolumed, preprocess_transforms
 
-    run = RunFolder(run_dir, resume=resume, writer=engine.is_main)
     cfg = pipeline.training
     set_determinism(seed=cfg.seed)
     batch = batch_size or cfg.batch_size
@@ -260,11 +269,17 @@ def _pretrain(pipeline: Pipeline, images: Sequence[str], run_dir: str | os.PathL
         log.info("pretraining epoch %d: %s loss %.4f", number, method, stats.loss)
         return state
 
-    state = engine.fit(state, epochs=epochs, epoch=epoch, max_minutes=max_minutes)
+    report = EpochReport(run, epochs=epochs, title="pretraining epoch", tracker=tracker)
+    state = engine.fit(state, epochs=epochs, epoch=epoch, max_minutes=max_minutes,
+                       report=report)
     run.write_json("pretrain.json", {"method": method, "epochs": state.epoch,
                                      "loss": state.loss, "seconds": state.seconds,
                                      "images": len(images), "weights": PRETRAINED_FILE,
                                      "device": engine.describe()})
+    if tracker and (run / PRETRAINED_FILE).is_file():
+        tracker.set_tags({"medvision.weights_sha256": weights_sha256(run / PRETRAINED_FILE)})
+        report.finish()
+        tracker.log_artifacts([run / "pretrain.json", run / "pipeline.yaml"])
     return PretrainResult(run_dir=run.path, method=method, epochs_run=state.epoch,
                           loss=float(state.loss if state.loss is not None else float("nan")),
                           seconds=state.seconds, images=len(images))

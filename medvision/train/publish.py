@@ -7,23 +7,27 @@ evaluation (see docs/training.md).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medvision.config import Pipeline, load_pipeline
+from medvision.config import Pipeline, config_hash, load_pipeline
 from medvision.errors import CheckpointError, ConfigError
 from medvision.models import build_model, load_weights, weights_sha256
 from medvision.models.bundle import MAX_SHIPPED_BYTES, RUN_WEIGHTS_FILE, ModelBundle
 from medvision.models.ood import FeatureGuard
+from medvision.tracking import Target
 from medvision.train.data import DataSplit
 from medvision.transforms import build_transforms
 
-__all__ = ["fit_guard", "publish", "publish_ensemble"]
+__all__ = ["fit_guard", "publish", "publish_ensemble", "register_model"]
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +110,6 @@ def publish_ensemble(run_dirs: list[str | os.PathLike[str]], target: str | os.Pa
             members mixed, a fold or member twice, members of different splits, or a
             pipeline mismatch.
     """
-    import json
-
     from medvision.models.bundle import EnsembleMember, ensemble_digest
 
     folder = Path(target)
@@ -193,3 +195,70 @@ def publish_ensemble(run_dirs: list[str | os.PathLike[str]], target: str | os.Pa
     if guard is not None:
         summary["ood"] = guard.describe()
     return summary
+
+
+def register_model(targets: Sequence[Target], folder: str | os.PathLike[str],
+                   run_dirs: Sequence[str | os.PathLike[str]], summary: Mapping[str, Any]
+                   ) -> dict[str, Any]:
+    """Register what :func:`publish` shipped as a version of the MLflow registered model
+    named after the pipeline, tagged ``weights_sha256`` (the digest every report and audit
+    record of these weights carries), so a digest leads to its training runs.
+
+    The version's files (the shipped weights, calibration, guard, pipeline file, model
+    card) are stored in the tracked training run (``published/<digest>/``) when one run was
+    published and it was tracked; otherwise in a ``publish`` run of its own that names the
+    training runs. A registry that is down is a warning: the pipeline folder is shipped
+    anyway. Returns, per MLflow target, the model name and version (or the error).
+    """
+    from medvision.tracking import TRACKING_FILE, Tracker, mlflow_client
+
+    pipeline = load_pipeline(folder)
+    digest = str(summary["weights_sha256"])
+    files = [p for p in sorted(Path(folder).iterdir()) if p.is_file()
+             and (p.suffix in (".safetensors", ".json", ".yaml") or p.name == "MODEL_CARD.md")]
+    out: dict[str, Any] = {}
+    for target in targets:
+        if target.kind != "mlflow":
+            log.warning("tracking: %s has no model registry; publish registers in MLflow only",
+                        target.describe())
+            continue
+        uri = str(target.location)
+        runs: list[str] = []
+        for run_dir in run_dirs:
+            saved = Path(run_dir) / TRACKING_FILE
+            with contextlib.suppress(OSError, ValueError):
+                entry = json.loads(saved.read_text()).get("mlflow", {})
+                if entry.get("uri") == uri and entry.get("run_id"):
+                    runs.append(str(entry["run_id"]))
+        try:
+            client = mlflow_client(uri)
+            if len(run_dirs) == 1 and len(runs) == 1:
+                run_id = runs[0]
+            else:
+                tracker = Tracker.open([target], folder=None, experiment=pipeline.name,
+                                       run_name=f"publish {pipeline.name} {pipeline.version}",
+                                       tags={"medvision.kind": "publish",
+                                             "medvision.training_runs": ",".join(runs)})
+                run_id = str(tracker.mlflow_run_id)
+                tracker.finish()
+            where = f"published/{digest[:16]}"
+            for path in files:
+                client.log_artifact(run_id, str(path), where)
+            with contextlib.suppress(Exception):  # already registered: a new version of it
+                client.create_registered_model(
+                    pipeline.name, description=pipeline.description or None)
+            version = client.create_model_version(
+                pipeline.name, source=f"runs:/{run_id}/{where}", run_id=run_id,
+                tags={"weights_sha256": digest, "pipeline_version": pipeline.version,
+                      "config_hash": config_hash(pipeline), "training_runs": ",".join(runs),
+                      "stored_as": str(summary.get("stored_as", ""))},
+                description=f"{pipeline.name} {pipeline.version}, weights SHA-256 {digest}")
+            client.set_tag(run_id, "medvision.published_sha256", digest)
+            out[uri] = {"model": pipeline.name, "version": str(version.version),
+                        "run_id": run_id, "training_runs": runs}
+        except Exception as e:  # noqa: BLE001 - the registry never stops a publish
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            log.warning("tracking: %s: the model was not registered (%s); the pipeline folder "
+                        "is published", uri, reason)
+            out[uri] = {"error": reason}
+    return out

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,8 +151,9 @@ def generator_transform(pipeline: Pipeline) -> Any:
 def train_generator(pipeline: Pipeline, items: Sequence[dict[str, Any]],
                     run_dir: str | os.PathLike[str], *, resume: bool = False,
                     max_minutes: float | None = None, max_steps: int | None = None,
-                    device: str | None = "auto", progress: bool | None = None
-                    ) -> SynthesisResult:
+                    device: str | None = "auto", progress: bool | None = None,
+                    tracking: Sequence[str] | str | None = None,
+                    options: Mapping[str, Any] | None = None) -> SynthesisResult:
     """Train the pipeline's generative model on labelled ``items`` (``image``, ``label``).
 
     Raises:
@@ -167,29 +168,37 @@ def train_generator(pipeline: Pipeline, items: Sequence[dict[str, Any]],
     _check(pipeline)
     if not items:
         raise DataError("no training items for the generator")
+    from medvision.audit.records import items_digest
+    from medvision.train.engine import RunFolder
+    from medvision.train.progress import tracked, tracking_targets
+
+    targets = tracking_targets(pipeline, tracking)
     engine = Engine(device=device, seed=pipeline.generative.seed,
                     threads=pipeline.training.threads)
     try:
-        return _train_generator(pipeline, items, run_dir, engine=engine, resume=resume,
-                                max_minutes=max_minutes, max_steps=max_steps,
-                                progress=progress)
+        run = RunFolder(run_dir, resume=resume, writer=engine.is_main)
+        with tracked(targets, run, pipeline=pipeline, kind="synthesize", engine=engine,
+                     options=options, data={"train": items_digest(items)}) as tracker:
+            return _train_generator(pipeline, items, run, engine=engine, resume=resume,
+                                    max_minutes=max_minutes, max_steps=max_steps,
+                                    progress=progress, tracker=tracker)
     finally:
         engine.close()
 
 
 def _train_generator(pipeline: Pipeline, items: Sequence[dict[str, Any]],
-                     run_dir: str | os.PathLike[str], *, engine: Any, resume: bool,
+                     run: Any, *, engine: Any, resume: bool,
                      max_minutes: float | None, max_steps: int | None,
-                     progress: bool | None) -> SynthesisResult:
+                     progress: bool | None, tracker: Any) -> SynthesisResult:
     import torch
     from monai.data import CacheDataset
     from monai.networks.schedulers import DDPMScheduler
     from monai.utils import set_determinism
 
-    from medvision.train.engine import RunFolder, StepOutput, TrainingState
+    from medvision.train.engine import StepOutput, TrainingState
+    from medvision.train.progress import EpochReport
 
     cfg = pipeline.generative
-    run = RunFolder(run_dir, resume=resume, writer=engine.is_main)
     set_determinism(seed=cfg.seed)
     network = _network(pipeline).to(engine.device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr)
@@ -249,12 +258,18 @@ def _train_generator(pipeline: Pipeline, items: Sequence[dict[str, Any]],
         log.info("generator epoch %d (step %d): loss %.4f", number, steps, stats.loss)
         return state
 
-    state = engine.fit(state, epochs=cfg.epochs, epoch=epoch, max_minutes=max_minutes)
+    report = EpochReport(run, epochs=cfg.epochs, title="generator epoch", tracker=tracker)
+    state = engine.fit(state, epochs=cfg.epochs, epoch=epoch, max_minutes=max_minutes,
+                       report=report)
     if run.writer:
         run.write_json("generator.json", {
             "epochs": state.epoch, "steps": state.step, "loss": state.loss,
             "seconds": state.seconds, "weights": GENERATOR_FILE,
             "sha256": weights_sha256(run / GENERATOR_FILE), "device": engine.describe()})
+    if tracker and (run / GENERATOR_FILE).is_file():
+        tracker.set_tags({"medvision.weights_sha256": weights_sha256(run / GENERATOR_FILE)})
+        report.finish()
+        tracker.log_artifacts([run / "generator.json", run / "pipeline.yaml"])
     return SynthesisResult(run_dir=run.path, epochs_run=state.epoch, steps=state.step,
                            loss=float(state.loss if state.loss is not None else float("nan")),
                            seconds=state.seconds)

@@ -1,0 +1,337 @@
+"""Research runs on record: a real MLflow server (SQLite backend) on loopback and TensorBoard
+event files, read back as a user would; the epoch lines and curves; a tracker that is down,
+or goes down mid-run, never stops training."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medvision.cli.main import main
+from medvision.config import config_hash, load_pipeline
+from medvision.errors import ConfigError
+from medvision.models import weights_sha256
+from medvision.tracking import flatten, metric_values, parse_targets
+
+from conftest import chest_subset, require, wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+mlflow = pytest.importorskip("mlflow", reason="medvision[tracking] is not installed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class MlflowServer:
+    """``mlflow server`` on loopback: SQLite backend, artifacts served by the server."""
+
+    def __init__(self, folder: Path, port: int | None = None) -> None:
+        self.folder, self.port = folder, port or _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> MlflowServer:
+        import urllib.request
+
+        binary = Path(sys.executable).with_name("mlflow")
+        require(binary.is_file(), "the mlflow command is not installed")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        log = (self.folder / "server.log").open("ab")
+        self.process = subprocess.Popen(
+            [str(binary), "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
+             "--artifacts-destination", str(self.folder / "artifacts")],
+            stdout=log, stderr=log, start_new_session=True)
+
+        def healthy() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError((self.folder / "server.log").read_text()[-2000:])
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as answer:
+                    return bool(answer.status == 200)
+            except OSError:
+                return False
+
+        wait_until(healthy, 120, "mlflow server did not start")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)  # uvicorn and its workers
+            self.process.wait(timeout=30)
+        self.process = None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    running = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def chest(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """16 real radiographs and a small, quick chest pipeline (64 px, 2 epochs, the last one
+    averaged)."""
+    root = tmp_path_factory.mktemp("chest")
+    data = chest_subset(shared_data, root / "data", per_class=8)
+    settings = yaml.safe_load((REPO / "pipelines" / "chest-xray-pneumonia" /
+                               "pipeline.yaml").read_text())
+    settings.update(name="chest-tracked",
+                    preprocess={**settings["preprocess"], "size": [64, 64]})
+    settings["training"].update(epochs=2, swa_epochs=1, batch_size=8, folds=None,
+                                early_stopping_patience=None)
+    settings.pop("members", None)
+    (root / "pipeline").mkdir()
+    (root / "pipeline" / "pipeline.yaml").write_text(yaml.safe_dump(settings))
+    return data, root / "pipeline"
+
+
+def _history(client: object, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))  # type: ignore[attr-defined]
+
+
+def test_targets_flattening_and_metric_names() -> None:
+    uri = "http://127.0.0.1:5000"
+    assert [t.location for t in parse_targets([uri])] == [uri]
+    both = parse_targets(["tensorboard", f"{uri},tensorboard:/tmp/tb"])
+    assert [(t.kind, t.location) for t in both] == [
+        ("tensorboard", None), ("mlflow", uri), ("tensorboard", "/tmp/tb")]
+    local = parse_targets(["mlflow"])[0]
+    assert local.kind == "mlflow" and local.location and local.location.startswith("sqlite:///")
+    with pytest.raises(ConfigError, match="give 'mlflow'"):
+        parse_targets(["wandb"])
+    assert flatten({"training": {"epochs": 3, "tracking": []}, "classes": ["a", "b"],
+                    "x": None}) == {"training.epochs": "3", "training.tracking": "[]",
+                                    "classes": '["a", "b"]', "x": "null"}
+    assert metric_values({"n": 40, "auc": {"value": 0.9, "ci95": [0.8, 0.95]},
+                          "per_class": {"A": {"recall": {"value": 0.5, "ci95": [0.1, 0.9]}}},
+                          "roc": [[0, 1]], "note": "x"}, "eval_val") == {
+        "eval_val.n": 40.0, "eval_val.auc": 0.9, "eval_val.auc.ci95_low": 0.8,
+        "eval_val.auc.ci95_high": 0.95, "eval_val.per_class.A.recall": 0.5,
+        "eval_val.per_class.A.recall.ci95_low": 0.1,
+        "eval_val.per_class.A.recall.ci95_high": 0.9}
+    # where a run is recorded is not what it trains
+    pipeline = load_pipeline(REPO / "pipelines" / "chest-xray-pneumonia")
+    tracked = pipeline.model_copy(update={"training": pipeline.training.model_copy(
+        update={"tracking": ("mlflow",)})})
+    assert config_hash(tracked) == config_hash(pipeline)
+
+
+def test_a_missing_extra_says_which_to_install(chest: tuple[Path, Path], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.split(".")[0] == "mlflow"
+                        else real(name, *a))
+    data, pipeline = chest
+    for command in (["train", "--pipeline", str(pipeline), "--data", str(data), "-o",
+                     str(tmp_path / "run")],
+                    ["plan", str(data), "--budget-minutes", "1", "-o",
+                     str(tmp_path / "plan.yaml")]):
+        assert main([*command, "--tracking"]) == 2
+        err = capsys.readouterr().err
+        assert "pip install 'medvision[tracking]'" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "plan.yaml").exists()
+
+
+@pytest.mark.integration
+def test_a_run_its_evaluation_and_its_published_model_read_back_from_mlflow(
+        server: MlflowServer, chest: tuple[Path, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data, pipeline = chest
+    run = tmp_path / "run"
+    assert main(["train", "--pipeline", str(pipeline), "--data", str(data), "-o", str(run),
+                 "--device", "cpu", "--tracking", server.uri, "--tracking", "tensorboard"]) == 0
+    out, err = capsys.readouterr()
+    # a person at a terminal: one line per epoch, the tracked run named at the end
+    lines = [line for line in err.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"], err
+    assert "train loss" in lines[0] and "val loss" in lines[0] and "lr " in lines[0]
+    assert "left" in lines[0] and "left" not in lines[1]
+    assert "tracked: mlflow run url" in out
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    saved = json.loads((run / "tracking.json").read_text())
+    run_id = saved["mlflow"]["run_id"]
+    assert saved["mlflow"]["logged_epoch"] == 2 and saved["tensorboard"]["logged_epoch"] == 2
+    client = MlflowClient(server.uri)
+    tracked = client.get_run(run_id)
+    assert tracked.info.status == "FINISHED"
+    assert tracked.info.experiment_id == client.get_experiment_by_name(
+        "chest-tracked").experiment_id
+    params = tracked.data.params
+    resolved = load_pipeline(run / "pipeline.yaml")
+    assert params["training.epochs"] == "2" and params["preprocess.size"] == "[64, 64]"
+    assert params["model.name"] == resolved.model.name
+    assert params["device"] == "cpu" and params["precision"] == "float32"
+    assert params["seed"] == str(resolved.training.seed)
+    assert params["cli.output"] == str(run)
+    tags = tracked.data.tags
+    assert tags["medvision.pipeline"] == "chest-tracked"
+    assert tags["medvision.pipeline_version"] == resolved.version
+    assert tags["medvision.config_hash"] == config_hash(resolved)
+    assert tags["medvision.weights_sha256"] == weights_sha256(run / "best.safetensors")
+    assert len(tags["medvision.data_fingerprint"]) == 64
+    assert tags["medvision.data.train_items"].isdigit()
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    for key in ("train_loss", "val_loss", "val_auc", "lr", "data_wait_share"):
+        history = _history(client, run_id, key)
+        assert [step for step, _ in history] == [1, 2], key
+        assert [value for _, value in history] == pytest.approx(
+            [float(r[key]) for r in rows]), key
+    assert [s for s, _ in _history(client, run_id, "epoch_seconds")] == [1, 2]
+    assert "swa_val_loss" in tracked.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"pipeline.yaml", "split.json", "curves.png", "metrics.csv"} <= artifacts
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train_loss")] == [1, 2]
+    assert [e.value for e in events.Scalars("val_auc")] == pytest.approx(
+        [float(r["val_auc"]) for r in rows])
+    assert "curves" in events.Tags()["images"]
+
+    # the evaluation's metrics, each with its interval, go to the run it evaluates
+    evaluation = tmp_path / "eval"
+    assert main(["evaluate", "--pipeline", str(run), "--weights", str(run / "best.safetensors"),
+                 "--data", str(data), "--split", "val", "-o", str(evaluation),
+                 "--device", "cpu", "--json", "--tracking", server.uri]) == 0
+    out, err = capsys.readouterr()
+    metrics = json.loads(out)  # stdout stays the JSON alone
+    assert f"mlflow run id {run_id}" in err
+    logged = client.get_run(run_id).data.metrics
+    assert logged["eval_val.auc"] == pytest.approx(metrics["auc"]["value"])
+    assert logged["eval_val.n"] == metrics["n"]
+    intervals = {k: v["ci95"] for k, v in metrics.items() if isinstance(v, dict)
+                 and all(isinstance(c, float) and c == c for c in v.get("ci95") or [None])}
+    assert intervals  # the few validation cases still give some finite intervals
+    for key, (low, high) in intervals.items():
+        assert logged[f"eval_val.{key}.ci95_low"] == pytest.approx(low)
+        assert logged[f"eval_val.{key}.ci95_high"] == pytest.approx(high)
+    undefined = [k for k, v in metrics.items() if isinstance(v, dict) and k not in intervals
+                 and "ci95" in v]
+    assert all(f"eval_val.{k}.ci95_low" not in logged for k in undefined)  # NaN: not sent
+    assert {a.path for a in client.list_artifacts(run_id, "eval_val")} == {
+        "eval_val/summary.html", "eval_val/metrics.json"}
+    assert json.loads((run / "tracking.json").read_text()) == saved  # not rewritten
+
+    # publish registers a model version tagged with the shipped weights' digest
+    shipped = tmp_path / "shipped"
+    shutil.copytree(pipeline, shipped)
+    assert main(["publish", str(run), "--pipeline", str(shipped), "--tracking",
+                 server.uri]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    digest = summary["weights_sha256"]
+    registered = summary["registered"][server.uri]
+    assert registered["run_id"] == run_id and registered["training_runs"] == [run_id]
+    version = client.get_model_version("chest-tracked", registered["version"])
+    assert version.tags["weights_sha256"] == digest and version.run_id == run_id
+    files = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(
+        run_id, f"published/{digest[:16]}")}
+    assert {"model.safetensors", "pipeline.yaml"} <= files
+
+    # an auditor goes from a report's weights digest to the run, its data and parameters
+    predictor_digest = load_digest(shipped)
+    assert predictor_digest == digest
+    assert main(["audit", "trace", digest, "--tracking", server.uri, "--json"]) == 0
+    traced = json.loads(capsys.readouterr().out)
+    [found] = traced["versions"]
+    [origin] = found["runs"]
+    assert origin["run_id"] == run_id
+    assert origin["tags"]["medvision.data_fingerprint"] == tags["medvision.data_fingerprint"]
+    assert origin["params"]["training.epochs"] == "2"
+    assert origin["url"].endswith(f"/runs/{run_id}")
+    assert main(["audit", "trace", "0" * 64, "--tracking", server.uri]) == 1
+
+
+def load_digest(folder: Path) -> str:
+    from medvision.infer import Predictor
+
+    return str(Predictor.from_pipeline(str(folder), device="cpu").weights_sha256)
+
+
+@pytest.mark.integration
+def test_a_tracker_that_goes_down_mid_run_never_stops_training(
+        chest: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from medvision.train.progress import EpochReport
+
+    data, pipeline = chest
+    three = tmp_path / "pipeline"
+    shutil.copytree(pipeline, three)
+    settings = yaml.safe_load((three / "pipeline.yaml").read_text())
+    settings["training"].update(epochs=3, tracking=["tensorboard"])  # and the pipeline's
+    (three / "pipeline.yaml").write_text(yaml.safe_dump(settings))
+    server = MlflowServer(tmp_path / "mlflow").start()
+    done = EpochReport.epoch_done
+
+    def then_down(self: EpochReport, state: object) -> None:
+        done(self, state)
+        if getattr(state, "epoch", 0) == 1:
+            server.stop()  # the server dies after epoch 1 was sent
+
+    monkeypatch.setattr(EpochReport, "epoch_done", then_down)
+    run = tmp_path / "run"
+    command = ["train", "--pipeline", str(three), "--data", str(data), "-o", str(run),
+               "--device", "cpu", "--tracking", server.uri, "--tracking", "tensorboard"]
+    try:
+        assert main(command) == 0
+        err = capsys.readouterr().err
+        assert "tracking: mlflow" in err and "failed" in err and "the work goes on" in err
+        assert err.count("tracking: mlflow") == 1  # warned once, not every epoch
+        rows = list(csv.DictReader((run / "metrics.csv").open()))
+        assert [int(r["epoch"]) for r in rows] == [1, 2, 3]  # the run's own files are whole
+        assert (run / "best.safetensors").is_file() and (run / "calibration.json").is_file()
+        saved = json.loads((run / "tracking.json").read_text())
+        assert saved["mlflow"]["logged_epoch"] == 1 and saved["tensorboard"]["logged_epoch"] == 3
+
+        # the server is back: --resume sends the epochs it missed, each once
+        monkeypatch.setattr(EpochReport, "epoch_done", done)
+        server.start()
+        assert main([*command, "--resume"]) == 0
+        client = MlflowClient(server.uri)
+        run_id = saved["mlflow"]["run_id"]
+        assert [s for s, _ in _history(client, run_id, "train_loss")] == [1, 2, 3]
+        assert [v for _, v in _history(client, run_id, "train_loss")] == pytest.approx(
+            [float(r["train_loss"]) for r in rows])
+        assert json.loads((run / "tracking.json").read_text())["mlflow"]["logged_epoch"] == 3
+    finally:
+        server.stop()
+
+
+@pytest.mark.integration
+def test_a_tracker_that_is_down_from_the_start_is_a_warning(
+        chest: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data, pipeline = chest
+    run = tmp_path / "run"
+    assert main(["train", "--pipeline", str(pipeline), "--data", str(data), "-o", str(run),
+                 "--device", "cpu", "-q", "--tracking", f"http://127.0.0.1:{_free_port()}"]
+                ) == 0
+    err = capsys.readouterr().err
+    assert "epoch 1/2" not in err  # -q: no epoch lines
+    assert len(list(csv.DictReader((run / "metrics.csv").open()))) == 2
+    assert (run / "curves.png").is_file()
