@@ -142,10 +142,17 @@ def _configure_mlflow_http() -> None:
 @contextlib.contextmanager
 def _quiet_stdout() -> Iterator[None]:
     """MLflow's client prints "View run ..." lines on stdout, where medvision's commands put
-    their results (``--json``): those lines go to the log instead."""
+    their results (``--json``): those lines go to the log instead; urllib3's line for each
+    retry of a tracker that is down is left out (the tracker warns once itself)."""
     buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        yield
+    pool = logging.getLogger("urllib3.connectionpool")  # a "Retrying..." line per request
+    level = pool.level
+    pool.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        pool.setLevel(level)
     if buffer.getvalue().strip():
         log.debug("mlflow: %s", buffer.getvalue().strip())
 
