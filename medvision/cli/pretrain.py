@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     result = pretrain(pipeline, images, args.output, epochs=args.epochs, method=args.method,
                       max_minutes=args.max_minutes, resume=args.resume,
                       batch_size=args.batch_size, device=args.device,
-                      tracking=args.tracking, options=options_of(args))
+                      tracking=args.tracking, options=options_of(args),
+                      progress=False if args.quiet else None)
     print(f"pretrained ({result.method}) {result.epochs_run} epoch(s) on {result.images} "
           f"image(s) in {result.seconds:.0f} s; loss {result.loss:.4f}; weights in "
           f"{result.run_dir / PRETRAINED_FILE}")

@@ -172,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
         result = train_generator(pipeline, items, args.output, resume=args.resume,
                                  max_minutes=args.max_minutes, max_steps=args.max_steps,
                                  device=args.device, tracking=args.tracking,
-                                 options=options_of(args))
+                                 options=options_of(args),
+                                 progress=False if args.quiet else None)
         print(f"generator: {result.epochs_run} epoch(s), {result.steps} step(s) in "
               f"{result.seconds:.0f} s; loss {result.loss:.4f}; in {result.run_dir}")
         return 0

@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
                    init_from=args.init_from, freeze=tuple(args.freeze),
                    auditor=auditor_from_args(args), rgb_to_grey=args.rgb_to_grey,
                    device=args.device, max_minutes=args.max_minutes,
-                   tracking=args.tracking, options=options_of(args))
+                   tracking=args.tracking, options=options_of(args),
+                   progress=False if args.quiet else None)
     if result.averaged_epochs:  # best.safetensors is the weight average, not one epoch
         chosen = (f"weights averaged over the last {result.averaged_epochs} epoch(s): "
                   f"{pipeline.validation_metric} {result.best_metric:.4f} (best single epoch "
@@ -191,7 +192,8 @@ def _run_detection(args: argparse.Namespace, pipeline: Any) -> int:
         result = train_detection(pipeline, train_items, val_items, args.output,
                                  resume=args.resume, device=args.device,
                                  max_minutes=args.max_minutes, tracking=args.tracking,
-                                 options=options_of(args))
+                                 options=options_of(args),
+                                 progress=False if args.quiet else None)
     except MedvisionError as e:
         record_run(auditor, action="train", status="failed", pipeline=pipeline, inputs=inputs,
                    outputs=[], result={}, seconds=time.perf_counter() - started, reason=str(e))

@@ -130,6 +130,7 @@ class EpochReport:
         it has not received."""
         self._started = time.perf_counter()
         if self.writer and state.history:
+            self._draw(state.history)  # also replaces a drawing a kill left half-written
             self.tracker.sync_history(state.history)
 
     def epoch_done(self, state: Any) -> None:
@@ -140,10 +141,7 @@ class EpochReport:
             return
         row = state.history[-1]
         progress_log.info("%s", self.line(state, row, seconds))
-        try:
-            self.draw(state.history, self.run.path / CURVES_FILE)
-        except Exception as e:  # noqa: BLE001 - a figure never stops training
-            log.warning("curves.png not drawn (%s)", e)
+        self._draw(state.history)
         self.tracker.sync_history(state.history)
         self.tracker.log_metrics({"epoch_seconds": seconds}, step=int(row.get("epoch", 0)))
         self._started = time.perf_counter()
@@ -173,6 +171,12 @@ class EpochReport:
         if left > 0 and self._times:
             parts.append(f"about {_duration(left * sum(self._times) / len(self._times))} left")
         return f"{self.title} {number}/{self.epochs}: " + ", ".join(parts)
+
+    def _draw(self, history: Sequence[Mapping[str, Any]]) -> None:
+        try:
+            self.draw(history, self.run.path / CURVES_FILE)
+        except Exception as e:  # noqa: BLE001 - a figure never stops training
+            log.warning("%s not drawn (%s)", CURVES_FILE, e)
 
     def draw(self, history: Sequence[Mapping[str, Any]], path: Path) -> None:
         """Losses (left) and the monitored validation metric (right) against the epoch;

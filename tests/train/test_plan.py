@@ -3,10 +3,12 @@ then a short training from the planned file."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from medvision.cli.main import main
 from medvision.config import load_pipeline
@@ -45,8 +47,23 @@ def test_plan_then_train(layout: str, shared_data: Path, tmp_path: Path,
     data = {"class_folders": chest_subset, "image_label_folders": _hippocampus,
             "voc": _bccd}[layout](shared_data, tmp_path / "data")
     folder = tmp_path / "planned"
-    assert main(["plan", str(data), "--budget-minutes", "2", "-o", str(folder)]) == 0
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracked = layout == "class_folders" and importlib.util.find_spec("mlflow") is not None
+    assert main(["plan", str(data), "--budget-minutes", "2", "-o", str(folder),
+                 *(["--tracking", store] if tracked else [])]) == 0
     assert "wrote" in capsys.readouterr().out
+    if tracked:  # the plan on record: its settings, the data's fingerprint, its timings
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(store)
+        experiment = client.get_experiment_by_name("planned")
+        [run] = client.search_runs([experiment.experiment_id])
+        planned = yaml.safe_load((folder / "pipeline.yaml").read_text())
+        assert run.data.params["training.epochs"] == str(planned["training"]["epochs"])
+        assert run.data.tags["medvision.kind"] == "plan"
+        assert run.data.tags["medvision.data.layout"] == "class_folders"
+        assert run.data.metrics["timing.epoch_estimate"] > 0
+        assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["pipeline.yaml"]
     text = (folder / "pipeline.yaml").read_text()
     assert "# Fingerprint:" in text and "# Timing run on this machine" in text
     assert "# Reasoning:" in text and "epoch(s) fit 85% of 2 minutes" in text

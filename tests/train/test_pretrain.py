@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 from pathlib import Path
 
@@ -18,15 +19,31 @@ def test_contrastive_pretraining_resumes_and_starts_a_classifier(
         shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = chest_subset(shared_data, tmp_path / "data", per_class=5)
     run = tmp_path / "ssl"
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # a local MLflow store, when installed
+    tracking = ["--tracking", store] if importlib.util.find_spec("mlflow") else []
     args = ["pretrain", "chest-xray-pneumonia", "--data", str(data), "-o", str(run),
-            "--batch-size", "4"]
+            "--batch-size", "4", *tracking]
     assert main([*args, "--epochs", "1"]) == 0
-    assert "pretrained (contrastive) 1 epoch(s) on 10 image(s)" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "pretrained (contrastive) 1 epoch(s) on 10 image(s)" in out
+    assert "pretraining epoch 1/1: loss " in err
     with pytest.raises(ConfigError, match="not empty"):
         main(["--debug", *args, "--epochs", "1"])
     assert main([*args, "--epochs", "2", "--resume"]) == 0
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"] and all(float(r["loss"]) > 0 for r in rows)
+    if tracking:  # one MLflow run over both sessions, each epoch once
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(store)
+        run_id = json.loads((run / "tracking.json").read_text())["mlflow"]["run_id"]
+        history = client.get_metric_history(run_id, "loss")
+        assert [(m.step, m.value) for m in history] == [
+            (1, pytest.approx(float(rows[0]["loss"]))), (2, pytest.approx(float(rows[1]["loss"])))]
+        tracked = client.get_run(run_id).data
+        assert tracked.params["cli.method"] == "contrastive"
+        assert tracked.tags["medvision.kind"] == "pretrain"
+        assert len(tracked.tags["medvision.weights_sha256"]) == 64
     from safetensors.torch import load_file
 
     tensors = load_file(str(run / "pretrained.safetensors"))

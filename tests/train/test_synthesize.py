@@ -4,6 +4,7 @@ labelled images that say they are synthetic."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 from pathlib import Path
 
@@ -37,13 +38,21 @@ def test_generator_trains_resumes_and_samples_labelled_synthetic_images(
     folder = _pipeline(tmp_path)
     data = chest_subset(shared_data, tmp_path / "data", per_class=6)
     run = tmp_path / "gen"
+    tracking = ["--tracking", "tensorboard"] if importlib.util.find_spec("tensorboard") else []
     assert main(["synthesize", "train", str(folder), "--data", str(data), "-o", str(run),
-                 "--max-steps", "2"]) == 0
+                 "--max-steps", "2", *tracking]) == 0
     assert "1 epoch(s), 2 step(s)" in capsys.readouterr().out
     assert main(["synthesize", "train", str(folder), "--data", str(data), "-o", str(run),
-                 "--resume"]) == 0
+                 "--resume", *tracking]) == 0
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"] and all(float(r["loss"]) > 0 for r in rows)
+    if tracking:  # both sessions' epochs in TensorBoard, each once
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run / "tensorboard"))
+        events.Reload()
+        assert [(e.step, round(e.value, 5)) for e in events.Scalars("loss")] == [
+            (int(r["epoch"]), round(float(r["loss"]), 5)) for r in rows]
     per_class = json.loads((run / "data.json").read_text())["per_class"]
     assert set(per_class) == {"NORMAL", "PNEUMONIA"}  # training side of the split only
     assert sum(per_class.values()) < 12
