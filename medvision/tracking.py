@@ -181,6 +181,7 @@ class _Backend:
         self.logged_epoch = int(saved.get("logged_epoch", 0))
         self.down = False
         self.started = False
+        self.checked = False
 
     def state(self) -> dict[str, Any]:
         return {**self.saved, "logged_epoch": self.logged_epoch}
@@ -205,6 +206,11 @@ class _Backend:
 
     def link(self) -> dict[str, str]:
         return {}
+
+    def already_received(self, rows: Sequence[Mapping[str, Any]]) -> int:
+        """The last of ``rows`` (epochs after ``logged_epoch``) the tracker holds already (a
+        process killed after sending an epoch but before noting it); 0 when none."""
+        return 0
 
 
 class _Mlflow(_Backend):
@@ -273,6 +279,18 @@ class _Mlflow(_Backend):
     def finish(self, status: str) -> None:
         with _quiet_stdout():
             self.client.set_terminated(self.run_id, status=status)
+
+    def already_received(self, rows: Sequence[Mapping[str, Any]]) -> int:
+        keys = list(_numeric(rows[0]))
+        if not keys:
+            return 0
+        steps = {m.step for m in self.client.get_metric_history(self.run_id, keys[0])}
+        last = 0
+        for row in rows:
+            if int(row["epoch"]) not in steps:
+                break
+            last = int(row["epoch"])
+        return last
 
     def link(self) -> dict[str, str]:
         if not self.run_id:
@@ -393,19 +411,22 @@ class Tracker:
               **kwargs: Any) -> list[_Backend]:
         """Call ``method`` on each backend (starting one that could not start before);
         returns those that succeeded."""
-        done = []
-        for backend in list(only if only is not None else self.backends):
-            if not backend.started and not self._start(backend):
-                continue
-            try:
-                with _quiet_stdout():
-                    getattr(backend, method)(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001 - tracking never stops the work
-                self._failed(backend, method, e)
-                continue
-            self._answered(backend)
-            done.append(backend)
-        return done
+        return [backend for backend in list(only if only is not None else self.backends)
+                if self._ask(backend, method, *args, **kwargs)[0]]
+
+    def _ask(self, backend: _Backend, method: str, *args: Any, **kwargs: Any
+             ) -> tuple[bool, Any]:
+        """``method`` of one backend: (whether it answered, what it returned)."""
+        if not backend.started and not self._start(backend):
+            return False, None
+        try:
+            with _quiet_stdout():
+                result = getattr(backend, method)(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - tracking never stops the work
+            self._failed(backend, method, e)
+            return False, None
+        self._answered(backend)
+        return True, result
 
     def _start(self, backend: _Backend) -> bool:
         try:
@@ -459,6 +480,12 @@ class Tracker:
         """Send every epoch row a backend has not received yet (``epoch`` is the step)."""
         for backend in self.backends:
             rows = [r for r in history if int(r.get("epoch", 0)) > backend.logged_epoch]
+            if rows and not backend.checked:  # once a session: what a killed one sent
+                answered, received = self._ask(backend, "already_received", rows)
+                if answered:
+                    backend.checked = True
+                    backend.logged_epoch = max(backend.logged_epoch, int(received))
+                    rows = [r for r in rows if int(r["epoch"]) > backend.logged_epoch]
             for row in rows:
                 if not self._each("metrics", _numeric(row), int(row["epoch"]), only=[backend]):
                     break

@@ -22,7 +22,6 @@ of an epoch (validation, best-epoch choice, weight averaging).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import io
@@ -38,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from medvision.atomic import write_text_atomic
+from medvision.atomic import signals_held, write_text_atomic
 from medvision.errors import CheckpointError, ConfigError
 from medvision.models import load_weights, save_weights
 
@@ -172,7 +171,7 @@ class RunFolder:
         SIGINT and SIGTERM wait until the checkpoint is whole (SIGKILL cannot)."""
         if not self.writer:
             return
-        with _signals_held():
+        with signals_held():
             self._checkpoint(state, model=model, optimizer=optimizer, scheduler=scheduler,
                              scaler=scaler)
 
@@ -557,25 +556,6 @@ class Engine:
 
 
 _NEXT = ".next"  # a checkpoint file written but not yet committed by state.json
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM wait (are delivered after the block) in the main thread; elsewhere,
-    or where signals cannot be masked, nothing changes."""
-    import signal
-    import threading
-
-    held = {signal.SIGINT, signal.SIGTERM}
-    if (threading.current_thread() is not threading.main_thread()
-            or not hasattr(signal, "pthread_sigmask")):
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class ShardedSampler:

@@ -5,6 +5,7 @@ metrics.csv agreeing after every kill."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import random
@@ -36,10 +37,14 @@ def _pipeline(folder: Path) -> Path:
 
 
 def _train(pipeline: Path, data: Path, run: Path, resume: bool) -> subprocess.Popen[bytes]:
+    # tracked in a local MLflow store when the extra is there: it too gets each epoch once
+    tracking = (["--tracking", f"sqlite:///{run.parent / (run.name + '.db')}"]
+                if importlib.util.find_spec("mlflow") else [])
     with (run.parent / f"{run.name}.log").open("ab") as log:  # a full pipe would stall it
         return subprocess.Popen(
             [sys.executable, "-m", "medvision", "train", "--pipeline", str(pipeline), "--data",
-             str(data), "-o", str(run), "--device", "cpu", *(["--resume"] if resume else [])],
+             str(data), "-o", str(run), "--device", "cpu", *(["--resume"] if resume else []),
+             *tracking],
             stdout=subprocess.DEVNULL, stderr=log,
             env={**os.environ, "PYTHONHASHSEED": "0"})
 
@@ -104,3 +109,15 @@ def test_kills_at_random_points_then_resume_give_each_epoch_once(shared_data: Pa
     assert _epochs(run) == _epochs(whole) == list(range(1, EPOCHS + 1))
     assert _state_epoch(run) == EPOCHS
     assert not list(run.glob("*.next")) and not list(run.glob("*.tmp"))
+    if importlib.util.find_spec("mlflow"):
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{tmp_path / 'killed.db'}")
+        run_id = json.loads((run / "tracking.json").read_text())["mlflow"]["run_id"]
+        rows = list(csv.DictReader((run / "metrics.csv").open()))
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id,
+                                                                              "train_loss"))
+        assert [step for step, _ in history] == list(range(1, EPOCHS + 1))  # once each
+        assert [v for _, v in history] == pytest.approx([float(r["train_loss"]) for r in rows])
+        assert [r.info.run_id for r in client.search_runs(
+            [client.get_experiment_by_name("chest-kill").experiment_id])] == [run_id]
