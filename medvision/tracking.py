@@ -307,7 +307,7 @@ class _TensorBoard(_Backend):
 
     def __init__(self, target: Target, saved: Mapping[str, Any], folder: Path | None) -> None:
         super().__init__(target, saved)
-        where = target.location or (str(folder / "tensorboard") if folder else "tensorboard")
+        where = target.location or str(((folder or Path.cwd()) / "tensorboard").resolve())
         if saved.get("dir") not in (None, where):
             self.saved, self.logged_epoch = {}, 0
         self.dir = where
@@ -389,7 +389,7 @@ class Tracker:
         if not save and path is not None:  # TensorBoard still writes beside the run
             for backend in backends:
                 if isinstance(backend, _TensorBoard) and backend.target.location is None:
-                    backend.dir = str(path / "tensorboard")
+                    backend.dir = str((path / "tensorboard").resolve())
         tracker._start_kwargs = {"experiment": experiment, "run_name": run_name,
                                  "tags": dict(tags or {})}
         for backend in tracker.backends:
