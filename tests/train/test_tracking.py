@@ -265,6 +265,29 @@ def test_a_run_its_evaluation_and_its_published_model_read_back_from_mlflow(
     assert origin["params"]["training.epochs"] == "2"
     assert origin["url"].endswith(f"/runs/{run_id}")
     assert main(["audit", "trace", "0" * 64, "--tracking", server.uri]) == 1
+    capsys.readouterr()
+
+    # evaluating the shipped weights: a run of its own, linked to the run that made them
+    assert main(["evaluate", "--pipeline", str(shipped), "--data", str(data), "--split", "val",
+                 "-o", str(tmp_path / "eval-shipped"), "--device", "cpu", "--tracking",
+                 server.uri]) == 0
+    linked_id = next(line.rsplit(" ", 1)[1] for line in capsys.readouterr().err.splitlines()
+                     if "mlflow run id" in line)
+    linked = client.get_run(linked_id).data
+    assert linked_id != run_id and linked.tags["medvision.evaluates_runs"] == run_id
+    assert linked.tags["medvision.model_versions"] == f"chest-tracked/{registered['version']}"
+    assert linked.tags["medvision.weights_sha256"] == digest
+    assert "eval_val.auc" in linked.metrics
+
+    # the audit report names the registered version and run of each weights digest
+    assert main(["audit", "report", "--tracking", server.uri, "--format", "json", "-o", "-"]
+                ) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tracked"][digest][0]["runs"][0]["run_id"] == run_id
+    assert main(["audit", "report", "--tracking", server.uri, "-o",
+                 str(tmp_path / "audit.html")]) == 0
+    page = (tmp_path / "audit.html").read_text()
+    assert "Weights on record in the tracker" in page and run_id in page
 
 
 def load_digest(folder: Path) -> str:
