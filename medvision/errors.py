@@ -12,10 +12,12 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "DataLayoutError",
     "DeliveryError",
     "DeviceError",
     "ExplainError",
     "GeometryError",
+    "InputNotFoundError",
     "InvalidDicomError",
     "MedvisionError",
     "MissingDependencyError",
@@ -48,6 +50,15 @@ class DataError(MedvisionError):
 
 class UnsupportedFormatError(DataError):
     """The file is not in a format medvision reads (or holds no image)."""
+
+
+class InputNotFoundError(UnsupportedFormatError, ConfigError):
+    """A path named on the command line does not exist (a usage error: exit 2)."""
+
+
+class DataLayoutError(DataError, ConfigError):
+    """The data named for training, evaluation or planning is absent or not laid out as the
+    pipeline says (class folders, images/ + labels/, VOC...): a usage error, exit 2."""
 
 
 class UnreadableFileError(DataError):

@@ -32,10 +32,10 @@ from medvision.analyze.runner import (
     run_fingerprint,
     run_study,
 )
-from medvision.analyze.studies import Study, collect_studies
+from medvision.analyze.studies import Study, find_studies
 from medvision.atomic import write_text_atomic
 from medvision.audit.records import Auditor, AuditRecord
-from medvision.errors import AuditError
+from medvision.errors import AuditError, ConfigError
 from medvision.infer import LazyPredictor, Predictor
 from medvision.report.html import render_summary
 
@@ -286,14 +286,27 @@ def analyze(inputs: Iterable[str | os.PathLike[str]], predictor: Predictor | Laz
             workers; ``None`` runs them here.
 
     Raises:
+        ConfigError: no study at all under ``inputs`` (nothing is written).
         AuditError: a record could not be written; the batch stops there.
     """
     from tqdm import tqdm
 
     options = options or AnalyzeOptions()
+    given = [str(p) for p in inputs]
+    search = find_studies(given, pseudonymizer=auditor.pseudonymizer)
+    studies = list(search.studies)
+    if search.skipped:
+        names = ", ".join(Path(p).name for p in search.skipped[:5])
+        log.warning("%d file(s) skipped: not images (%s%s)", len(search.skipped), names,
+                    ", ..." if len(search.skipped) > 5 else "")
+    if not studies:
+        where = ", ".join(given) or "(no input)"
+        found = (f"{search.files} file(s), none an image or DICOM file"
+                 if search.files else "no file")
+        raise ConfigError(f"no study found in {where}: {found}; check the path (images: "
+                          "DICOM, NIfTI, NRRD/MHA, PNG/JPEG/TIFF/BMP)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    studies = collect_studies(inputs, pseudonymizer=auditor.pseudonymizer)
     show = sys.stderr.isatty() if options.progress is None else options.progress
     reports: dict[str, tuple[dict[str, Any], bool]] = {}
     conflicts: dict[str, str] = {}
@@ -355,5 +368,18 @@ def analyze(inputs: Iterable[str | os.PathLike[str]], predictor: Predictor | Laz
                                                     *columns, "qc", "reason"])
         writer.writeheader()
         writer.writerows(rows)
-    write_text_atomic(out / "summary.html", render_summary(rows, pipeline.name, columns))
+    notes = []
+    pictures = sum(((r.get("input") or {}).get("geometry") or {}).get("spacing_known") is False
+                   for r, _ in reports.values())
+    if pictures:
+        notes.append(f"{pictures} of the {len(rows)} inputs are pictures (PNG, JPEG...) without "
+                     "a physical size: their grids are in pixels, and no size in mm is "
+                     "derived from them.")
+        log.info("%d input(s) are pictures without a physical size (sizes in pixels)", pictures)
+    if search.skipped:
+        notes.append(f"{len(search.skipped)} file(s) skipped, not images: "
+                     + ", ".join(Path(p).name for p in search.skipped[:10])
+                     + (", ..." if len(search.skipped) > 10 else "") + ".")
+    write_text_atomic(out / "summary.html", render_summary(rows, pipeline.name, columns,
+                                                           notes))
     return results

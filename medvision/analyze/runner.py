@@ -56,6 +56,7 @@ from medvision.report.study import (
     QCResult,
     StudyReport,
     UnreadableFile,
+    class_words,
 )
 from medvision.vocabulary import Severity, Status
 
@@ -172,7 +173,11 @@ def _input_summary(study: Study, entry: SourceEntry | None, volume: Volume | Non
 def pipeline_info(predictor: Predictor) -> PipelineInfo:
     """The provenance of a predictor, as reports and audit records name it."""
     pipeline = predictor.pipeline
+    codes = {c: label.code for c, label in pipeline.report.classes.items()}
+    names = {c: class_words(c, code.meaning if (code := codes.get(c)) else None)
+             for c in pipeline.classes}
     return PipelineInfo(name=pipeline.name, version=pipeline.version, task=str(pipeline.task),
+                        class_names={k: v for k, v in names.items() if v != k},
                         weights_sha256=predictor.weights_sha256,
                         config_hash=config_hash(pipeline), temperature=predictor.temperature,
                         backend=predictor.backend_name,

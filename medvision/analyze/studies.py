@@ -1,8 +1,11 @@
 """Turning input paths into studies, and choosing the series a pipeline should see.
 
 A DICOM study (one Study Instance UID) is one study; its series are candidates and the
-pipeline's input rules pick one. Every other image file is a study of its own. Files that are
-not images become rejected studies, so they are reported rather than lost.
+pipeline's input rules pick one. Every other image file is a study of its own. A file that
+looked like an image (an image or DICOM name, no suffix, or the DICOM preamble) but cannot be
+read becomes a rejected study, so it is reported rather than lost; a file that is plainly not
+an image (``notes.txt``, ``report.pdf``) is skipped and listed; a path that does not exist
+is a rejected study of its own.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from pathlib import Path
 from medvision.audit.records import Pseudonymizer
 from medvision.config import Pipeline
 from medvision.io import SourceEntry, inventory
+from medvision.io.registry import detect_format
 
-__all__ = ["Study", "collect_studies", "study_key"]
+__all__ = ["Study", "StudySearch", "collect_studies", "find_studies", "looks_like_image",
+           "study_key"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,14 +61,55 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "study"
 
 
+@dataclass(frozen=True)
+class StudySearch:
+    """What a search of the inputs found."""
+
+    studies: tuple[Study, ...]
+    """Every study, rejected ones (unreadable images, missing paths) included."""
+    skipped: tuple[str, ...] = ()
+    """Files that are plainly not images, left out."""
+    files: int = 0
+    """Files looked at."""
+
+
+_DICOM_SUFFIXES = ("", ".dcm", ".dicom", ".dic", ".ima")
+
+
+def looks_like_image(path: str | os.PathLike[str]) -> bool:
+    """Whether a file that could not be read was meant as an image: an image or DICOM
+    suffix, no suffix or a numeric one (DICOM files are often named by UID or number), or
+    the DICOM preamble; ``notes.txt`` or ``report.pdf`` are not."""
+    file = Path(path)
+    suffix = file.suffix.lower()
+    if detect_format(file) != "dicom" or suffix in _DICOM_SUFFIXES or suffix[1:].isdigit():
+        return True
+    try:
+        with file.open("rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return True  # cannot even be opened: reported, not skipped
+
+
 def collect_studies(paths: Iterable[str | os.PathLike[str]], *,
                     pseudonymizer: Pseudonymizer | None = None) -> list[Study]:
-    """Every study under ``paths`` (recursively), including rejected files as studies.
+    """Every study under ``paths`` (recursively), including rejected files as studies
+    (:func:`find_studies` also says which files were skipped)."""
+    return list(find_studies(paths, pseudonymizer=pseudonymizer).studies)
+
+
+def find_studies(paths: Iterable[str | os.PathLike[str]], *,
+                 pseudonymizer: Pseudonymizer | None = None) -> StudySearch:
+    """Every study under ``paths`` (recursively), including rejected files and missing paths
+    as studies; files that are plainly not images are skipped and listed.
 
     DICOM studies are named by a pseudonym of their Study Instance UID, keyed when a
     ``pseudonymizer`` is given.
     """
-    found = inventory(paths)
+    given = [Path(p) for p in paths]
+    missing = [p for p in given if not p.exists()]
+    found = inventory([p for p in given if p.exists()])
     dicom: dict[str, list[SourceEntry]] = defaultdict(list)
     studies: list[Study] = []
     used: set[str] = set()
@@ -85,13 +131,16 @@ def collect_studies(paths: Iterable[str | os.PathLike[str]], *,
             studies.append(Study(key=unique(_slug(stem)), candidates=(entry,), source_name=name,
                                  paths=(entry.source,)))
     broken: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
-    loose: list[tuple[str, str]] = []
+    loose: list[tuple[str, str]] = [(str(p), f"{p}: no such file or folder") for p in missing]
+    skipped: list[str] = []
     for path, reason in found.rejected:
         owner = found.owners.get(path)
         if owner is not None and owner[0] in dicom:
             broken[owner[0]].append((path, reason, owner[1]))
-        else:
+        elif looks_like_image(path):
             loose.append((path, reason))
+        else:
+            skipped.append(path)
     for uid, entries in dicom.items():
         key = unique(study_key(uid, pseudonymizer))
         files = tuple(dict.fromkeys(p for e in entries if e.series for p in e.series.paths))
@@ -103,7 +152,9 @@ def collect_studies(paths: Iterable[str | os.PathLike[str]], *,
         studies.append(Study(key=unique(_slug(name)), candidates=(), source_name=name,
                              reason=reason, paths=(path,)))
     studies.sort(key=lambda s: s.key)
-    return studies
+    looked_at = len(found.rejected) + sum(len(e.series.paths) if e.series else 1
+                                          for e in found.entries)
+    return StudySearch(studies=tuple(studies), skipped=tuple(skipped), files=looked_at)
 
 
 def choose_series(study: Study, pipeline: Pipeline) -> tuple[SourceEntry | None, str]:

@@ -43,6 +43,14 @@ def auditor_from_args(args: argparse.Namespace) -> Any:
     from medvision.audit.records import Auditor, Pseudonymizer
 
     log_path = args.audit_log or default_log_path()
+    if (args.audit_log is None and not os.environ.get("MEDVISION_AUDIT_LOG")
+            and not log_path.exists()):
+        # the first record at the default place: say where it is, once
+        import logging
+
+        logging.getLogger("medvision.progress").info(
+            "audit records go to %s (the default; choose with --audit-log or "
+            "$MEDVISION_AUDIT_LOG; 'medvision audit report' reads them)", log_path)
     key = args.audit_key
     if key is None:
         env = os.environ.get("MEDVISION_AUDIT_KEY")

@@ -25,6 +25,7 @@ from medvision.cli import (
     compare,
     convert,
     deid,
+    docs,
     evaluate,
     export,
     info,
@@ -42,7 +43,7 @@ __all__ = ["main"]
 
 SUBCOMMANDS: tuple[ModuleType, ...] = (info, convert, pipelines, plan, pretrain, train,
                                         evaluate, compare, publish, export, analyze, pacs,
-                                        audit, deid, synthesize)
+                                        audit, deid, synthesize, docs)
 
 log = logging.getLogger("medvision")
 
@@ -127,8 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medvision", description="Diagnose medical images and explain every prediction.",
         epilog="Exit codes: 0 success; 1 something failed (a study not ok, a broken audit "
-               "chain, a failed result); 2 usage or configuration error (or a missing "
-               "optional dependency). Run 'medvision COMMAND --help' for examples.",
+               "chain, a failed result); 2 usage or configuration error (a path that does "
+               "not exist, data not laid out as the pipeline says, no study found, a missing "
+               "optional dependency); 141 the output's reader went away (a closed pipe). "
+               "Run 'medvision COMMAND --help' for examples.",
         allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"medvision {__version__}")
     parser.add_argument("--log-level", default=None,
@@ -173,6 +176,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("medvision: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`medvision pipelines list | head -1`): stop quietly, as a
+        # program killed by SIGPIPE would, and keep Python from complaining at exit when it
+        # flushes standard output
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

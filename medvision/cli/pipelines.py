@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from typing import Any
 
 __all__ = ["add_parser", "run"]
@@ -90,5 +91,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"{row['name']} {row['version']}: {row['task']}, {row['spatial_dims']}D"
               f"{weights}; from {row['source']}")
         if row["summary"]:
-            print(f"    {str(row['summary'])[:200]}")
+            print(textwrap.fill(_first_sentence(str(row["summary"])), width=96,
+                                initial_indent="    ", subsequent_indent="    "))
     return 0
+
+
+def _first_sentence(text: str, limit: int = 300) -> str:
+    """The summary's first sentence (whole words, never cut mid-word), at most ``limit``
+    characters; the rest is in ``pipelines show NAME``."""
+    import re
+
+    match = re.match(r"(.+?[.!?])(\s|$)", text)
+    sentence = match.group(1) if match else text
+    if len(sentence) <= limit:
+        return sentence
+    return textwrap.shorten(sentence, width=limit, placeholder=" ...")

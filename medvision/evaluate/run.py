@@ -131,7 +131,8 @@ def _evaluate(parts: Sequence[Part], out_dir: str | os.PathLike[str], *, force: 
     metrics["pipeline"] = {"name": pipeline.name, "version": pipeline.version,
                            "weights": str(predictor.weights),
                            "weights_sha256": predictor.weights_sha256,
-                           "temperature": predictor.temperature}
+                           "temperature": predictor.temperature,
+                           "calibration": predictor.bundle.calibration_note}
     metrics["skipped_items"] = [{"path": p, "reason": r} for p, r in skipped]
     synthetic = count_synthetic(items)
     if synthetic:  # scores on images that are not patients say so

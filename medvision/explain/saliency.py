@@ -45,6 +45,16 @@ class SaliencyMap:
     target: str = ""
     model_space: Any = None
 
+    @property
+    def array(self) -> Any:
+        """The map's values, ``(1, ...)`` in [0, 1] on the input's grid (``volume.array``)."""
+        return self.volume.array
+
+    @property
+    def affine(self) -> Any:
+        """The input's affine (RAS+ mm), which the map shares."""
+        return self.volume.affine
+
 
 class RegionScore(torch.nn.Module):
     """A segmentation network seen as a scorer: target logits summed inside a mask."""

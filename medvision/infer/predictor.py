@@ -33,6 +33,36 @@ class Prepared:
     transform: Any
 
 
+class Probabilities(tuple[float, ...]):
+    """Class probabilities in class order that can also be read by class name, as
+    report.json has them: ``p[1]``, ``p["PNEUMONIA"]``, ``dict(p.items())``."""
+
+    classes: tuple[str, ...]
+
+    def __new__(cls, classes: Sequence[str], values: Sequence[float]) -> Probabilities:
+        if len(classes) != len(values):
+            raise ValueError(f"{len(values)} probabilities for {len(classes)} classes")
+        made = super().__new__(cls, (float(v) for v in values))
+        made.classes = tuple(classes)
+        return made
+
+    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
+        if isinstance(key, str):
+            if key not in self.classes:
+                raise KeyError(f"{key!r} is not a class ({', '.join(self.classes)})")
+            return tuple.__getitem__(self, self.classes.index(key))
+        return tuple.__getitem__(self, key)
+
+    def items(self) -> list[tuple[str, float]]:
+        return list(zip(self.classes, self, strict=True))
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.items())
+
+    def __getnewargs__(self) -> tuple[tuple[str, ...], tuple[float, ...]]:  # pickling
+        return self.classes, tuple(self)
+
+
 @dataclass(frozen=True, eq=False)
 class Prediction:
     """What the model says about one input.
@@ -41,7 +71,8 @@ class Prediction:
         task: ``classification`` or ``segmentation``.
         classes: class names.
         label: predicted class (classification) or the foreground classes found.
-        probabilities: calibrated class probabilities (classification).
+        probabilities: calibrated class probabilities (classification), in class order and
+            by class name (:class:`Probabilities`: ``p["PNEUMONIA"]``).
         threshold: decision threshold on the last class (binary classification).
         mask: label map in the input's geometry (segmentation).
         volumes_ml: volume of each foreground class in millilitres (segmentation).
@@ -71,6 +102,12 @@ class Prediction:
     box_scores: Any = None
     counts: Mapping[str, int] = field(default_factory=dict)
     activations: tuple[Any, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.probabilities is not None and not isinstance(self.probabilities,
+                                                             Probabilities):
+            object.__setattr__(self, "probabilities",
+                               Probabilities(self.classes, self.probabilities))
 
     @property
     def target_index(self) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from medvision.errors import InvalidDicomError, UnsupportedFormatError
+from medvision.errors import InputNotFoundError, InvalidDicomError, UnsupportedFormatError
 from medvision.io.boundary import check_voxel_budget, reading
 
 __all__ = [
@@ -123,7 +123,7 @@ def iter_candidate_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Pa
         elif path.exists():
             yield path
         else:
-            raise UnsupportedFormatError(f"{path}: no such file or folder")
+            raise InputNotFoundError(f"{path}: no such file or folder")
 
 
 def read_header(path: Path) -> Any:

@@ -47,10 +47,11 @@ def read_image2d(path: Path) -> Volume:
     else:
         array = np.moveaxis(array, -1, 0)
     array = np.transpose(array, (0, 2, 1))
-    header: dict[str, Any] = {"format": path.suffix.lstrip(".").upper(), "mode": mode}
+    # no physical size: one pixel is taken as 1 mm for the grid, and reports say "pixels"
+    header: dict[str, Any] = {"format": path.suffix.lstrip(".").upper(), "mode": mode,
+                              "spacing_known": False}
     synthetic = synthetic_provenance(path, [embedded] if embedded else [])
     if synthetic is not None:
         header["synthetic"] = synthetic
     return Volume(array=array, affine=np.diag([-1.0, -1.0, 1.0, 1.0]), modality="OT",
-                  header=header,
-                  warnings=("pixel spacing unknown: 1 mm assumed",), source=str(path))
+                  header=header, source=str(path))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from medvision.models.ood import OOD_FILE, FeatureGuard
 from medvision.models.registry import build_model
 
 __all__ = ["CARD_FILE", "ENSEMBLE_FILE", "PIPELINE_FILE", "RUN_WEIGHTS_FILE", "WEIGHTS_FILE",
-           "EnsembleMember", "ModelBundle", "ensemble_digest"]
+           "EnsembleMember", "ModelBundle", "calibration_note", "ensemble_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,11 @@ class ModelBundle:
     card: str | None = None
     folder: Path | None = None
     members: tuple[EnsembleMember, ...] = ()
+
+    @property
+    def calibration_note(self) -> str:
+        """How the probabilities are calibrated, in words (what reports and pages say)."""
+        return calibration_note(self.temperature, [m.temperature for m in self.members])
 
     @classmethod
     def load(cls, name_or_path: str | os.PathLike[str], *,
@@ -294,3 +300,16 @@ def _save_half(source: Path, target: Path) -> None:
     state = load_file(str(source))
     half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     save_file(half, str(target), metadata={"stored_as": "float16"})
+
+
+def calibration_note(temperature: float, member_temperatures: Sequence[float] = ()) -> str:
+    """``calibrated (temperature 0.71)``; for an ensemble ``each member calibrated
+    (temperatures 0.66-0.73), probabilities averaged``; or ``uncalibrated``."""
+    if member_temperatures:
+        if all(t == 1.0 for t in member_temperatures):
+            return "uncalibrated"
+        low, high = min(member_temperatures), max(member_temperatures)
+        span = f"{low:.2f}" if round(low, 2) == round(high, 2) else f"{low:.2f}-{high:.2f}"
+        return (f"each member calibrated (temperature{'s' if span != f'{low:.2f}' else ''} "
+                f"{span}), probabilities averaged")
+    return "uncalibrated" if temperature == 1.0 else f"calibrated (temperature {temperature:.2f})"

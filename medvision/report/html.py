@@ -79,15 +79,16 @@ def render_study(report: StudyReport, images: Sequence[str], card: str | None) -
 
 
 def render_summary(rows: Sequence[Mapping[str, Any]], pipeline: str,
-                   score_columns: Sequence[str]) -> str:
+                   score_columns: Sequence[str], notes: Sequence[str] = ()) -> str:
     """``summary.html``: one row per study, linked to its report; ``score_columns`` are the
-    numeric per-class columns of ``summary.csv`` shown as they are there."""
+    numeric per-class columns of ``summary.csv`` shown as they are there; ``notes`` are
+    said once for the batch (pictures without a physical size, files skipped)."""
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
     tally = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
     return _render("summary.html", rows=rows, pipeline=pipeline, tally=tally,
-                   score_columns=list(score_columns))
+                   score_columns=list(score_columns), notes=list(notes))
 
 
 def _number(value: Any, unit: str = "") -> str:

@@ -9,18 +9,20 @@ minor bump, anything that can break a reader is a major one.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from functools import lru_cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from medvision.errors import ReportError
+from medvision.models.bundle import calibration_note
 
 if TYPE_CHECKING:
     from medvision.report.study import StudyReport
 
 __all__ = ["SCHEMA_VERSION", "load_schema", "render_json", "to_document", "validate_report"]
 
-SCHEMA_VERSION = "1.7.0"
+SCHEMA_VERSION = "1.8.0"
 
 
 @lru_cache(maxsize=1)
@@ -69,6 +71,8 @@ def to_document(report: StudyReport) -> dict[str, Any]:
         section["geometry"] = {"shape": list(g.shape), "spacing_mm": list(g.spacing_mm),
                                "orientation": g.orientation,
                                "affine": [list(row) for row in g.affine]}
+        if not g.spacing_known:
+            section["geometry"]["spacing_known"] = False
     if inp.unreadable_files:
         section["unreadable_files"] = [{"file": u.file, "reason": u.reason}
                                        for u in inp.unreadable_files]
@@ -79,16 +83,20 @@ def to_document(report: StudyReport) -> dict[str, Any]:
     p = report.pipeline
     pipeline = {"name": p.name, "version": p.version, "task": p.task,
                 "weights_sha256": p.weights_sha256, "config_hash": p.config_hash,
-                "temperature": p.temperature, "backend": p.backend}
+                "temperature": p.temperature, "backend": p.backend,
+                "calibration": calibration_note(p.temperature, _member_temperatures(p))}
     if p.members:
         pipeline["members"] = [dict(m) for m in p.members]
+    if p.class_names:
+        pipeline["class_names"] = dict(p.class_names)
     if p.device:
         pipeline["device"] = dict(p.device)
     files = report.files
     prediction: dict[str, Any] | None = None
     if report.prediction is not None:
         pred = report.prediction
-        prediction = {"label": pred.label, "calibrated": p.temperature != 1.0}
+        prediction = {"label": pred.label,
+                      "calibrated": pipeline["calibration"] != "uncalibrated"}
         if pred.probabilities is not None:
             prediction["probabilities"] = dict(zip(pred.classes, pred.probabilities,
                                                    strict=True))
@@ -100,6 +108,7 @@ def to_document(report: StudyReport) -> dict[str, Any]:
         if pred.mask is not None or pred.volumes_ml:
             prediction["mask_file"] = files.get("mask")
             prediction["volumes_ml"] = {k: round(v, 4) for k, v in pred.volumes_ml.items()}
+        prediction["finding"] = finding_sentence(prediction, p.class_names)
     saliency: dict[str, Any] | None = None
     if report.saliency is not None:
         saliency = {"method": report.saliency.method, "params": dict(report.saliency.params),
@@ -153,3 +162,40 @@ def detections(report: StudyReport) -> list[dict[str, Any]]:
 def render_json(report: StudyReport) -> str:
     """``report.json``'s text."""
     return json.dumps(to_document(report), indent=2)
+
+
+def _member_temperatures(pipeline: Any) -> list[float]:
+    return [float(m.get("temperature", 1.0)) for m in pipeline.members]
+
+
+def _listed(parts: list[str], joint: str = "and") -> str:
+    return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} {joint} {parts[-1]}"
+
+
+def finding_sentence(prediction: dict[str, Any], names: Mapping[str, str]) -> str:
+    """The result as a sentence a reader understands: ``PNEUMONIA (probability 0.98).``,
+    ``Segmented anterior hippocampus (2.31 mL) and posterior hippocampus (1.85 mL), 4.16 mL
+    in all.``, ``Detected 12 RBC, 1 WBC and no Platelets.``"""
+    def name(c: str) -> str:
+        return names.get(c, c)
+
+    if "counts" in prediction:
+        counts = prediction["counts"]
+        if not any(counts.values()):
+            return f"Nothing detected (no {_listed([name(c) for c in counts], 'or')})."
+        return "Detected " + _listed([f"{n} {name(c)}" if n else f"no {name(c)}"
+                                      for c, n in counts.items()]) + "."
+    if "volumes_ml" in prediction:
+        volumes = prediction["volumes_ml"]
+        found = [(c, v) for c, v in volumes.items() if v > 0]
+        if not found:
+            return f"Nothing segmented: no {_listed([name(c) for c in volumes], 'or')} found."
+        text = "Segmented " + _listed([f"{name(c)} ({v:.2f} mL)" for c, v in found])
+        if len(found) > 1:
+            text += f", {sum(v for _, v in found):.2f} mL in all"
+        return text + "."
+    probabilities = prediction.get("probabilities") or {}
+    label = str(prediction.get("label", ""))
+    if label in probabilities:
+        return f"{name(label)} (probability {probabilities[label]:.2f})."
+    return f"{name(label)}."

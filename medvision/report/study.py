@@ -40,6 +40,8 @@ class Geometry:
     spacing_mm: tuple[float, ...]
     orientation: str
     affine: tuple[tuple[float, ...], ...]
+    spacing_known: bool = True
+    """False for pictures (PNG, JPEG...): no physical size, one pixel taken as 1 mm."""
 
     @classmethod
     def of(cls, volume: Volume) -> Geometry:
@@ -47,7 +49,8 @@ class Geometry:
         return cls(shape=tuple(int(s) for s in volume.spatial_shape),
                    spacing_mm=tuple(round(float(s), 6) for s in volume.spacing),
                    orientation=volume.orientation,
-                   affine=tuple(tuple(round(float(v), 6) for v in row) for row in volume.affine))
+                   affine=tuple(tuple(round(float(v), 6) for v in row) for row in volume.affine),
+                   spacing_known=volume.header.get("spacing_known") is not False)
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,17 @@ class PipelineInfo:
     """An ensemble's members: weights file, its SHA-256, network, temperature, fold or member."""
     device: Mapping[str, str] | None = None
     """Where the networks ran: ``device`` (cpu, cuda:0, mps) and ``name`` (the GPU's or CPU's)."""
+    class_names: Mapping[str, str] = field(default_factory=dict)
+    """How a finding names each class in words (``anterior`` -> ``anterior hippocampus``,
+    from the class's code meaning); classes not listed keep their own name."""
+
+
+def class_words(name: str, meaning: str | None) -> str:
+    """A class as a finding says it: its name, with its code's meaning when that adds to it
+    (``anterior`` coded Hippocampus: ``anterior hippocampus``)."""
+    if not meaning or meaning.lower() in name.lower() or name.lower() in meaning.lower():
+        return name
+    return f"{name} {meaning[0].lower() + meaning[1:]}"
 
 
 @dataclass(frozen=True)

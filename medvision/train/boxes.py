@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from medvision.config import Pipeline
-from medvision.errors import DataError
+from medvision.errors import DataError, DataLayoutError
 
 __all__ = ["detection_items"]
 
@@ -60,7 +60,7 @@ def _split_names(root: Path, split: str) -> set[str] | None:
 def _voc(root: Path, classes: Sequence[str], split: str | None) -> list[Item]:
     names = _split_names(root, split) if split else None
     if split and names is None:
-        raise DataError(f"{root}: no {split}.txt listing the official '{split}' split")
+        raise DataLayoutError(f"{root}: no {split}.txt listing the official '{split}' split")
     items = []
     for xml in sorted((root / "Annotations").glob("*.xml")):
         if names is not None and xml.stem not in names:
@@ -99,7 +99,7 @@ def _coco(root: Path, classes: Sequence[str], split: str | None) -> list[Item]:
     candidates += [root / "annotations.json"]
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
-        raise DataError(f"{root}: no COCO JSON ({', '.join(c.name for c in candidates)})")
+        raise DataLayoutError(f"{root}: no COCO JSON ({', '.join(c.name for c in candidates)})")
     try:
         coco = json.loads(found.read_text())
         categories = {c["id"]: c["name"] for c in coco["categories"]}
@@ -123,7 +123,7 @@ def _coco(root: Path, classes: Sequence[str], split: str | None) -> list[Item]:
 def _csv(root: Path, classes: Sequence[str], split: str | None) -> list[Item]:
     table = root / "boxes.csv"
     if not table.is_file():
-        raise DataError(f"{root}: no boxes.csv (file,class,x1,y1,x2,y2)")
+        raise DataLayoutError(f"{root}: no boxes.csv (file,class,x1,y1,x2,y2)")
     boxes: dict[str, list[list[float]]] = defaultdict(list)
     labels: dict[str, list[int]] = defaultdict(list)
     with table.open(newline="") as handle:
@@ -153,9 +153,9 @@ def detection_items(pipeline: Pipeline, data: str | os.PathLike[str], *,
     readers = {"voc": _voc, "coco": _coco, "csv": _csv}
     layout = pipeline.data.layout
     if layout not in readers:
-        raise DataError(f"layout '{layout}' has no boxes (use voc, coco or csv)")
+        raise DataLayoutError(f"layout '{layout}' has no boxes (use voc, coco or csv)")
     items = readers[layout](root, pipeline.classes, split)
     if not items:
-        raise DataError(f"{root}: no images found for layout '{layout}'"
+        raise DataLayoutError(f"{root}: no images found for layout '{layout}'"
                         + (f", split '{split}'" if split else ""))
     return items

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from medvision.config import Pipeline
-from medvision.errors import ConfigError, DataError
+from medvision.errors import ConfigError, DataError, DataLayoutError
 from medvision.io import read_volume
 
 __all__ = ["DataSplit", "discover_items", "pipeline_split", "readable_items", "split_items"]
@@ -69,11 +69,11 @@ def discover_items(pipeline: Pipeline, data: str | os.PathLike[str], *,
             items.append({"image": image, "label": int(label), "group": f"{split}-{index}"})
     elif cfg.layout == "class_folders":
         if not root.is_dir():
-            raise DataError(f"{root}: data folder not found")
+            raise DataLayoutError(f"{root}: data folder not found")
         present = sorted(p.name for p in root.iterdir() if p.is_dir())
         unknown = set(present) - set(pipeline.classes)
         if unknown:
-            raise DataError(f"{root}: folders {sorted(unknown)} are not classes of the pipeline "
+            raise DataLayoutError(f"{root}: folders {sorted(unknown)} are not classes of the pipeline "
                             f"({', '.join(pipeline.classes)})")
         for label, name in enumerate(pipeline.classes):
             folder = root / name
@@ -86,7 +86,7 @@ def discover_items(pipeline: Pipeline, data: str | os.PathLike[str], *,
     else:
         images, labels = root / "images", root / "labels"
         if not images.is_dir() or not labels.is_dir():
-            raise DataError(f"{root}: expected 'images/' and 'labels/' folders")
+            raise DataLayoutError(f"{root}: expected 'images/' and 'labels/' folders")
         for path in sorted(images.iterdir()):
             if not path.name.lower().endswith(cfg.extensions) or path.name.startswith("."):
                 continue
@@ -96,7 +96,7 @@ def discover_items(pipeline: Pipeline, data: str | os.PathLike[str], *,
             items.append({"image": str(path), "label": str(label),
                           "group": _group(path.name, cfg.group_pattern)})
     if not items:
-        raise DataError(f"{root}: no items found for layout '{cfg.layout}'")
+        raise DataLayoutError(f"{root}: no items found for layout '{cfg.layout}'")
     return items
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from medvision.config import Pipeline
-from medvision.errors import ConfigError, DataError
+from medvision.errors import ConfigError, DataError, DataLayoutError
 from medvision.train.precision import bfloat16_native
 from medvision.vocabulary import Task
 
@@ -136,7 +136,7 @@ def _detect_layout(root: Path) -> str:
         return "csv"
     if root.is_dir() and any(p.is_dir() for p in root.iterdir()):
         return "class_folders"
-    raise DataError(f"{root}: cannot tell the layout (class folders, images/ + labels/, VOC, "
+    raise DataLayoutError(f"{root}: cannot tell the layout (class folders, images/ + labels/, VOC, "
                     "COCO, boxes.csv or an .npz file)")
 
 
@@ -233,7 +233,7 @@ def _box_classes(root: Path, layout: str) -> tuple[str, ...]:
             names.update(row["class"] for row in csv.DictReader(handle))
     names.discard("")
     if not names:
-        raise DataError(f"{root}: no box classes found")
+        raise DataLayoutError(f"{root}: no box classes found")
     return tuple(sorted(names))
 
 

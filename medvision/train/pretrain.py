@@ -28,7 +28,7 @@ from typing import Any
 
 from medvision.audit.records import items_digest
 from medvision.config import Pipeline
-from medvision.errors import CheckpointError, ConfigError, DataError
+from medvision.errors import CheckpointError, ConfigError, DataError, DataLayoutError
 from medvision.models import build_model, weights_sha256
 from medvision.tracking import Tracker
 from medvision.train.engine import Engine, RunFolder, StepOutput, TrainingState, engine_for
@@ -66,7 +66,7 @@ def unlabelled_images(pipeline: Pipeline, data: str | os.PathLike[str]) -> list[
                    and p.name.lower().endswith(pipeline.data.extensions)
                    and "labels" not in p.relative_to(root).parts and not p.name.startswith("."))
     if not found:
-        raise DataError(f"{root}: no images with extensions {pipeline.data.extensions}")
+        raise DataLayoutError(f"{root}: no images with extensions {pipeline.data.extensions}")
     return found
 
 
