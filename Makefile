@@ -19,12 +19,18 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/medvision info sample_data/ct_phantom sample_data/mr_phantom.nii.gz
-	$(BIN)/medvision analyze sample_data/mr_phantom.nii.gz --pipeline hippocampus-seg \
-		-o $(DEMO_OUT)/hippocampus --force
-	$(BIN)/medvision analyze "$$($(BIN)/python -c 'from pydicom.data import get_testdata_file as g; print(g("RG1_UNCR.dcm", download=False))')" \
-		--pipeline chest-xray-pneumonia -o $(DEMO_OUT)/chest --force
-	@echo "open $(DEMO_OUT)/hippocampus/summary.html and $(DEMO_OUT)/chest/summary.html"
+	$(BIN)/medvision info sample_data/real/hippocampus_003.nii.gz sample_data/ct_phantom
+	$(BIN)/medvision analyze sample_data/real/chest_pneumonia.jpeg --pipeline chest-xray-pneumonia \
+		-o $(DEMO_OUT)/chest --force
+	$(BIN)/medvision analyze sample_data/real/hippocampus_003.nii.gz sample_data/mr_phantom.nii.gz \
+		--pipeline hippocampus-seg -o $(DEMO_OUT)/hippocampus --force
+	$(BIN)/medvision analyze sample_data/real/bccd_BloodImage_00003.jpg --pipeline bccd-cells \
+		-o $(DEMO_OUT)/bccd --force
+	$(BIN)/medvision analyze sample_data/real/adrenal_val_035.nii.gz --pipeline adrenal-3d \
+		-o $(DEMO_OUT)/adrenal --force
+	@echo "open $(DEMO_OUT)/{chest,hippocampus,bccd,adrenal}/summary.html: a finding with its \
+	saliency, a mask with its volumes, boxes with their counts, and a phantom flagged out of \
+	distribution"
 
 # Default suite: everything but `slow`. Exit code 5 (every test deselected) is not a failure.
 test: setup

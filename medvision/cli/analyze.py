@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     replaced = sum(r.replaced for r in results)
     notes = [f"{skipped} unchanged, skipped" if skipped else "",
              f"{replaced} re-analysed, replacing older reports" if replaced else ""]
-    print(f"{len(results)} studies: " + ", ".join(
+    print(f"{len(results)} {'study' if len(results) == 1 else 'studies'}: " + ", ".join(
         f"{n} {status}" for status, n in counts.items() if n or status in ("ok", "rejected",
                                                                            "failed"))
           + "".join(f" ({note})" for note in notes if note))

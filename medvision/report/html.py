@@ -73,7 +73,12 @@ def render_study(report: StudyReport, images: Sequence[str], card: str | None) -
     if prediction is not None and prediction.probabilities is not None:
         probabilities = list(zip(prediction.classes, prediction.probabilities, strict=True))
         top = dict(probabilities).get(prediction.label)
+    from medvision.report.json import finding_sentence, prediction_values
+
+    finding = (finding_sentence(prediction_values(prediction), report.pipeline.class_names)
+               if prediction is not None else None)
     return _render("study.html", r=report, p=prediction, top=top, probabilities=probabilities,
+                   finding=finding,
                    geometry=report.input.geometry, images=list(images),
                    dicom=list(report.files.get("dicom", [])), card=card_sections(card))
 

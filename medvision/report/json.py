@@ -15,7 +15,6 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from medvision.errors import ReportError
-from medvision.models.bundle import calibration_note
 
 if TYPE_CHECKING:
     from medvision.report.study import StudyReport
@@ -84,7 +83,7 @@ def to_document(report: StudyReport) -> dict[str, Any]:
     pipeline = {"name": p.name, "version": p.version, "task": p.task,
                 "weights_sha256": p.weights_sha256, "config_hash": p.config_hash,
                 "temperature": p.temperature, "backend": p.backend,
-                "calibration": calibration_note(p.temperature, _member_temperatures(p))}
+                "calibration": p.calibration}
     if p.members:
         pipeline["members"] = [dict(m) for m in p.members]
     if p.class_names:
@@ -164,8 +163,18 @@ def render_json(report: StudyReport) -> str:
     return json.dumps(to_document(report), indent=2)
 
 
-def _member_temperatures(pipeline: Any) -> list[float]:
-    return [float(m.get("temperature", 1.0)) for m in pipeline.members]
+def prediction_values(prediction: Any) -> dict[str, Any]:
+    """A prediction's label, probabilities by class, counts and volumes (what
+    :func:`finding_sentence` reads)."""
+    values: dict[str, Any] = {"label": prediction.label}
+    if prediction.probabilities is not None:
+        values["probabilities"] = dict(zip(prediction.classes, prediction.probabilities,
+                                           strict=True))
+    if prediction.boxes is not None:
+        values["counts"] = dict(prediction.counts)
+    if prediction.mask is not None or prediction.volumes_ml:
+        values["volumes_ml"] = dict(prediction.volumes_ml)
+    return values
 
 
 def _listed(parts: list[str], joint: str = "and") -> str:

@@ -88,6 +88,14 @@ class PipelineInfo:
     """How a finding names each class in words (``anterior`` -> ``anterior hippocampus``,
     from the class's code meaning); classes not listed keep their own name."""
 
+    @property
+    def calibration(self) -> str:
+        """How the probabilities are calibrated, in words (an ensemble: its members)."""
+        from medvision.models.bundle import calibration_note
+
+        return calibration_note(self.temperature,
+                                [float(m.get("temperature", 1.0)) for m in self.members])
+
 
 def class_words(name: str, meaning: str | None) -> str:
     """A class as a finding says it: its name, with its code's meaning when that adds to it

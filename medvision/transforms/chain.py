@@ -196,10 +196,17 @@ def build_transforms(pipeline: Pipeline, *, train: bool, keep_meta: bool = False
 BOX_KEYS: dict[str, Any] = {"image_keys": "image", "box_keys": "boxes", "box_ref_image_keys": "image"}
 
 
-class ResizeWithBoxesd:
+def _invertible() -> type:
+    from monai.transforms import InvertibleTransform
+
+    return InvertibleTransform
+
+
+class ResizeWithBoxesd(_invertible()):  # type: ignore[misc]
     """Resize the image to ``preprocess.size`` and its boxes with it (MONAI's ``ZoomBoxd``
     with this image's zoom factors); the factors are kept under ``zoom`` to map predictions
-    back to the original pixels."""
+    back to the original pixels. Invertible: a model-space map (saliency) goes back to the
+    input's pixels, interpolated linearly (``Invertd``)."""
 
     def __init__(self, size: Sequence[int] | None) -> None:
         self.size = tuple(size) if size else None
@@ -220,6 +227,28 @@ class ResizeWithBoxesd:
 
             out = dict(Zoomd("image", zoom=zoom, keep_size=False, mode="area")(out))
         out["zoom"] = np.asarray(zoom, dtype=np.float32)
+        return out
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Each tensor whose last recorded operation is this resize, back to its size
+        before it (linear interpolation; the operation is taken off its record)."""
+        import torch
+        from monai.data import MetaTensor
+
+        out = dict(data)
+        for key, value in out.items():
+            record = getattr(value, "applied_operations", None)
+            if not record or record[-1].get("class") not in ("Zoom", "ZoomBox"):
+                continue
+            operations = list(record)
+            size = tuple(int(s) for s in operations.pop()["orig_size"])
+            plain = value.as_tensor() if isinstance(value, MetaTensor) else value
+            mode = "bilinear" if len(size) == 2 else "trilinear"
+            resized = torch.nn.functional.interpolate(plain[None].float(), size=size,
+                                                      mode=mode, align_corners=False)[0]
+            restored = MetaTensor(resized, affine=value.affine)
+            restored.applied_operations = operations
+            out[key] = restored
         return out
 
 
