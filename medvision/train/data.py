@@ -6,7 +6,7 @@ import logging
 import os
 import random
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,7 +145,36 @@ def split_items(pipeline: Pipeline, items: list[Item], *, fold: int | None = Non
         raise DataError(f"cannot split {len(items)} items into training and validation; "
                         "add data or change data.val_fraction" if fold is None else
                         f"fold {fold} of {folds} is empty on one side: too few groups")
+    if pipeline.task == "classification":
+        _check_shares(pipeline, items, val, wanted=pipeline.data.val_fraction if fold is None
+                      else 1 / (folds or 1))
     return DataSplit(train=train, val=val, fold=fold)
+
+
+#: How far a class's share of validation items may stray from the split's before a warning.
+SHARE_TOLERANCE = 0.15
+
+
+def _check_shares(pipeline: Pipeline, items: Sequence[Item], val: Sequence[Item], *,
+                  wanted: float) -> list[str]:
+    """Warn when a class's items are not on both sides about as the split wants (groups too
+    large or too few for the split to be fair: a patient key that is really a source or a
+    class prefix); returns the warnings."""
+    total = Counter(int(i["label"]) for i in items)
+    held = Counter(int(i["label"]) for i in val)
+    problems = []
+    for label, count in sorted(total.items()):
+        share = held.get(label, 0) / count
+        if count >= 10 and abs(share - wanted) > SHARE_TOLERANCE:
+            name = pipeline.classes[label] if label < len(pipeline.classes) else str(label)
+            problems.append(f"class {name}: {share:.0%} of its {count} items validate "
+                            f"(wanted about {wanted:.0%})")
+    if problems:
+        log.warning("the split cannot keep each class's share on both sides (%s): its groups "
+                    "are too large or too few (data.group_pattern %r); validation will "
+                    "mislead; use a patient key that gives many small groups, or none",
+                    "; ".join(problems), pipeline.data.group_pattern)
+    return problems
 
 
 def pipeline_split(pipeline: Pipeline, data: str | os.PathLike[str], *,

@@ -412,6 +412,8 @@ def _train_tracked(pipeline: Pipeline, split: DataSplit, run: RunFolder, *, engi
         return StepOutput(loss=supervised_loss(loss_fn, output.float(), label),
                           samples=int(batch["image"].shape[0]))
 
+    warned: list[str] = []
+
     def epoch(number: int, state: TrainingState) -> TrainingState:
         network.train()
         stats = engine.run_epoch(train_loader, step, optimizer=optimizer, epoch=number,
@@ -429,6 +431,8 @@ def _train_tracked(pipeline: Pipeline, split: DataSplit, run: RunFolder, *, engi
                               step=state.step + stats.steps,
                               seconds=state.seconds + stats.seconds,
                               config_hash=config_hash(pipeline), epoch=number)
+        if number in (2, 3) and not warned:
+            warned.extend(_validation_warning(pipeline, state.history))
         if _better(metric, val[metric], state.best_metric):
             state = state.replace(best_metric=val[metric], best_epoch=number, stale_epochs=0)
             run.save_weights(model, BEST_FILE, metadata={"pipeline": pipeline.name,
@@ -487,6 +491,26 @@ def _train_tracked(pipeline: Pipeline, split: DataSplit, run: RunFolder, *, engi
                        skipped=tuple(skipped),
                        averaged_epochs=state.swa_count if state.swa is not None else 0,
                        device=engine.describe())
+
+
+def _validation_warning(pipeline: Pipeline, history: Sequence[dict[str, Any]]) -> list[str]:
+    """A loud warning when, in the first epochs, the training loss falls while validation
+    accuracy stays below chance: the split most likely puts whole classes or sources on one
+    side (returns the warning, empty when all looks sane)."""
+    if pipeline.task != "classification" or len(history) < 2:
+        return []
+    first, last = history[0], history[-1]
+    chance = 1 / len(pipeline.classes)
+    accuracy = float(last.get("val_accuracy", float("nan")))
+    if not (float(last["train_loss"]) < float(first["train_loss"]) and accuracy < chance):
+        return []
+    text = (f"VALIDATION IS FAR WORSE THAN TRAINING after {len(history)} epochs: training loss "
+            f"{float(first['train_loss']):.3f} -> {float(last['train_loss']):.3f} while "
+            f"validation accuracy is {accuracy:.3f}, below chance ({chance:.3f}); the split "
+            "most likely puts whole classes or sources on one side (check split.json and "
+            f"data.group_pattern {pipeline.data.group_pattern!r})")
+    log.warning("%s", text)
+    return [text]
 
 
 def _readable_split(split: DataSplit) -> tuple[DataSplit, list[tuple[str, str]]]:

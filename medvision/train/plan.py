@@ -30,6 +30,7 @@ import re
 import statistics
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,8 @@ class Fingerprint:
     groups: int
     duplicates: dict[str, int]
     extensions: tuple[str, ...]
+    rejected_patterns: tuple[str, ...] = ()
+    """Patient keys tried and rejected as implausible, each with why."""
 
     def lines(self) -> list[str]:
         """The fingerprint as comment lines."""
@@ -94,6 +97,7 @@ class Fingerprint:
             (f"patient key in file names: {self.group_pattern!r} ({self.groups} groups)"
              if self.group_pattern else "no patient key found in file names: every file is "
              "its own group (check that no patient has several files)"),
+            *(f"rejected as a patient key: {why}" for why in self.rejected_patterns),
             "exact duplicate files: " + (", ".join(f"{k} {v}" for k, v in
                                                     self.duplicates.items()) or "none"),
         ]
@@ -150,9 +154,24 @@ def _suffix(name: str) -> str:
     return next((s for s in _IMAGE_SUFFIXES if lower.endswith(s)), "")
 
 
-def _guess_group(names: list[str]) -> tuple[str | None, int]:
-    """The first pattern that matches every name and gives more than one group (a pattern
-    that puts everything in one group is wrong; one group per file is harmless)."""
+#: A patient key is rejected when one of its groups holds more than this share of a class's
+#: files (a patient is a few files; a source collection or a class prefix is many).
+MAX_GROUP_SHARE = 0.1
+
+
+def _guess_group(names: list[str], classes: Sequence[str] | None = None
+                 ) -> tuple[str | None, int, list[str]]:
+    """The first pattern that matches every name and gives plausible patient groups: more
+    than one group, at least ten (or half the files, for small sets), and none holding more
+    than :data:`MAX_GROUP_SHARE` of a class's files (of classes with 20 files or more).
+
+    ``classes``: each name's class (None: one class). Returns the pattern (None: every file
+    its own group, which is harmless), the number of groups, and why each pattern that
+    matched was rejected.
+    """
+    labels = list(classes) if classes is not None else ["all"] * len(names)
+    per_class = Counter(labels)
+    rejected: list[str] = []
     for pattern in GROUP_PATTERNS:
         keys = []
         for name in names:
@@ -162,9 +181,21 @@ def _guess_group(names: list[str]) -> tuple[str | None, int]:
             keys.append(match.group(1) if match.groups() else match.group(0))
         else:
             groups = len(set(keys))
-            if groups > 1:
-                return pattern, groups
-    return None, len(names)
+            if groups < 2:
+                continue
+            if groups < min(10, len(names) // 2):
+                rejected.append(f"{pattern!r}: {groups} groups for {len(names)} files")
+                continue
+            sizes = Counter(zip(labels, keys, strict=True))
+            (label, key), size = max(sizes.items(), key=lambda kv: kv[1] / per_class[kv[0][0]])
+            share = size / per_class[label]
+            if per_class[label] >= 20 and share > MAX_GROUP_SHARE:
+                rejected.append(f"{pattern!r}: group {key!r} holds {size} of the "
+                                f"{per_class[label]} files of class {label} ({share:.0%}), "
+                                f"more than a patient; {groups} groups for {len(names)} files")
+                continue
+            return pattern, groups, rejected
+    return None, len(names), rejected
 
 
 def _duplicates(paths_by_class: dict[str, list[Path]]) -> dict[str, int]:
@@ -273,7 +304,10 @@ def fingerprint(data: str | os.PathLike[str], *, task: str | None = None,
         names = []
     extensions = tuple(sorted({_suffix(n) for n in names} - {""})) or (
         ".png", ".jpg", ".jpeg", ".nii.gz", ".nii", ".dcm")
-    pattern, groups = _guess_group(names) if names else (None, 0)
+    name_classes = [c for c, ps in paths_by_class.items() for _ in ps] if names else []
+    pattern, groups, rejected = _guess_group(names, name_classes) if names else (None, 0, [])
+    for why in rejected:
+        log.warning("plan: rejected as a patient key: %s", why)
     if layout == "image_label_folders":
         # classes from the label values of a few label files
         values: set[int] = set()
@@ -339,7 +373,7 @@ def fingerprint(data: str | os.PathLike[str], *, task: str | None = None,
         grey_as_colour=sum(grey_as_colour) > len(grey_as_colour) / 2,
         intensity={"min p0.5": min(low), "median p0.5": statistics.median(low),
                    "median p99.5": statistics.median(high), "max p99.5": max(high)},
-        group_pattern=pattern, groups=groups,
+        group_pattern=pattern, groups=groups, rejected_patterns=tuple(rejected),
         duplicates=_duplicates(paths_by_class) if layout == "class_folders" else {},
         extensions=extensions)
     return result, items
@@ -624,6 +658,8 @@ def plan_pipeline(data: str | os.PathLike[str], *, budget_minutes: float,
                                                     f" (fewer than the {minimum} wanted)"))
     if fp.grey_as_colour:
         reasons.append("the colour images are grey (three equal channels): one input channel")
+    for why in fp.rejected_patterns:
+        reasons.append(f"not a patient key, rejected: {why}")
     if fp.group_pattern is None and fp.layout in ("class_folders", "image_label_folders"):
         reasons.append("no patient key: the validation split is by file, which overstates "
                        "accuracy if a patient has several files; set data.group_pattern")

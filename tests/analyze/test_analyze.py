@@ -64,15 +64,17 @@ def chest_batch(shared_data: Path, tmp_path: Path) -> Path:
 def test_chest_batch_with_bad_files(chest_batch: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     code = main(["analyze", str(chest_batch), "--pipeline", "chest-xray-pneumonia", "-o", str(out)])
-    assert code == 1  # two studies rejected, the others done
+    assert code == 1  # the truncated study rejected, the others done
     reports = _reports(out)
     statuses = sorted(r["status"] for r in reports.values())
-    # the adult CR radiograph is out of distribution for a paediatric model: flagged
-    assert statuses == ["flagged", "ok", "ok", "rejected", "rejected"]
+    # the adult CR radiograph is out of distribution for a paediatric model: flagged; the
+    # text file is not an image: skipped (said once), not a rejected study
+    assert statuses == ["flagged", "ok", "ok", "rejected"]
     rejected = {r["input"]["source_name"]: r["reason"] for r in reports.values()
                 if r["status"] == "rejected"}
     assert any("truncated" in reason for reason in rejected.values())
-    assert "notes.txt" in rejected
+    assert "notes.txt" not in rejected
+    assert "1 file(s) skipped, not images: notes.txt" in (out / "summary.html").read_text()
     schema = load_schema()
     for key, report in reports.items():
         jsonschema.validate(report, schema)
@@ -96,9 +98,9 @@ def test_chest_batch_with_bad_files(chest_batch: Path, tmp_path: Path, capsys) -
     assert reports[dicom_key]["qc"]["flagged_by"] == ["out_of_distribution"]
     assert reports[jpeg.stem.split(".")[0]]["qc"]["out_of_distribution"] is False
     rows = list(csv.DictReader((out / "summary.csv").open()))
-    assert len(rows) == 5 and (out / "summary.html").is_file()
+    assert len(rows) == 4 and (out / "summary.html").is_file()
     assert sorted(r["status"] for r in rows) == statuses
-    assert "2 ok, 1 flagged, 2 rejected" in capsys.readouterr().out
+    assert "2 ok, 1 flagged, 1 rejected" in capsys.readouterr().out
 
 
 def test_done_studies_are_skipped_unless_forced(shared_data: Path, tmp_path: Path, capsys) -> None:
@@ -193,7 +195,9 @@ def test_twelve_xrays_a_cut_header_and_a_text_file(shared_data: Path, tmp_path: 
     out = tmp_path / "out"
     assert main(["analyze", str(folder), "--pipeline", "chest-xray-pneumonia", "-o",
                  str(out)]) == 1
-    assert "14 studies: 12 ok, 2 rejected, 0 failed" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "13 studies: 12 ok, 1 rejected, 0 failed" in captured.out
+    assert "1 file(s) skipped: not images (notes.txt)" in captured.err
     reports = _reports(out)
     assert "truncated" in reports["mr_cut.dcm"]["reason"]
     assert sorted(r["status"] for r in reports.values()).count("ok") == 12

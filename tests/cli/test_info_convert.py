@@ -18,7 +18,8 @@ SAMPLE = REPO / "sample_data"
 
 
 def test_info_json_lists_series_with_geometry(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["info", str(SAMPLE), "--json"]) == 0
+    assert main(["info", str(SAMPLE / "ct_phantom"), str(SAMPLE / "mr_phantom.nii.gz"),
+                 "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     by_format = {item["format"]: item for item in report["series"]}
     ct = by_format["dicom"]
@@ -53,15 +54,17 @@ def test_convert_refuses_to_overwrite_without_force(tmp_path: Path, capsys) -> N
 
 def test_convert_several_series_to_a_folder(tmp_path: Path) -> None:
     outdir = tmp_path / "all"
-    assert main(["convert", str(SAMPLE), "-o", str(outdir)]) == 0
+    assert main(["convert", str(SAMPLE / "ct_phantom"), str(SAMPLE / "mr_phantom.nii.gz"),
+                 "-o", str(outdir)]) == 0
     written = sorted(p.name for p in outdir.glob("*.nii.gz"))
     assert len(written) == 2 and written[0].startswith("000_CT")
 
 
 def test_convert_several_series_to_one_file_asks_which(tmp_path: Path, capsys) -> None:
-    code = main(["convert", str(SAMPLE), "-o", str(tmp_path / "one.nii.gz")])
+    phantoms = [str(SAMPLE / "ct_phantom"), str(SAMPLE / "mr_phantom.nii.gz")]
+    code = main(["convert", *phantoms, "-o", str(tmp_path / "one.nii.gz")])
     assert code == 1 and "--series" in capsys.readouterr().err
-    assert main(["convert", str(SAMPLE), "-o", str(tmp_path / "one.nii.gz"), "--series", "1"]) == 0
+    assert main(["convert", *phantoms, "-o", str(tmp_path / "one.nii.gz"), "--series", "1"]) == 0
     np.testing.assert_array_equal(read_volume(tmp_path / "one.nii.gz").array,
                                   read_volume(SAMPLE / "mr_phantom.nii.gz").array)
 
@@ -78,5 +81,5 @@ def test_error_is_one_line_without_traceback(tmp_path: Path) -> None:
     exe = Path(sys.executable).parent / "medvision"
     result = subprocess.run([str(exe), "convert", str(tmp_path / "missing"), "-o", "x.nii.gz"],
                             capture_output=True, text=True, check=False)
-    assert result.returncode == 1
+    assert result.returncode == 2  # a path that does not exist: a usage error
     assert result.stderr.startswith("medvision: error:") and "Traceback" not in result.stderr

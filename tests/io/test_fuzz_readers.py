@@ -27,8 +27,17 @@ _COMMON = {"deadline": None, "database": None,
 
 
 def test_corpus_is_wide() -> None:
+    from conftest import SHARED_DATA, require
+    from fuzzing import CORPUS_NAMES, SHARED_NAMES
+
     layouts = corpus()
-    assert len(layouts) >= 13
+    names = {layout.name for layout in layouts}
+    # every pydicom-data file named is there (the test extras install them) ...
+    assert {Path(n).name for n in CORPUS_NAMES} <= names, set(CORPUS_NAMES) - names
+    # ... and every shared-data file: required in CI, where the data folder must be present
+    require(all((SHARED_DATA / n).is_file() for n in SHARED_NAMES),
+            "../shared/data's DICOM files for the fuzz corpus are not available")
+    assert len(layouts) == len(CORPUS_NAMES) + len(SHARED_NAMES)
     assert all(layout.boundaries and layout.lengths for layout in layouts)
 
 
@@ -104,11 +113,10 @@ _FOUR_D = {
 
 
 def _four_d_files(name: str) -> list[Path]:
-    from conftest import SHARED_DATA
+    from conftest import SHARED_DATA, require
 
     folder = SHARED_DATA.joinpath(*_FOUR_D[name])
-    if not folder.is_dir():
-        pytest.skip(f"{folder} is not available")
+    require(folder.is_dir(), f"{folder} is not available")  # a failure in CI
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix != ".nii")
 
 

@@ -219,7 +219,8 @@ def test_corrupt_instance_gets_a_failure_status(bridge: BridgeProcess, tmp_path:
     status = assoc.send_c_store(ds)
     assoc.release()
     assert status.Status == 0xC210
-    time.sleep(0.5)
+    wait_until(lambda: "refused an instance" in bridge.log.read_text(), 30,
+               "the refusal was never logged")
     log = bridge.log.read_text()
     assert "refused an instance from STORESCU (answered 0xC210)" in log
     assert "Corrupt" not in log and "Secret" not in log

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,8 @@ import pytest
 from medvision.errors import PacsError
 from medvision.pacs.status import read_status
 from medvision.pacs.store import BridgeStore, ResultObject, backoff_delay
+
+from conftest import wait_until
 
 
 def _receive(store: BridgeStore, sop: str, study: str = "1.2.3") -> Path:
@@ -82,11 +83,13 @@ def test_failed_analysis_is_retried_later_then_failed(tmp_path: Path) -> None:
     store = BridgeStore(tmp_path)
     _receive(store, "1.1")
     assert store.claim_ready(quiet_period_s=0) is not None
-    assert store.fail_analysis("1.2.3", "OSError: no space", retry_in_s=0.2,
+    assert store.fail_analysis("1.2.3", "OSError: no space", retry_in_s=2.0,
                                max_attempts=2) == "receiving"
     assert store.claim_ready(quiet_period_s=0) is None  # waits for its retry delay
-    time.sleep(0.25)
-    assert store.claim_ready(quiet_period_s=0) is not None
+    claimed: list[object] = []
+    # ready once the delay has passed (however busy the machine): wait on that, not a clock
+    wait_until(lambda: claimed.append(store.claim_ready(quiet_period_s=0)) or claimed[-1],
+               10, "the study never became ready again after its retry delay", poll=0.05)
     assert store.fail_analysis("1.2.3", "OSError: no space", retry_in_s=0.2,
                                max_attempts=2) == "failed"
     study = store.status()["studies"][0]
