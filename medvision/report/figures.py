@@ -293,6 +293,8 @@ def key_images(volume: Volume, *, saliency: Volume | None = None, mask: Volume |
         sal_all = np.asarray(saliency.array) if saliency is not None else None
         lab_all = np.asarray(mask.array) if mask is not None else None
     grey = grey_all.mean(axis=0)
+    # a colour picture (a blood smear, a photograph) is shown in colour, not as grey
+    rgb_planes = grey_all if spatial == 2 and grey_all.shape[0] == 3 else None
     sal = sal_all[0] if sal_all is not None else None
     labels = np.rint(lab_all[0]).astype(int) if lab_all is not None else None
     focus = labels if labels is not None and np.any(labels > 0) else sal
@@ -309,13 +311,24 @@ def key_images(volume: Volume, *, saliency: Volume | None = None, mask: Volume |
         rows_mm, columns_mm = plane.shape[0] * view.aspect, plane.shape[1]
         scale = _PANEL / max(rows_mm, columns_mm)
         size = (max(1, round(columns_mm * scale)), max(1, round(rows_mm * scale)))
-        shown = np.clip((_resized(plane, size) - lo) / (hi - lo), 0, 1)
-        base = np.repeat((shown * 255).round().astype(np.uint8)[..., np.newaxis], 3, axis=2)
+        if rgb_planes is not None:
+            low, high = float(rgb_planes.min()), float(rgb_planes.max())
+            if low >= 0 and high <= 255:  # 8-bit colour: shown as it is, not stretched
+                low, high = 0.0, 255.0
+            high = high if high > low else low + 1
+            channels = [np.clip((_resized(_display(c, view), size) - low) / (high - low), 0, 1)
+                        for c in rgb_planes]
+            base = (np.stack(channels, axis=-1) * 255).round().astype(np.uint8)
+            window = "colour as stored" if (low, high) == (0.0, 255.0) else \
+                f"colour, values {low:.4g} to {high:.4g}"
+        else:
+            shown = np.clip((_resized(plane, size) - lo) / (hi - lo), 0, 1)
+            base = np.repeat((shown * 255).round().astype(np.uint8)[..., np.newaxis], 3, axis=2)
+            window = f"grey window {lo:.4g} to {hi:.4g}"
         where = "" if view.axis < 0 else f"{view.name}, slice {view.index}: "
         images.append(KeyImage(name=f"key_{view.name}.png", kind="key", plane=view.name,
-                               png=_panel(base, f"{where}image", view, letters,
-                                          [(f"grey window {lo:.4g} to {hi:.4g}", None)],
-                                          None)))
+                               png=_panel(base, f"{where}input image", view, letters,
+                                          [(window, None)], None)))
         if sal is None and labels is None:
             continue
         picture = base.astype(np.float32)
