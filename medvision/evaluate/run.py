@@ -221,9 +221,10 @@ def _segmentation(parts: Sequence[Part],
             volume_rows.append(pred[0, 1:].flatten(1).sum(dim=1).numpy() * voxel_ml)
             reference_rows.append(truth[0, 1:].flatten(1).sum(dim=1).numpy() * voxel_ml)
             dice_rows.append(compute_dice(pred, truth, include_background=False).numpy()[0])
-            hd_rows.append(compute_hausdorff_distance(pred, truth, include_background=False,
-                                                      percentile=95, spacing=spacing.tolist())
-                           .numpy()[0])
+            # one spacing per spatial axis of the image (a 2D image's affine is still 4x4)
+            hd_rows.append(compute_hausdorff_distance(
+                pred, truth, include_background=False, percentile=95,
+                spacing=spacing[: pred.dim() - 2].tolist()).numpy()[0])
     dice, hd95 = np.array(dice_rows, dtype=float), np.array(hd_rows, dtype=float)
     volumes, references = np.array(volume_rows), np.array(reference_rows)
     metrics = segmentation_metrics(dice, hd95, classes[1:])
