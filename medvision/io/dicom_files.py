@@ -52,6 +52,7 @@ SUMMARY_KEYWORDS = (
     "KVP",
     "MagneticFieldStrength",
     "PatientPosition",
+    "PatientOrientation",
     "ViewPosition",
     "GantryDetectorTilt",
 )

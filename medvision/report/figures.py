@@ -217,12 +217,30 @@ def _outline(labels: np.ndarray, k: int) -> np.ndarray:
     return edge
 
 
+_OPPOSITE = str.maketrans("LRAPHF", "RLPAFH")
+
+
+def _patient_orientation(volume: Volume) -> tuple[str, str, str, str] | None:
+    """A 2D DICOM image's edge letters (right, left, bottom, top) from its Patient
+    Orientation (0020,0020): the patient directions of its rows and of its columns
+    (``L\\F``: the right edge is the patient's left, the bottom edge the feet)."""
+    value = volume.header.get("PatientOrientation")
+    parts = [str(p).strip().upper() for p in value] if isinstance(value, list | tuple) \
+        else str(value or "").replace("\\", " ").split()
+    if len(parts) != 2 or not all(p and set(p) <= set("LRAPHF") for p in parts):
+        return None
+    row, column = parts
+    return row, row.translate(_OPPOSITE), column, column.translate(_OPPOSITE)
+
+
 def _panel(picture: np.ndarray, title: str, view: _View, letters: bool,
            caption: Sequence[tuple[str, tuple[int, int, int] | None]],
-           colour_bar: str | None) -> bytes:
+           colour_bar: str | None,
+           edges: tuple[str, str, str, str] | None = None) -> bytes:
     """One key image: ``picture`` (rows, columns, 3) centred in a square of ``_PANEL`` px
-    under a title, orientation letters at its edges (3D), and a caption band below (a colour
-    bar with its scale, and coloured legend entries); every panel has the same size."""
+    under a title, orientation letters at its edges (3D from the affine; 2D DICOM from
+    ``edges``: right, left, bottom, top), and a caption band below (a colour bar with its
+    scale, and coloured legend entries); every panel has the same size."""
     import io as _io
 
     from PIL import Image, ImageDraw
@@ -240,10 +258,12 @@ def _panel(picture: np.ndarray, title: str, view: _View, letters: bool,
         x1, y1 = x0 + picture.shape[1], y0 + picture.shape[0]
         style = {"fill": (255, 230, 0), "font": _font(16), "stroke_width": 2,
                  "stroke_fill": (0, 0, 0)}
-        draw.text((x1 - 4, (y0 + y1) // 2), _letter(view.right), anchor="rm", **style)
-        draw.text((x0 + 4, (y0 + y1) // 2), _letter(-view.right), anchor="lm", **style)
-        draw.text(((x0 + x1) // 2, y1 - 4), _letter(view.down), anchor="mb", **style)
-        draw.text(((x0 + x1) // 2, y0 + 4), _letter(-view.down), anchor="mt", **style)
+        right, left, bottom, top = edges or (_letter(view.right), _letter(-view.right),
+                                             _letter(view.down), _letter(-view.down))
+        draw.text((x1 - 4, (y0 + y1) // 2), right, anchor="rm", **style)
+        draw.text((x0 + 4, (y0 + y1) // 2), left, anchor="lm", **style)
+        draw.text(((x0 + x1) // 2, y1 - 4), bottom, anchor="mb", **style)
+        draw.text(((x0 + x1) // 2, y0 + 4), top, anchor="mt", **style)
     y = _TITLE + _PANEL + 8
     x = _MARGIN
     if colour_bar is not None:
@@ -298,9 +318,10 @@ def key_images(volume: Volume, *, saliency: Volume | None = None, mask: Volume |
     sal = sal_all[0] if sal_all is not None else None
     labels = np.rint(lab_all[0]).astype(int) if lab_all is not None else None
     focus = labels if labels is not None and np.any(labels > 0) else sal
-    # 3D volumes have a patient frame; a projection radiograph's letters would need Patient
-    # Orientation (0020,0020), which the volume does not carry, so 2D panels get none
-    letters = spatial == 3
+    # 3D volumes have a patient frame; a 2D DICOM image's letters come from its Patient
+    # Orientation (0020,0020: the directions of its rows and columns); a picture has none
+    edges = _patient_orientation(volume) if spatial == 2 else None
+    letters = spatial == 3 or edges is not None
     lo, hi = _window(grey)
     palette: list[tuple[int, int, int]] = [
         (round(rgb[0] * 255), round(rgb[1] * 255), round(rgb[2] * 255))
@@ -328,7 +349,7 @@ def key_images(volume: Volume, *, saliency: Volume | None = None, mask: Volume |
         where = "" if view.axis < 0 else f"{view.name}, slice {view.index}: "
         images.append(KeyImage(name=f"key_{view.name}.png", kind="key", plane=view.name,
                                png=_panel(base, f"{where}input image", view, letters,
-                                          [(window, None)], None)))
+                                          [(window, None)], None, edges=edges)))
         if sal is None and labels is None:
             continue
         picture = base.astype(np.float32)
