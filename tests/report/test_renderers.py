@@ -42,6 +42,29 @@ def test_oblique_directions_get_two_letters() -> None:
     assert figures._letter(np.array([0.0, -0.1, -1.0])) == "I"
 
 
+def test_a_2d_dicom_image_gets_letters_from_its_patient_orientation() -> None:
+    """RG1 (a PA chest radiograph, Patient Orientation L\\F): the patient's left on the right
+    edge, the feet at the bottom; a picture without that attribute gets no letters, and a
+    colour picture is shown in colour."""
+    from conftest import pydicom_test_files
+
+    from medvision.io import read_volume
+
+    rg1 = read_volume(next(p for p in pydicom_test_files() if p.name == "RG1_UNCR.dcm"))
+    assert figures._patient_orientation(rg1) == ("L", "R", "F", "H")
+    colour = np.zeros((3, 40, 30), dtype=np.float32)
+    colour[0] = 200.0  # a red picture
+    picture = Volume(array=colour, affine=np.diag([-1.0, -1.0, 1.0, 1.0]),
+                     header={"spacing_known": False})
+    assert figures._patient_orientation(picture) is None
+    [key] = figures.key_images(picture)
+    centre = key.rgb[key.rgb.shape[0] // 2, key.rgb.shape[1] // 2]
+    assert centre[0] == 200 and centre[1] == centre[2] == 0  # as stored, not grey
+    assert figures._patient_orientation(Volume(
+        array=colour[:1], affine=np.eye(4), header={"PatientOrientation": ["A", "FR"]})) == (
+        "A", "P", "FR", "HL")
+
+
 def test_key_images_are_pngs_with_pixels_for_dicom() -> None:
     volume = Volume(array=np.random.default_rng(1).random((1, 20, 24, 10)).astype(np.float32),
                     affine=np.eye(4))
