@@ -131,6 +131,7 @@ def test_gradcam_reuses_the_predictions_forward_pass(shared_data: Path, tmp_path
     assert network_head(Skip(), "b") is not None
 
 
+@pytest.mark.slow  # bfloat16 is emulated on CPUs without it (this one): 40 s for 4 images
 def test_bfloat16_inference_keeps_the_labels_and_says_so(shared_data: Path,
                                                          tmp_path: Path) -> None:
     """Inference under bfloat16 autocast (the CPU has it; float16 is GPU-only): the same

@@ -49,6 +49,7 @@ def _gradients(pipeline: Pipeline, batch: dict, precision: str) -> tuple[float, 
     return float(loss.detach()), grads
 
 
+@pytest.mark.slow  # emulated bfloat16 on this CPU; the training run below stays in the default
 def test_bfloat16_steps_follow_float32_gradients(shared_data: Path, tmp_path: Path) -> None:
     """On two real cases and the shipped weights, a bfloat16 step's loss and gradient are
     those of the float32 step up to bfloat16's rounding (8 bits of mantissa)."""
