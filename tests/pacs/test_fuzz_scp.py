@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 
-from medvision.pacs.bridge import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, Bridge
+from medvision.pacs.bridge import CANNOT_UNDERSTAND, Bridge
 from medvision.pacs.config import BridgeConfig, Peer, Route
 
 from fuzzing import Damage, corpus, damaged, layout_of
@@ -67,6 +67,7 @@ def sender(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sender]:
     bridge = Bridge(config, tmp_path_factory.mktemp("bridge"))
     bridge.start()
     client = Sender(port)
+    client.spool = bridge.store.spool  # type: ignore[attr-defined]
     yield client
     client.assoc.release()
     bridge.stop()
@@ -75,14 +76,31 @@ def sender(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sender]:
     _config.STORE_SEND_CHUNKED_DATASET = False
 
 
+def _spooled(spool: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in spool.rglob("*") if p.is_file()}
+
+
 def _check(damage: Damage, sender: Sender) -> None:
+    import pydicom
+
     layout = layout_of(damage.source)
     body = damage.data[layout.meta_end:] if len(damage.data) > layout.meta_end else b""
+    spool: Path = sender.spool  # type: ignore[attr-defined]
+    before = _spooled(spool)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "damaged.dcm"
         path.write_bytes(layout.data[:layout.meta_end] + body)
         status = sender.send(path)
-    assert status in (0x0000, CANNOT_UNDERSTAND, OUT_OF_RESOURCES), (damage, hex(status))
+    # the disk is not full here: a damaged instance is either filed or refused as not
+    # understood, never "out of resources"
+    assert status in (0x0000, CANNOT_UNDERSTAND), (damage, hex(status))
+    filed = [p for p, stamp in _spooled(spool).items() if before.get(p) != stamp]
+    if status == 0x0000:  # success only for an instance that was filed and reads back
+        assert filed, (damage, "success answered, nothing filed")
+        for written in filed:
+            pydicom.dcmread(written)
+    else:  # refused: nothing of it kept
+        assert not filed, (damage, filed)
     event(f"status 0x{status:04X}")
 
 
