@@ -46,9 +46,9 @@ def test_a_2d_dicom_image_gets_letters_from_its_patient_orientation() -> None:
     """RG1 (a PA chest radiograph, Patient Orientation L\\F): the patient's left on the right
     edge, the feet at the bottom; a picture without that attribute gets no letters, and a
     colour picture is shown in colour."""
-    from conftest import pydicom_test_files
-
     from medvision.io import read_volume
+
+    from conftest import pydicom_test_files
 
     rg1 = read_volume(next(p for p in pydicom_test_files() if p.name == "RG1_UNCR.dcm"))
     assert figures._patient_orientation(rg1) == ("L", "R", "F", "H")

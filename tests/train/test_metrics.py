@@ -84,6 +84,15 @@ def test_auc_is_monai_and_stratified_resamples_keep_both_classes() -> None:
     p1 = np.clip(labels * 0.3 + rng.uniform(0, 0.7, 100), 0, 1)
     probs = np.stack([1 - p1, p1], axis=1)
     m = classification_metrics(probs, labels, ["neg", "pos"])
+    # the AUC is MONAI's, and both equal the rank statistic worked out directly: the share of
+    # (positive, negative) pairs ordered right, ties counting half
+    import torch
+    from monai.metrics import compute_roc_auc
+
+    monai_auc = float(compute_roc_auc(torch.tensor(p1), torch.tensor(labels)))
+    pos, neg = p1[labels == 1], p1[labels == 0]
+    pairs = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
+    assert m["auc"]["value"] == pytest.approx(monai_auc) == pytest.approx(float(pairs))
     assert m["auc"]["ci_method"] in ("bca", "percentile")
     lo, hi = m["auc"]["ci95"]
     assert np.isfinite(lo) and np.isfinite(hi)  # never a resample without positives
