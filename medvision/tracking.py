@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -168,6 +169,30 @@ def mlflow_client(uri: str) -> Any:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _read_saved(path: Path) -> dict[str, Any]:
+    """``tracking.json`` as backend name -> its record; anything unreadable, truncated or
+    of the wrong shape counts as nothing saved (the run is then tracked afresh)."""
+    try:
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as e:
+        log.warning("tracking: %s unreadable (%s); tracking starts afresh", path, e)
+        return {}
+    if not isinstance(saved, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for kind, record in saved.items():
+        if not isinstance(record, dict):
+            continue
+        try:
+            out[kind] = {**record, "logged_epoch": int(record.get("logged_epoch", 0))}
+        except (TypeError, ValueError):
+            out[kind] = {**record, "logged_epoch": 0}
+    return out
+
+
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
 class _Backend:
@@ -374,10 +399,7 @@ class Tracker:
         each target. ``folder``: where ``tracking.json`` lives (a run folder; None: not
         kept); ``save``: false to read it only (an evaluation adding to a training run)."""
         path = Path(folder) if folder is not None else None
-        saved: dict[str, Any] = {}
-        if resume and path is not None and (path / TRACKING_FILE).is_file():
-            with contextlib.suppress(OSError, ValueError):
-                saved = json.loads((path / TRACKING_FILE).read_text())
+        saved = _read_saved(path / TRACKING_FILE) if resume and path is not None else {}
         backends: list[_Backend] = []
         for target in targets:
             previous = saved.get(target.kind, {})
@@ -458,13 +480,14 @@ class Tracker:
         if self.folder is None or not self.backends or not self.folder.is_dir():
             return
         path = self.folder / TRACKING_FILE
-        current: dict[str, Any] = {}
-        if path.is_file():
-            with contextlib.suppress(OSError, ValueError):
-                current = json.loads(path.read_text())
+        current = _read_saved(path)
         for backend in self.backends:
             current[backend.key] = backend.state()
-        write_text_atomic(path, json.dumps(current, indent=1))
+        try:
+            write_text_atomic(path, json.dumps(current, indent=1))
+        except OSError as e:  # a full disk stops the checkpoint, not this note of it
+            log.warning("tracking: %s not written (%s); a resumed run may send some "
+                        "epochs again", path, e)
 
     # ------------------------------------------------------------------ what is recorded
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -543,8 +566,13 @@ def registered_versions(uri: str, weights_sha256: str) -> list[dict[str, Any]]:
     it (parameters, tags, metrics): the way from a report's weights digest to its run.
 
     Raises:
+        ConfigError: ``weights_sha256`` is not 64 hexadecimal digits (it is put in a
+            search filter).
         MissingDependencyError: MLflow is not installed.
     """
+    if not _DIGEST.match(weights_sha256):
+        raise ConfigError(f"{weights_sha256[:80]!r} is not a SHA-256 digest (64 hexadecimal "
+                          "digits, as reports and audit records give it)")
     client = mlflow_client(uri)
     out = []
     for version in client.search_model_versions(f"tags.weights_sha256 = '{weights_sha256}'"):

@@ -107,7 +107,8 @@ def to_document(report: StudyReport) -> dict[str, Any]:
         if pred.mask is not None or pred.volumes_ml:
             prediction["mask_file"] = files.get("mask")
             prediction["volumes_ml"] = {k: round(v, 4) for k, v in pred.volumes_ml.items()}
-        prediction["finding"] = finding_sentence(prediction, p.class_names)
+        # the same words as the study page (one source: the prediction itself)
+        prediction["finding"] = finding_sentence(prediction_values(pred), p.class_names)
     saliency: dict[str, Any] | None = None
     if report.saliency is not None:
         saliency = {"method": report.saliency.method, "params": dict(report.saliency.params),

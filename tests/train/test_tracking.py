@@ -424,3 +424,47 @@ def test_a_tracker_that_is_down_from_the_start_is_a_warning(
     assert main(["train", "--pipeline", str(own), "--data", str(data), "-o",
                  str(tmp_path / "own"), "--device", "cpu", "-q"]) == 0
     assert list((tmp_path / "own" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_damaged_tracking_file_or_a_hostile_digest_is_said_not_obeyed(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from medvision.tracking import TRACKING_FILE, Target, Tracker, registered_versions
+
+    run = tmp_path / "run"
+    run.mkdir()
+    board = Target("tensorboard")
+    for damaged in ("", "{truncated", "[1, 2]", '{"tensorboard": "x"}',
+                    '{"tensorboard": {"logged_epoch": "nine"}}'):
+        (run / TRACKING_FILE).write_text(damaged)
+        tracker = Tracker.open([board], folder=run, experiment="x", run_name="r")
+        tracker.sync_history([{"epoch": 1, "train_loss": 0.5}])
+        tracker.finish()
+        saved = json.loads((run / TRACKING_FILE).read_text())
+        assert saved["tensorboard"]["logged_epoch"] == 1  # tracked afresh, epoch 1 sent
+    # a digest is put into the registry's search filter: anything but 64 hex digits is refused
+    for hostile in ("' OR name LIKE '%", "0" * 63, "../" + "a" * 61):
+        with pytest.raises(ConfigError, match="is not a SHA-256 digest"):
+            registered_versions("sqlite:///" + str(tmp_path / "m.db"), hostile)
+    assert main(["audit", "trace", "x' OR '1'='1", "--tracking",
+                 "sqlite:///" + str(tmp_path / "m.db")]) == 2
+    assert "is not a SHA-256 digest" in capsys.readouterr().err
+
+
+def test_a_full_disk_for_the_tracking_note_does_not_stop_training(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    import errno
+    import logging
+
+    import medvision.tracking as tracking
+
+    def full(path: object, text: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    tracker = tracking.Tracker.open([tracking.Target("tensorboard")], folder=tmp_path,
+                                    experiment="x", run_name="r")
+    monkeypatch.setattr(tracking, "write_text_atomic", full)
+    with caplog.at_level(logging.WARNING, logger="medvision.tracking"):
+        tracker.sync_history([{"epoch": 1, "train_loss": 0.5}])  # does not raise
+    assert "not written (" in caplog.text and "No space left" in caplog.text
+    tracker.finish()
